@@ -1,0 +1,21 @@
+# The two set-up commands of the README. Both create .venv and install what they need.
+# CPU machines get the CPU torch wheel (torch==2.13.0); on a GPU machine install your CUDA torch first
+# and run `pip install -e .` instead of the `[cpu]` extra.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+setup: $(BIN)/python
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[cpu,test]"
+
+demo: setup
+	$(BIN)/realb-hf run
+
+test: setup
+	$(BIN)/ruff check realb_hf tests integrations demo
+	$(BIN)/python -m pytest -q -x -p no:cacheprovider

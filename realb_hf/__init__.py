@@ -1,0 +1,33 @@
+"""realb_hf: ReaLB (real-time precision load balancing for multimodal MoE under expert parallelism) for transformers.
+
+Importing this package registers the "realb" quantization method with transformers, so
+`from_pretrained(..., quantization_config=RealbConfig(...))` works and saved ReaLB models reload as ReaLB models.
+"""
+
+from .apply import apply_realb, get_runtime, get_telemetry
+from .config import RealbConfig
+from .experts import RealbExperts
+from .policy import Decision, PolicyParams, RoutingStats, decide
+from .quantizer import SUPPORTED_FAMILIES, RealbHfQuantizer
+from .registration import register
+from .telemetry import LayerRecord, Telemetry
+
+__version__ = "0.1.0"
+
+register()
+
+__all__ = [
+    "SUPPORTED_FAMILIES",
+    "Decision",
+    "LayerRecord",
+    "PolicyParams",
+    "RealbConfig",
+    "RealbExperts",
+    "RealbHfQuantizer",
+    "RoutingStats",
+    "Telemetry",
+    "apply_realb",
+    "decide",
+    "get_runtime",
+    "get_telemetry",
+]

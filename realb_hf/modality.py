@@ -1,0 +1,119 @@
+"""Per-token modality (text / image / video), captured from the model's inputs at every forward.
+
+MoE blocks flatten (batch, seq, hidden) to (batch * seq, hidden), so a mask flattened the same way lines up
+with the rows the experts see. Decoder layers of most VLMs pass nothing modality-related down to the MoE
+block, hence a forward pre-hook on the model reads `mm_token_type_ids` (or compares `input_ids` with the
+image/video placeholder ids) and every experts module reads the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+TEXT, IMAGE, VIDEO = 0, 1, 2
+
+SOURCE_TYPE_IDS = "mm_token_type_ids"
+SOURCE_TOKEN_IDS = "input_ids"
+SOURCE_NONE = "none"  # only embeddings were given: every token counts as text
+
+_TYPE_ID_KEYS = ("mm_token_type_ids", "moe_mm_token_type_ids")
+POOL_TEXT = "text"
+POOL_VISION = "vision"
+
+
+def placeholder_ids(config) -> tuple[int | None, int | None]:
+    """The image and video placeholder token ids of a (multimodal) model config, if it has them."""
+
+    def first(*names: str) -> int | None:
+        for name in names:
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+    return first("image_token_id", "image_token_index"), first("video_token_id", "video_token_index")
+
+
+def modality_from_inputs(
+    input_ids: torch.Tensor | None,
+    mm_token_type_ids: torch.Tensor | None,
+    image_token_id: int | None,
+    video_token_id: int | None,
+) -> tuple[torch.Tensor | None, str]:
+    """(batch, seq) int8 modality codes and where they came from; None when nothing tells."""
+    if mm_token_type_ids is not None:
+        codes = mm_token_type_ids.to(torch.int8)
+        if input_ids is not None and codes.shape[-1] > input_ids.shape[-1]:
+            codes = codes[..., -input_ids.shape[-1] :]  # a caller passed the full history with one new token
+        return codes, SOURCE_TYPE_IDS
+    if input_ids is not None:
+        codes = torch.zeros(input_ids.shape, dtype=torch.int8, device=input_ids.device)
+        if image_token_id is not None:
+            codes[input_ids == image_token_id] = IMAGE
+        if video_token_id is not None:
+            codes[input_ids == video_token_id] = VIDEO
+        return codes, SOURCE_TOKEN_IDS
+    return None, SOURCE_NONE
+
+
+@dataclass(eq=False)
+class ModalityTracker:
+    """Holds the modality of the forward in flight; shared by every experts module of one model."""
+
+    image_token_id: int | None = None
+    video_token_id: int | None = None
+    codes: torch.Tensor | None = None  # flattened (batch * seq,) int8
+    source: str = SOURCE_NONE
+    _hooks: list = field(default_factory=list, repr=False)
+
+    def capture(self, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            input_ids = args[0]
+        type_ids = next((kwargs[k] for k in _TYPE_ID_KEYS if kwargs.get(k) is not None), None)
+        codes, self.source = modality_from_inputs(input_ids, type_ids, self.image_token_id, self.video_token_id)
+        self.codes = None if codes is None else codes.reshape(-1)
+
+    def clear(self) -> None:
+        self.codes, self.source = None, SOURCE_NONE
+
+    def for_rows(self, num_rows: int, pool: str | None = None) -> torch.Tensor | None:
+        """Modality of the `num_rows` rows an experts module received, or None if unknown.
+
+        A modality-isolated expert pool (ERNIE-4.5-VL's text_moe / vision_moe) receives only the rows of
+        its modality, in their original order, whenever the batch holds both.
+        """
+        codes = self.codes
+        if codes is None:
+            return None
+        if codes.numel() == num_rows:
+            return codes
+        if pool == POOL_TEXT:
+            codes = codes[codes == TEXT]
+        elif pool == POOL_VISION:
+            codes = codes[codes != TEXT]
+        return codes if codes.numel() == num_rows else None
+
+    def attach(self, model: torch.nn.Module, on_forward=None) -> None:
+        """Capture at every forward of `model` (generate's decode steps included) and clear afterwards."""
+        self.detach()
+
+        def pre_hook(module, args, kwargs):
+            self.capture(args, kwargs)
+            if on_forward is not None:
+                on_forward()
+
+        def post_hook(module, args, kwargs, output):
+            self.clear()
+
+        self._hooks = [
+            model.register_forward_pre_hook(pre_hook, with_kwargs=True),
+            model.register_forward_hook(post_hook, with_kwargs=True),
+        ]
+
+    def detach(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []

@@ -1,0 +1,198 @@
+"""ReaLB's decision: routing of one MoE layer for one batch -> a precision for every EP rank (or expert).
+
+Pure functions of plain numbers: no model, no device, no randomness. Every rank of a real EP group sees
+the same routing counts, so every rank computes the same decision without talking to the others.
+
+The cost model is linear: a rank's predicted time is the sum over its experts of
+`tokens(expert) * ratio(precision(expert))`, with ratio 1 for high precision and `low_cost_ratio` for the
+low one. Ratios describe the *target* hardware's native kernels, so decisions made while studying accuracy on
+a CPU (emulated formats) are the decisions a GPU deployment would make.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Predicted low-precision expert-MLP time relative to bf16.
+# fp8: measured on H100 (Qwen3-VL-30B-A3B dims, EP=4 rank: 0.94 ms fused fp8 vs 1.21 ms bf16; ../shared/FACTS.md).
+# nvfp4/mxfp4: assumed for Blackwell FP4 tensor cores (not measured by this project: no sm100 card).
+DEFAULT_LOW_COST_RATIO = {"fp8": 0.78, "nvfp4": 0.6, "mxfp4": 0.6}
+
+REASON_OFF = "off"
+REASON_STATIC = "static"
+REASON_ALL_LOW = "all_low"
+REASON_SMALL_BATCH = "below_batch_threshold"
+REASON_BALANCED = "no_eligible_rank"
+REASON_LOWERED = "lowered"
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """What the policy needs from one layer's routing: token-expert pairs per global expert."""
+
+    expert_tokens: tuple[int, ...]
+    expert_vision: tuple[int, ...]  # of those pairs, how many come from image or video tokens
+    num_tokens: int  # tokens in the forward (each counted once, not once per top-k slot)
+
+    def __post_init__(self) -> None:
+        if len(self.expert_tokens) != len(self.expert_vision):
+            raise ValueError("expert_tokens and expert_vision must have one entry per expert")
+        if any(v > t or v < 0 for t, v in zip(self.expert_tokens, self.expert_vision)):
+            raise ValueError("expert_vision must lie between 0 and expert_tokens for every expert")
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_tokens)
+
+
+@dataclass(frozen=True)
+class PolicyParams:
+    """The config fields the decision depends on, with `low` already resolved to a format name."""
+
+    policy: str = "realb"
+    high: str = "bf16"
+    low: str = "fp8"
+    granularity: str = "rank"
+    ep_size: int = 1
+    modality_threshold: float = 0.7
+    batch_threshold: int = 2048
+    imbalance_threshold: float = 0.1
+    low_cost_ratio: float | None = None
+    rank_precisions: tuple[tuple[int, str], ...] = ()  # policy="static": (rank, "high"|"low"|format)
+
+    @property
+    def cost_ratio(self) -> float:
+        return self.cost_of(self.low)
+
+    def cost_of(self, precision: str) -> float:
+        """Predicted time of one token-expert pair at `precision`, relative to high precision."""
+        if precision == self.high:
+            return 1.0
+        if precision == self.low and self.low_cost_ratio is not None:
+            return self.low_cost_ratio
+        return DEFAULT_LOW_COST_RATIO[precision]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Precision per expert (global ids) and per rank ("mixed" when a rank's experts differ)."""
+
+    expert_precision: tuple[str, ...]
+    rank_precision: tuple[str, ...]
+    reason: str
+
+    def all_high(self, high: str) -> bool:
+        return all(p == high for p in self.expert_precision)
+
+
+def expert_ranges(num_experts: int, ep_size: int) -> list[range]:
+    """Experts of each rank: contiguous equal blocks, exactly as transformers' EP shards dim 0."""
+    if ep_size < 1 or num_experts % ep_size:
+        raise ValueError(f"ep_size={ep_size} must divide the number of experts ({num_experts})")
+    per_rank = num_experts // ep_size
+    return [range(r * per_rank, (r + 1) * per_rank) for r in range(ep_size)]
+
+
+def rank_loads(stats: RoutingStats, ep_size: int) -> tuple[list[int], list[int]]:
+    """(token-expert pairs per rank, vision pairs per rank)."""
+    ranges = expert_ranges(stats.num_experts, ep_size)
+    tokens = [sum(stats.expert_tokens[e] for e in r) for r in ranges]
+    vision = [sum(stats.expert_vision[e] for e in r) for r in ranges]
+    return tokens, vision
+
+
+def vision_shares(tokens: Sequence[int], vision: Sequence[int]) -> list[float]:
+    return [v / t if t else 0.0 for t, v in zip(tokens, vision)]
+
+
+def predicted_rank_costs(stats: RoutingStats, expert_precision: Sequence[str], params: PolicyParams) -> list[float]:
+    """Predicted compute time per rank, in units of one token-expert pair at high precision."""
+    return [
+        sum(stats.expert_tokens[e] * params.cost_of(expert_precision[e]) for e in r)
+        for r in expert_ranges(stats.num_experts, params.ep_size)
+    ]
+
+
+def balancedness(loads: Sequence[float]) -> float:
+    """mean / max: 1.0 is perfectly balanced; an idle layer counts as balanced."""
+    peak = max(loads, default=0)
+    return (sum(loads) / len(loads)) / peak if peak > 0 else 1.0
+
+
+def _rank_precision(expert_precision: Sequence[str], num_experts: int, ep_size: int) -> tuple[str, ...]:
+    out = []
+    for r in expert_ranges(num_experts, ep_size):
+        kinds = {expert_precision[e] for e in r}
+        out.append(kinds.pop() if len(kinds) == 1 else "mixed")
+    return tuple(out)
+
+
+def _decision(expert_precision: list[str], params: PolicyParams, reason: str) -> Decision:
+    n = len(expert_precision)
+    return Decision(tuple(expert_precision), _rank_precision(expert_precision, n, params.ep_size), reason)
+
+
+def overloaded_ranks(tokens: Sequence[int], imbalance_threshold: float) -> list[int]:
+    """Ranks whose load exceeds the mean by more than `imbalance_threshold` (a fraction of the mean)."""
+    mean = sum(tokens) / len(tokens)
+    return [r for r, t in enumerate(tokens) if t > mean * (1.0 + imbalance_threshold)]
+
+
+def decide(stats: RoutingStats, params: PolicyParams) -> Decision:
+    """Choose the precision of every expert for this layer and batch."""
+    n = stats.num_experts
+    ranges = expert_ranges(n, params.ep_size)
+    if params.policy == "off":
+        return _decision([params.high] * n, params, REASON_OFF)
+    if params.policy == "all_low":
+        return _decision([params.low] * n, params, REASON_ALL_LOW)
+    if params.policy == "static":
+        named = {"high": params.high, "low": params.low}
+        per_rank = dict(params.rank_precisions)
+        precision = [params.high] * n
+        for r, experts in enumerate(ranges):
+            for e in experts:
+                precision[e] = named.get(per_rank.get(r, "high"), per_rank.get(r, "high"))
+        return _decision(precision, params, REASON_STATIC)
+    if params.policy != "realb":
+        raise ValueError(f"unknown policy {params.policy!r}; choose one of ['realb', 'static', 'all_low', 'off']")
+
+    precision = [params.high] * n
+    if stats.num_tokens < params.batch_threshold:
+        return _decision(precision, params, REASON_SMALL_BATCH)
+    tokens, vision = rank_loads(stats, params.ep_size)
+    hot = overloaded_ranks(tokens, params.imbalance_threshold)
+    if params.granularity == "rank":
+        shares = vision_shares(tokens, vision)
+        lowered = [r for r in hot if shares[r] >= params.modality_threshold]
+        for r in lowered:
+            for e in ranges[r]:
+                precision[e] = params.low
+        return _decision(precision, params, REASON_LOWERED if lowered else REASON_BALANCED)
+    return _decide_experts(stats, params, tokens, hot, precision)
+
+
+def _decide_experts(
+    stats: RoutingStats, params: PolicyParams, tokens: list[int], hot: list[int], precision: list[str]
+) -> Decision:
+    """Expert granularity: lower an overloaded rank's hottest vision-dominated experts, one at a time,
+    until its predicted time no longer exceeds the busiest rank that is not overloaded."""
+    ranges = expert_ranges(stats.num_experts, params.ep_size)
+    target = max((t for r, t in enumerate(tokens) if r not in hot), default=0)
+    saving = 1.0 - params.cost_ratio
+    any_lowered = False
+    for r in sorted(hot, key=lambda r: (-tokens[r], r)):
+        cost = float(tokens[r])
+        candidates = [
+            e
+            for e in ranges[r]
+            if stats.expert_tokens[e] and stats.expert_vision[e] / stats.expert_tokens[e] >= params.modality_threshold
+        ]
+        for e in sorted(candidates, key=lambda e: (-stats.expert_tokens[e], e)):
+            if cost <= target:
+                break
+            precision[e] = params.low
+            cost -= stats.expert_tokens[e] * saving
+            any_lowered = True
+    return _decision(precision, params, REASON_LOWERED if any_lowered else REASON_BALANCED)

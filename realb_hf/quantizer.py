@@ -1,0 +1,107 @@
+"""`RealbHfQuantizer`: the transformers hooks that turn a fused-MoE model into a ReaLB model.
+
+Only module classes change; checkpoints hold the same tensors as the stock model, so saving, reloading,
+per-expert <-> fused checkpoint conversion and EP/TP plans behave as without ReaLB.
+"""
+
+from __future__ import annotations
+
+from transformers.quantizers.base import HfQuantizer
+
+from .config import RealbConfig
+from .experts import RealbExperts, is_fused_experts, realb_class_for
+from .modality import POOL_TEXT, POOL_VISION
+from .policy import expert_ranges
+from .runtime import RealbRuntime
+
+SUPPORTED_FAMILIES = (
+    "qwen3_vl_moe",
+    "glm4v_moe",
+    "ernie4_5_vl_moe",
+    "qwen3_5_moe",
+    "kimi_k25",
+    "deepseek_ocr2",
+    "qwen3_moe",
+    "qwen2_moe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "mixtral",
+    "olmoe",
+    "gpt_oss",
+)
+
+
+def _pool_of(name: str) -> str | None:
+    """ERNIE-4.5-VL keeps one expert pool per modality: each sees only its modality's rows."""
+    if ".vision_moe." in f".{name}.":
+        return POOL_VISION
+    if ".text_moe." in f".{name}.":
+        return POOL_TEXT
+    return None
+
+
+def replace_with_realb_experts(model, config: RealbConfig, runtime: RealbRuntime) -> list[str]:
+    """Swap every fused experts module (outside `modules_to_not_convert`) for its Realb class; return their names."""
+    skip = config.modules_to_not_convert or []
+    replaced = []
+    for name, module in model.named_modules():
+        if not name.endswith("experts") or not is_fused_experts(module):
+            continue
+        if any(fragment in name for fragment in skip):
+            continue
+        expert_ranges(module.num_experts, config.ep_size)  # raises early, before any weight loads
+        module.__class__ = realb_class_for(type(module))
+        module.realb_attach(runtime, name, _pool_of(name))
+        replaced.append(name)
+    if not replaced:
+        model_type = getattr(model.config, "model_type", type(model).__name__)
+        why = (
+            f"all of them matched modules_to_not_convert={skip}"
+            if any(is_fused_experts(m) for _, m in model.named_modules())
+            else "it has no fused experts module (a class decorated with transformers' @use_experts_implementation)"
+        )
+        raise ValueError(
+            f"ReaLB found nothing to convert in model type {model_type!r}: {why}. "
+            f"Supported families include {list(SUPPORTED_FAMILIES)} and every other model whose experts use "
+            "@use_experts_implementation; Llama4 and per-expert ModuleList MoEs are not supported."
+        )
+    return replaced
+
+
+class RealbHfQuantizer(HfQuantizer):
+    """Hooks ReaLB into `from_pretrained(..., quantization_config=RealbConfig(...))`."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: RealbConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.runtime: RealbRuntime | None = None
+
+    def validate_environment(self, *args, **kwargs) -> None:
+        # A config merged at reload had fields set one by one: check the combination once more.
+        self.quantization_config.post_init()
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        self.runtime = RealbRuntime.for_model(model, self.quantization_config)
+        replace_with_realb_experts(model, self.quantization_config, self.runtime)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        self.runtime.modality.attach(model, on_forward=self.runtime.telemetry.next_forward)
+        model.realb = self.runtime
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+def realb_modules(model) -> list[RealbExperts]:
+    return [m for m in model.modules() if isinstance(m, RealbExperts)]

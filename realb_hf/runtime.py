@@ -1,0 +1,57 @@
+"""The state one ReaLB model shares across its experts modules: config, modality, telemetry.
+
+Kept outside the modules' parameters so checkpoints hold exactly what the stock model holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import RealbConfig
+from .formats import resolve_low_precision
+from .modality import ModalityTracker, placeholder_ids
+from .policy import PolicyParams
+from .telemetry import Telemetry
+
+
+@dataclass(eq=False)
+class RealbRuntime:
+    config: RealbConfig
+    modality: ModalityTracker = field(default_factory=ModalityTracker)
+    telemetry: Telemetry = field(default_factory=Telemetry)
+    _params: dict[str, PolicyParams] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, config: RealbConfig) -> RealbRuntime:
+        image_id, video_id = placeholder_ids(model.config)
+        return cls(config=config, modality=ModalityTracker(image_id, video_id))
+
+    def params(self, device: torch.device) -> PolicyParams:
+        """Policy parameters with "auto" resolved for the device the experts run on (cached per device type)."""
+        key = f"{device.type}:{device.index}"
+        if key not in self._params:
+            c = self.config
+            self._params[key] = PolicyParams(
+                policy=c.policy,
+                high=c.high_precision,
+                low=resolve_low_precision(c.low_precision, device),
+                granularity=c.granularity,
+                ep_size=c.ep_size,
+                modality_threshold=c.modality_threshold,
+                batch_threshold=c.batch_threshold,
+                imbalance_threshold=c.imbalance_threshold,
+                low_cost_ratio=c.low_cost_ratio,
+                rank_precisions=tuple((c.rank_precisions or {}).items()),
+            )
+        return self._params[key]
+
+    def reconfigure(self, **changes) -> None:
+        """Change runtime knobs of a loaded model (e.g. from the demo); validated like the constructor."""
+        allowed = RealbConfig.get_runtime_fields()
+        unknown = sorted(set(changes) - set(allowed))
+        if unknown:
+            raise ValueError(f"cannot change {unknown} on a loaded model; runtime fields: {allowed}")
+        self.config.update(**changes)
+        self._params.clear()

@@ -1,0 +1,135 @@
+"""Per-layer, per-forward records of what ReaLB saw and decided, readable while the model serves."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .policy import Decision, PolicyParams, RoutingStats, balancedness, predicted_rank_costs, rank_loads, vision_shares
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One MoE layer (one experts module) in one forward."""
+
+    forward: int
+    layer: str
+    num_tokens: int
+    tokens_per_rank: list[int]
+    vision_share_per_rank: list[float]
+    precision_per_rank: list[str]
+    balancedness_tokens: float  # mean/max of token-expert pairs per rank
+    balancedness_cost_before: float  # mean/max of predicted time, all ranks high
+    balancedness_cost_after: float  # mean/max of predicted time with the decision applied
+    predicted_speedup: float  # slowest rank before / slowest rank after
+    lowered_fraction: float  # share of token-expert pairs computed in low precision
+    lowered_experts: int
+    reason: str
+    modality_source: str
+
+
+def make_record(
+    forward: int, layer: str, stats: RoutingStats, decision: Decision, params: PolicyParams, modality_source: str
+) -> LayerRecord:
+    tokens, vision = rank_loads(stats, params.ep_size)
+    all_high = [params.high] * stats.num_experts
+    before = predicted_rank_costs(stats, all_high, params)
+    after = predicted_rank_costs(stats, decision.expert_precision, params)
+    total = sum(stats.expert_tokens)
+    lowered = [e for e, p in enumerate(decision.expert_precision) if p != params.high]
+    slowest_after = max(after, default=0.0)
+    return LayerRecord(
+        forward=forward,
+        layer=layer,
+        num_tokens=stats.num_tokens,
+        tokens_per_rank=tokens,
+        vision_share_per_rank=[round(s, 6) for s in vision_shares(tokens, vision)],
+        precision_per_rank=list(decision.rank_precision),
+        balancedness_tokens=balancedness(tokens),
+        balancedness_cost_before=balancedness(before),
+        balancedness_cost_after=balancedness(after),
+        predicted_speedup=max(before, default=0.0) / slowest_after if slowest_after > 0 else 1.0,
+        lowered_fraction=sum(stats.expert_tokens[e] for e in lowered) / total if total else 0.0,
+        lowered_experts=len(lowered),
+        reason=decision.reason,
+        modality_source=modality_source,
+    )
+
+
+@dataclass
+class Telemetry:
+    """Records of one model; `enabled=False` keeps decisions running but stores nothing."""
+
+    enabled: bool = True
+    max_records: int | None = 100_000  # oldest records are dropped beyond this (long-running servers)
+    records: list[LayerRecord] = field(default_factory=list)
+    forwards: int = 0
+    dropped: int = 0
+    extra_memory_bytes: int = 0  # persistent low-precision weight copies
+
+    def next_forward(self) -> None:
+        self.forwards += 1
+
+    def add(self, record: LayerRecord) -> None:
+        if not self.enabled:
+            return
+        self.records.append(record)
+        if self.max_records is not None and len(self.records) > self.max_records:
+            excess = len(self.records) - self.max_records
+            del self.records[:excess]
+            self.dropped += excess
+
+    def reset(self) -> None:
+        self.records.clear()
+        self.forwards = 0
+        self.dropped = 0
+
+    def last_forward(self) -> list[LayerRecord]:
+        """Records of the most recent forward that reached an MoE layer."""
+        if not self.records:
+            return []
+        last = self.records[-1].forward
+        return [r for r in self.records if r.forward == last]
+
+    def summary(self, records: Iterable[LayerRecord] | None = None) -> dict[str, Any]:
+        """Means over records: the numbers a model card or a dashboard shows."""
+        recs = list(self.records if records is None else records)
+        n = len(recs)
+
+        def mean(attr: str) -> float:
+            return sum(getattr(r, attr) for r in recs) / n if n else 0.0
+
+        pairs = sum(sum(r.tokens_per_rank) for r in recs)
+        lowered_pairs = sum(r.lowered_fraction * sum(r.tokens_per_rank) for r in recs)
+        return {
+            "records": n,
+            "forwards": self.forwards,
+            "layers_lowered": sum(1 for r in recs if r.lowered_experts),
+            "lowered_token_fraction": lowered_pairs / pairs if pairs else 0.0,
+            "balancedness_tokens": mean("balancedness_tokens"),
+            "balancedness_cost_before": mean("balancedness_cost_before"),
+            "balancedness_cost_after": mean("balancedness_cost_after"),
+            "predicted_speedup": mean("predicted_speedup"),
+            "extra_memory_bytes": self.extra_memory_bytes,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "summary": self.summary(),
+            "dropped_records": self.dropped,
+            "records": [asdict(r) for r in self.records],
+        }
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """Serialize everything; also write it to `path` when given."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @staticmethod
+    def records_from_json(text: str) -> list[LayerRecord]:
+        return [LayerRecord(**r) for r in json.loads(text)["records"]]
