@@ -173,7 +173,7 @@ class RealbExperts(torch.nn.Module):
         out = out * weights[perm].masked_fill(sentinel[perm], 0.0).unsqueeze(-1)
         unsorted = torch.empty_like(out)
         unsorted[perm] = out
-        return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+        return unsorted.view(num_tokens, top_k, hidden_states.shape[-1]).sum(dim=1).to(hidden_states.dtype)
 
     def _realb_group(
         self, fmt, fmt_name: str, x: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, experts: list[int]

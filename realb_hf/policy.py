@@ -165,7 +165,13 @@ def decide(stats: RoutingStats, params: PolicyParams) -> Decision:
     hot = overloaded_ranks(tokens, params.imbalance_threshold)
     if params.granularity == "rank":
         shares = vision_shares(tokens, vision)
-        lowered = [r for r in hot if shares[r] >= params.modality_threshold]
+        eligible = [r for r in hot if shares[r] >= params.modality_threshold]
+        # The layer ends with its slowest rank: with every eligible rank lowered that is `floor`. An eligible
+        # rank already at or under it gains nothing from lowering, so it keeps its precision (and accuracy).
+        floor = max(
+            [tokens[r] * params.cost_ratio for r in eligible] + [t for r, t in enumerate(tokens) if r not in eligible]
+        )
+        lowered = [r for r in eligible if tokens[r] > floor]
         for r in lowered:
             for e in ranges[r]:
                 precision[e] = params.low

@@ -10,6 +10,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from .config import RealbConfig
 from .experts import RealbExperts, is_fused_experts, realb_class_for
+from .formats import get_format
 from .modality import POOL_TEXT, POOL_VISION
 from .policy import expert_ranges
 from .runtime import RealbRuntime
@@ -40,16 +41,43 @@ def _pool_of(name: str) -> str | None:
     return None
 
 
+def named_low_formats(config: RealbConfig) -> set[str]:
+    """Low formats the config names explicitly ("auto" is resolved later, per device)."""
+    names = {config.low_precision} if config.low_precision != "auto" else set()
+    for precision in (config.rank_precisions or {}).values():
+        if precision == "low":
+            names |= {config.low_precision} - {"auto"}
+        elif precision not in ("high", config.high_precision):
+            names.add(precision)
+    return names
+
+
+def check_block_sizes(name: str, module, formats: set[str]) -> None:
+    """Block-scaled formats need both GEMMs' reduction dims (hidden, intermediate) divisible by their block."""
+    first = module.gate_up_proj if module.has_gate else module.up_proj
+    hidden = first.shape[1] if module.is_transposed else first.shape[2]
+    inter = module.down_proj.shape[1] if module.is_transposed else module.down_proj.shape[2]
+    for fmt_name in sorted(formats):
+        block = getattr(get_format(fmt_name), "block_size", 1)
+        if hidden % block or inter % block:
+            raise ValueError(
+                f"{fmt_name} needs the experts' hidden ({hidden}) and intermediate ({inter}) sizes of {name} to be "
+                f"multiples of its block size {block}; choose another low_precision (e.g. 'fp8')"
+            )
+
+
 def replace_with_realb_experts(model, config: RealbConfig, runtime: RealbRuntime) -> list[str]:
     """Swap every fused experts module (outside `modules_to_not_convert`) for its Realb class; return their names."""
     skip = config.modules_to_not_convert or []
+    formats = named_low_formats(config)
     replaced = []
     for name, module in model.named_modules():
         if not name.endswith("experts") or not is_fused_experts(module):
             continue
         if any(fragment in name for fragment in skip):
             continue
-        expert_ranges(module.num_experts, config.ep_size)  # raises early, before any weight loads
+        expert_ranges(module.num_experts, config.ep_size)  # these checks raise before any weight loads
+        check_block_sizes(name, module, formats)
         module.__class__ = realb_class_for(type(module))
         module.realb_attach(runtime, name, _pool_of(name))
         replaced.append(name)

@@ -1,0 +1,236 @@
+"""RealbExperts on a tiny Qwen3-VL-MoE: exactness of the bf16 path, the mixed path, edge cases."""
+
+import pytest
+import torch
+from conftest import load_qwen
+
+import realb_hf
+from realb_hf import formats as formats_mod
+from realb_hf.formats import Bf16Format
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch.kwargs).logits.float()
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def experts_of(model):
+    return [m for m in model.modules() if isinstance(m, realb_hf.RealbExperts)]
+
+
+@pytest.fixture(scope="module")
+def stock_logits(qwen_dir, qwen_batch):
+    return logits(load_qwen(qwen_dir), qwen_batch)
+
+
+def test_bf16_path_equals_stock_exactly(qwen_dir, qwen_batch, stock_logits):
+    for kwargs in (dict(policy="off", ep_size=4), dict(ep_size=4), dict(policy="static", rank_precisions={0: "high"})):
+        model = load_qwen(qwen_dir, **kwargs)
+        assert len(experts_of(model)) == 2
+        assert torch.equal(logits(model, qwen_batch), stock_logits), kwargs
+
+
+def test_mixed_path_groups_and_unpermutes_rows_correctly(qwen_dir, qwen_batch, stock_logits, monkeypatch):
+    """With the "low" format swapped for bf16 the mixed path must reproduce the stock result."""
+    monkeypatch.setitem(formats_mod.FORMATS, "fp8", Bf16Format())
+    for kwargs in (
+        dict(policy="static", ep_size=4, rank_precisions={1: "low", 3: "low"}, low_precision="fp8"),
+        dict(policy="all_low", low_precision="fp8"),
+        dict(policy="realb", ep_size=4, batch_threshold=0, modality_threshold=0.0, granularity="expert", low_precision="fp8"),
+    ):
+        model = load_qwen(qwen_dir, **kwargs)
+        out = logits(model, qwen_batch)
+        assert any(r.lowered_experts for r in realb_hf.get_telemetry(model).records), kwargs
+        assert rel(out, stock_logits) < 2e-3, kwargs
+
+
+@pytest.mark.parametrize("fmt, bound", [("fp8", 0.03), ("nvfp4", 0.06), ("mxfp4", 0.06)])
+def test_low_precision_error_is_bounded(qwen_dir, qwen_batch, stock_logits, fmt, bound):
+    model = load_qwen(qwen_dir, policy="all_low", low_precision=fmt)
+    err = rel(logits(model, qwen_batch), stock_logits)
+    assert 0 < err < bound
+
+
+def test_rank_precisions_differ_per_virtual_rank(qwen_dir, qwen_batch):
+    model = load_qwen(qwen_dir, policy="static", ep_size=4, rank_precisions={0: "low", 2: "nvfp4"}, low_precision="fp8")
+    logits(model, qwen_batch)
+    for record in realb_hf.get_telemetry(model).records:
+        assert record.precision_per_rank == ["fp8", "bf16", "nvfp4", "bf16"]
+        assert len(record.tokens_per_rank) == 4
+
+
+def _layer_inputs(module, tokens, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, module.gate_up_proj.shape[-1], generator=gen).to(torch.bfloat16)
+    weights = torch.softmax(torch.randn(tokens, 2, generator=gen), dim=-1).to(torch.bfloat16)
+    return hidden, weights
+
+
+@pytest.fixture(scope="module")
+def low_model(qwen_dir):
+    return load_qwen(qwen_dir, policy="all_low", low_precision="fp8")
+
+
+@pytest.fixture(scope="module")
+def off_model(qwen_dir):
+    return load_qwen(qwen_dir, policy="off")
+
+
+def test_empty_batch(low_model):
+    module = experts_of(low_model)[0]
+    hidden, weights = _layer_inputs(module, 0)
+    out = module(hidden, torch.zeros(0, 2, dtype=torch.long), weights)
+    assert out.shape == (0, hidden.shape[-1])
+
+
+def test_experts_with_zero_tokens_and_all_tokens_on_one_expert(low_model, off_model):
+    low, ref = experts_of(low_model)[0], experts_of(off_model)[0]
+    hidden, weights = _layer_inputs(low, 64)
+    for index in (
+        torch.tensor([[3, 5]] * 64),  # every other expert idle
+        torch.tensor([[7, 7]] * 64),  # both slots on one expert
+    ):
+        out, expected = low(hidden, index, weights), ref(hidden, index, weights)
+        assert out.shape == expected.shape
+        assert 0 < rel(out.float(), expected.float()) < 0.08
+
+
+def test_non_finite_rows_match_what_bf16_gives(low_model, off_model):
+    low, ref = experts_of(low_model)[0], experts_of(off_model)[0]
+    hidden, weights = _layer_inputs(low, 32)
+    hidden[3] = float("inf")
+    hidden[7, 5] = float("nan")
+    index = torch.randint(0, 8, (32, 2), generator=torch.Generator().manual_seed(1))
+    out, expected = low(hidden, index, weights), ref(hidden, index, weights)
+    bad = torch.tensor([3, 7])
+    assert torch.equal(out[bad].isnan(), expected[bad].isnan())
+    assert torch.equal(out[bad].isinf(), expected[bad].isinf())
+    good = torch.ones(32, dtype=torch.bool)
+    good[bad] = False
+    assert torch.isfinite(out[good]).all()
+    assert rel(out[good].float(), expected[good].float()) < 0.08
+
+
+def test_sentinel_ids_from_other_ranks_contribute_nothing(low_model, off_model):
+    low, ref = experts_of(low_model)[0], experts_of(off_model)[0]
+    hidden, weights = _layer_inputs(low, 16)
+    index = torch.tensor([[1, 8]] * 8 + [[9, 2]] * 8)  # 8 and 9 are other ranks' experts under EP
+    low._is_expert_parallel = ref._is_expert_parallel = True
+    try:
+        out, expected = low(hidden, index, weights), ref(hidden, index, weights)
+    finally:
+        low._is_expert_parallel = ref._is_expert_parallel = False
+    only_local = low(hidden, index.clamp(max=7) * (index < 8), weights * (index < 8))
+    assert rel(out.float(), expected.float()) < 0.08
+    assert torch.equal(out, only_local)
+
+
+def test_on_the_fly_keeps_no_copies_persistent_reports_bytes(qwen_dir, qwen_batch):
+    fly = load_qwen(qwen_dir, policy="all_low", low_precision="fp8")
+    logits(fly, qwen_batch)
+    assert all(m._realb_cache == {} for m in experts_of(fly))
+    assert realb_hf.get_telemetry(fly).extra_memory_bytes == 0
+
+    kept = load_qwen(qwen_dir, policy="all_low", low_precision="fp8", weight_cache="persistent")
+    out = logits(kept, qwen_batch)
+    modules = experts_of(kept)
+    expected = sum(m.gate_up_proj.numel() + m.down_proj.numel() + 4 * (m.gate_up_proj.shape[:2].numel() + m.down_proj.shape[:2].numel()) for m in modules)
+    assert realb_hf.get_telemetry(kept).extra_memory_bytes == expected  # fp8 data + fp32 row scales
+    assert torch.equal(out, logits(fly, qwen_batch))  # same numbers, cached or not
+
+
+def test_reconfigure_at_runtime(qwen_dir, qwen_batch, stock_logits):
+    model = load_qwen(qwen_dir, policy="all_low", low_precision="fp8")
+    assert not torch.equal(logits(model, qwen_batch), stock_logits)
+    runtime = realb_hf.get_runtime(model)
+    runtime.reconfigure(policy="off")
+    assert torch.equal(logits(model, qwen_batch), stock_logits)
+    with pytest.raises(ValueError, match=r"cannot change \['high_precision'\] on a loaded model"):
+        runtime.reconfigure(high_precision="bf16")
+    with pytest.raises(ValueError, match="granularity"):
+        runtime.reconfigure(granularity="tile")
+    assert runtime.config.policy == "off"
+
+
+def test_telemetry_api(qwen_dir, qwen_batch, tmp_path):
+    model = load_qwen(qwen_dir, ep_size=4, batch_threshold=0, modality_threshold=0.0)
+    logits(model, qwen_batch)
+    logits(model, qwen_batch)
+    telemetry = realb_hf.get_telemetry(model)
+    assert telemetry.forwards == 2 and len(telemetry.records) == 4
+    assert [r.forward for r in telemetry.last_forward()] == [2, 2]
+    record = telemetry.records[0]
+    assert record.num_tokens == qwen_batch.kwargs["input_ids"].numel()
+    assert sum(record.tokens_per_rank) == record.num_tokens * 2  # top-2
+    assert record.modality_source == "mm_token_type_ids"
+    assert 0 < max(record.vision_share_per_rank) <= 1
+    assert record.predicted_speedup >= 1.0
+    summary = telemetry.summary()
+    assert summary["records"] == 4 and 0 <= summary["lowered_token_fraction"] <= 1
+    path = tmp_path / "telemetry.json"
+    text = telemetry.to_json(path)
+    assert path.read_text() == text
+    assert telemetry.records_from_json(text) == telemetry.records
+    telemetry.reset()
+    assert telemetry.records == [] and telemetry.forwards == 0
+
+
+def test_telemetry_keeps_a_bounded_window():
+    telemetry = realb_hf.Telemetry(max_records=3)
+    for i in range(5):
+        telemetry.add(realb_hf.LayerRecord(i, "l", 1, [1], [0.0], ["bf16"], 1, 1, 1, 1.0, 0.0, 0, "off", "none"))
+    assert [r.forward for r in telemetry.records] == [2, 3, 4] and telemetry.dropped == 2
+
+
+def test_modality_falls_back_to_placeholder_ids(qwen_dir, qwen_batch):
+    model = load_qwen(qwen_dir, ep_size=2)
+    kwargs = {k: v for k, v in qwen_batch.kwargs.items() if k != "mm_token_type_ids"}
+    kwargs["mm_token_type_ids"] = None
+    with torch.no_grad():
+        try:
+            model(**kwargs)
+        except ValueError:  # Qwen3-VL insists on mm_token_type_ids for images: check the text-only path instead
+            model(input_ids=kwargs["input_ids"], attention_mask=kwargs["attention_mask"])
+    record = realb_hf.get_telemetry(model).records[-1]
+    assert record.modality_source == "input_ids"
+
+
+def test_no_experts_model_is_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(ValueError, match=r"nothing to convert in model type 'llama'.*Supported families include \['qwen3_vl_moe'"):
+        realb_hf.apply_realb(model)
+
+
+def test_modules_to_not_convert(qwen_dir):
+    model = load_qwen(qwen_dir, modules_to_not_convert=["layers.1."])
+    assert [m.realb_name for m in experts_of(model)] == ["model.language_model.layers.0.mlp.experts"]
+    with pytest.raises(ValueError, match="all of them matched modules_to_not_convert"):
+        load_qwen(qwen_dir, modules_to_not_convert=["layers"])
+
+
+def test_ep_size_must_divide_experts_before_loading(qwen_dir):
+    with pytest.raises(ValueError, match=r"ep_size=3 must divide the number of experts \(8\)"):
+        load_qwen(qwen_dir, ep_size=3)
+
+
+def test_block_size_is_checked_before_loading():
+    from realb_hf.tiny import build_tiny_model, tiny_qwen3_vl_moe_config
+
+    config = tiny_qwen3_vl_moe_config()
+    config.text_config.moe_intermediate_size = 40
+    with pytest.raises(ValueError, match=r"mxfp4 needs the experts' hidden \(64\) and intermediate \(40\) sizes"):
+        realb_hf.apply_realb(build_tiny_model(config), realb_hf.RealbConfig(low_precision="mxfp4"))
+
+
+def test_apply_twice_is_refused(qwen_dir):
+    model = load_qwen(qwen_dir, policy="off")
+    with pytest.raises(ValueError, match="already runs ReaLB"):
+        realb_hf.apply_realb(model)
+    with pytest.raises(ValueError, match="does not run ReaLB"):
+        realb_hf.get_runtime(torch.nn.Linear(2, 2))

@@ -1,0 +1,149 @@
+"""The decision on hand-built routing: no model involved."""
+
+import pytest
+
+from realb_hf.policy import (
+    DEFAULT_LOW_COST_RATIO,
+    REASON_BALANCED,
+    REASON_LOWERED,
+    REASON_SMALL_BATCH,
+    PolicyParams,
+    RoutingStats,
+    balancedness,
+    decide,
+    expert_ranges,
+    predicted_rank_costs,
+    rank_loads,
+)
+
+
+def stats(per_expert: list[tuple[int, int]], num_tokens: int = 4096) -> RoutingStats:
+    """(tokens, vision tokens) per expert."""
+    return RoutingStats(tuple(t for t, _ in per_expert), tuple(v for _, v in per_expert), num_tokens)
+
+
+# 8 experts on 4 ranks (2 each). Rank 1 is overloaded and vision-dominated; rank 3 is overloaded and text-heavy.
+VISION_HOT = stats([(100, 10), (100, 10), (400, 380), (200, 180), (100, 20), (100, 20), (150, 10), (150, 10)])
+TEXT_HOT = stats([(100, 50), (100, 50), (100, 60), (100, 60), (100, 60), (100, 60), (400, 40), (200, 20)])
+
+PARAMS = PolicyParams(policy="realb", low="fp8", ep_size=4, modality_threshold=0.7, batch_threshold=2048)
+
+
+def test_expert_ranges_match_contiguous_ep_sharding():
+    assert expert_ranges(8, 4) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert expert_ranges(8, 1) == [range(0, 8)]
+    with pytest.raises(ValueError, match="ep_size=3 must divide the number of experts \\(8\\)"):
+        expert_ranges(8, 3)
+
+
+def test_rank_loads_and_balancedness():
+    tokens, vision = rank_loads(VISION_HOT, 4)
+    assert tokens == [200, 600, 200, 300] and vision == [20, 560, 40, 20]
+    assert balancedness(tokens) == pytest.approx(325 / 600)
+    assert balancedness([0, 0]) == 1.0
+
+
+def test_below_batch_threshold_nothing_is_lowered():
+    d = decide(stats(list(zip(VISION_HOT.expert_tokens, VISION_HOT.expert_vision)), num_tokens=2047), PARAMS)
+    assert d.reason == REASON_SMALL_BATCH and d.all_high("bf16")
+
+
+def test_vision_heavy_overloaded_rank_is_lowered():
+    d = decide(VISION_HOT, PARAMS)
+    assert d.rank_precision == ("bf16", "fp8", "bf16", "bf16")
+    assert d.reason == REASON_LOWERED
+
+
+def test_text_heavy_overloaded_rank_stays_high_at_md_07():
+    d = decide(TEXT_HOT, PARAMS)
+    assert d.rank_precision == ("bf16",) * 4 and d.reason == REASON_BALANCED
+    # Without modality control (M_d = 0) the same rank is lowered: the paper's accuracy-costly ablation.
+    d0 = decide(TEXT_HOT, PolicyParams(**{**PARAMS.__dict__, "modality_threshold": 0.0}))
+    assert d0.rank_precision == ("bf16", "bf16", "bf16", "fp8")
+
+
+def test_eligible_rank_that_would_not_shorten_the_layer_stays_high():
+    # Ranks 0 and 1 are both overloaded and vision-heavy; rank 1 (400) is under rank 0's lowered time (600*0.78).
+    s = stats([(300, 300), (300, 300), (200, 200), (200, 200), (50, 0), (50, 0), (50, 0), (50, 0)])
+    d = decide(s, PolicyParams(policy="realb", low="fp8", ep_size=4, imbalance_threshold=0.1))
+    assert d.rank_precision == ("fp8", "bf16", "bf16", "bf16")
+
+
+def test_balanced_batch_lowers_nothing():
+    even = stats([(100, 100)] * 8)
+    assert decide(even, PARAMS).all_high("bf16")
+
+
+def test_single_rank_has_no_imbalance_to_fix():
+    d = decide(VISION_HOT, PolicyParams(**{**PARAMS.__dict__, "ep_size": 1}))
+    assert d.all_high("bf16")
+
+
+def test_imbalance_threshold_controls_what_counts_as_overloaded():
+    # Rank 1 is 600 / mean 325 = 1.85x the mean: lowered at 0.5, kept at 1.0.
+    assert decide(VISION_HOT, PolicyParams(**{**PARAMS.__dict__, "imbalance_threshold": 0.5})).rank_precision[1] == "fp8"
+    assert decide(VISION_HOT, PolicyParams(**{**PARAMS.__dict__, "imbalance_threshold": 1.0})).all_high("bf16")
+
+
+def test_expert_granularity_lowers_fewer_tokens_for_the_same_balance():
+    # Rank 1 = experts 2 (500 tokens) + 3 (100), both vision-dominated; the busiest other rank holds 300.
+    s = stats([(100, 10), (100, 10), (500, 480), (100, 90), (100, 20), (100, 20), (150, 10), (150, 10)])
+    params = PolicyParams(policy="realb", low="fp8", ep_size=4, low_cost_ratio=0.4)
+    rank = decide(s, params)
+    expert = decide(s, PolicyParams(**{**params.__dict__, "granularity": "expert"}))
+    assert rank.rank_precision[1] == "fp8"
+    assert expert.expert_precision[2:4] == ("fp8", "bf16") and expert.rank_precision[1] == "mixed"
+
+    def lowered(d):
+        return sum(t for t, p in zip(s.expert_tokens, d.expert_precision) if p != "bf16")
+
+    assert lowered(expert) == 500 < lowered(rank) == 600
+    # Same balance: the slowest rank's predicted time is 300 either way.
+    assert max(predicted_rank_costs(s, expert.expert_precision, params)) == pytest.approx(300)
+    assert max(predicted_rank_costs(s, rank.expert_precision, params)) == pytest.approx(300)
+
+
+def test_expert_granularity_stops_once_the_rank_reaches_the_next_rank():
+    # Rank 0 holds two equally hot vision experts; lowering one (cost 0.5) already reaches rank 1's load.
+    s = stats([(400, 400), (400, 400), (300, 30), (300, 30), (100, 0), (100, 0), (100, 0), (100, 0)])
+    params = PolicyParams(
+        policy="realb", low="fp8", ep_size=4, granularity="expert", low_cost_ratio=0.5, imbalance_threshold=0.5
+    )
+    d = decide(s, params)
+    assert d.expert_precision[:2] == ("fp8", "bf16")
+    assert max(predicted_rank_costs(s, d.expert_precision, params)) == pytest.approx(600)
+    rank_d = decide(s, PolicyParams(**{**params.__dict__, "granularity": "rank"}))
+    assert rank_d.expert_precision[:2] == ("fp8", "fp8")
+
+
+def test_static_all_low_and_off():
+    s = VISION_HOT
+    static = PolicyParams(policy="static", low="nvfp4", ep_size=4, rank_precisions=((0, "low"), (2, "mxfp4"), (3, "high")))
+    assert decide(s, static).rank_precision == ("nvfp4", "bf16", "mxfp4", "bf16")
+    assert decide(s, PolicyParams(policy="all_low", low="mxfp4", ep_size=4)).rank_precision == ("mxfp4",) * 4
+    assert decide(s, PolicyParams(policy="off", ep_size=4)).all_high("bf16")
+
+
+def test_decision_is_deterministic_and_pure():
+    assert decide(VISION_HOT, PARAMS) == decide(VISION_HOT, PARAMS)
+
+
+def test_cost_model_uses_measured_fp8_ratio_by_default():
+    assert PARAMS.cost_ratio == DEFAULT_LOW_COST_RATIO["fp8"]
+    costs = predicted_rank_costs(VISION_HOT, decide(VISION_HOT, PARAMS).expert_precision, PARAMS)
+    assert costs == pytest.approx([200, 600 * 0.78, 200, 300])
+
+
+def test_empty_layer_and_zero_token_experts():
+    empty = stats([(0, 0)] * 8, num_tokens=4096)
+    assert decide(empty, PARAMS).all_high("bf16")
+    one_expert = stats([(4096, 4096)] + [(0, 0)] * 7)
+    d = decide(one_expert, PARAMS)
+    assert d.rank_precision == ("fp8", "bf16", "bf16", "bf16")
+
+
+def test_routing_stats_validation():
+    with pytest.raises(ValueError, match="one entry per expert"):
+        RoutingStats((1, 2), (1,), 3)
+    with pytest.raises(ValueError, match="between 0 and expert_tokens"):
+        RoutingStats((1, 2), (2, 0), 3)

@@ -1,0 +1,93 @@
+"""save_pretrained -> from_pretrained in a fresh process restores ReaLB (and says what happens without it)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import torch
+from conftest import load_qwen
+from safetensors.torch import load_file
+
+import realb_hf
+from realb_hf.tiny import qwen3_vl_image_batch, tiny_qwen3_vl_moe_config
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import torch
+    {imports}
+    from transformers import AutoModelForImageTextToText
+
+    path, inputs, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    kwargs = {kwargs}
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, **kwargs).eval()
+    with torch.no_grad():
+        logits = model(**torch.load(inputs)).logits
+    torch.save(logits, out)
+    qc = getattr(model.config, "quantization_config", None)
+    print(json.dumps({{
+        "classes": sorted({{type(m).__name__ for n, m in model.named_modules() if n.endswith("experts")}}),
+        "config": qc.to_dict() if hasattr(qc, "to_dict") else qc,
+    }}))
+    """
+)
+
+
+def run_child(tmp_path, path, imports="import realb_hf", kwargs="{}"):
+    """Load `path` in a new interpreter (which imports realb_hf only through `imports`), run the tiny batch."""
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(imports=imports, kwargs=kwargs))
+    inputs, out = tmp_path / "inputs.pt", tmp_path / "logits.pt"
+    torch.save(qwen3_vl_image_batch(batch=2, config=tiny_qwen3_vl_moe_config()).kwargs, inputs)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(path), str(inputs), str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), torch.load(out), proc.stderr
+
+
+def test_save_and_reload_in_a_fresh_process(qwen_dir, qwen_batch, tmp_path):
+    config = dict(policy="all_low", low_precision="fp8", ep_size=2, modality_threshold=0.9)
+    model = load_qwen(qwen_dir, **config)
+    with torch.no_grad():
+        expected = model(**qwen_batch.kwargs).logits
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+
+    on_disk = json.loads((saved / "config.json").read_text())["quantization_config"]
+    assert on_disk == realb_hf.RealbConfig(**config).to_dict()
+    # Weights stay in the model dtype, under transformers' own names: the checkpoint equals the stock one.
+    tensors = load_file(saved / "model.safetensors")
+    stock = load_file(qwen_dir / "model.safetensors")
+    assert tensors.keys() == stock.keys() and all(torch.equal(tensors[k], stock[k]) for k in stock)
+
+    info, logits, _ = run_child(tmp_path, saved)
+    assert info["config"] == on_disk
+    assert info["classes"] == ["RealbQwen3VLMoeTextExperts"]
+    assert torch.equal(logits, expected)
+
+
+def test_reload_config_overrides_runtime_knobs(qwen_dir, tmp_path):
+    model = load_qwen(qwen_dir, policy="all_low", low_precision="fp8", ep_size=2)
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    info, _, _ = run_child(
+        tmp_path, saved, kwargs="{'quantization_config': __import__('realb_hf').RealbConfig(policy='off')}"
+    )
+    assert info["config"]["policy"] == "off"
+    assert info["config"]["ep_size"] == 2 and info["config"]["low_precision"] == "fp8"
+
+
+def test_reload_without_import_falls_back_to_the_stock_model(qwen_dir, qwen_batch, tmp_path):
+    """Documented behaviour: without `import realb_hf` transformers warns and loads plain bf16 experts."""
+    model = load_qwen(qwen_dir, policy="all_low", low_precision="fp8")
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    info, logits, stderr = run_child(tmp_path, saved, imports="")
+    assert info["classes"] == ["Qwen3VLMoeTextExperts"]
+    assert "Unknown quantization type, got realb" in stderr
+    assert "import realb_hf" not in CHILD.format(imports="", kwargs="{}")
+    with torch.no_grad():
+        stock = load_qwen(qwen_dir)(**qwen_batch.kwargs).logits
+    assert torch.equal(logits, stock)
