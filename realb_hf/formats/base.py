@@ -1,0 +1,39 @@
+"""The contract every compute precision implements.
+
+An expert group's GEMM is `out[rows of expert e] = x[rows of expert e] @ W[e].T` for the experts of one
+precision. Weights always arrive in the (E, N, K) "out x in" layout (the experts module transposes
+gpt_oss-style (E, K, N) weights before it asks for a conversion), so each format sees one layout.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+
+class PrecisionFormat(ABC):
+    """One compute precision: how to convert weights to it and how to run a grouped linear in it."""
+
+    name: str
+    bits: int
+
+    @abstractmethod
+    def is_native(self, device: torch.device) -> bool:
+        """True when `device` has kernels that make this format faster than bf16 (not just emulation)."""
+
+    @abstractmethod
+    def quantize_weight(self, weight: torch.Tensor) -> Any:
+        """Convert (E, N, K) high-precision expert weights to this format's packed form."""
+
+    @abstractmethod
+    def weight_nbytes(self, packed: Any) -> int:
+        """Bytes held by a packed weight (data + scales), for memory reports."""
+
+    @abstractmethod
+    def grouped_linear(self, x: torch.Tensor, packed: Any, offs: torch.Tensor) -> torch.Tensor:
+        """(S, K) rows sorted by expert, `offs` int32 cumulative row ends per expert -> (S, N) in x.dtype.
+
+        Rows of expert e are `x[offs[e-1]:offs[e]]`; S == offs[-1]. Empty groups are allowed.
+        """
