@@ -18,7 +18,9 @@ SOURCE_TYPE_IDS = "mm_token_type_ids"
 SOURCE_TOKEN_IDS = "input_ids"
 SOURCE_NONE = "none"  # only embeddings were given: every token counts as text
 
-_TYPE_ID_KEYS = ("mm_token_type_ids", "moe_mm_token_type_ids")
+# ERNIE-4.5-VL passes both; the moe_ variant (vision start/end tokens count as vision) is the one its
+# expert pools split rows by, so it must win.
+_TYPE_ID_KEYS = ("moe_mm_token_type_ids", "mm_token_type_ids")
 POOL_TEXT = "text"
 POOL_VISION = "vision"
 
