@@ -9,6 +9,8 @@ routing -> policy decision -> telemetry record -> if nothing is lowered, the sto
 from __future__ import annotations
 
 import torch
+from transformers.activations import SiLUActivation
+from transformers.integrations.moe import _default_apply_gate
 
 from .formats import get_format
 from .modality import TEXT
@@ -148,23 +150,23 @@ class RealbExperts(torch.nn.Module):
 
         key = row_code * num_experts + safe_ids
         key_sorted, perm = torch.sort(key, stable=True)
-        x = hidden_states[perm // top_k]
+        rows = perm // top_k  # token of each sorted row: formats gather (and may quantize) in one pass
         ids_sorted = safe_ids[perm]
         # rows per (format, expert); the sentinel block sits after every format's block.
         counts = torch.bincount(key_sorted, minlength=(len(formats) + 1) * num_experts)
         counts = counts[: len(formats) * num_experts].view(len(formats), num_experts)
         counts_host = counts.tolist()
 
-        out = x.new_zeros(ids.shape[0], hidden_states.shape[-1])
+        out = hidden_states.new_zeros(ids.shape[0], hidden_states.shape[-1])
         start = 0
         for code, fmt_name in enumerate(formats):
-            rows = sum(counts_host[code])
-            if rows == 0:
+            group_rows = sum(counts_host[code])
+            if group_rows == 0:
                 continue
             experts = [e for e in range(num_experts) if counts_host[code][e]]  # only experts with rows convert
-            end = start + rows
+            end = start + group_rows
             out[start:end] = self._realb_group(
-                get_format(fmt_name), fmt_name, x[start:end], ids_sorted[start:end], counts[code], experts
+                fmt_name, hidden_states, rows[start:end], ids_sorted[start:end], counts[code], experts
             )
             start = end
 
@@ -176,16 +178,34 @@ class RealbExperts(torch.nn.Module):
         return unsorted.view(num_tokens, top_k, hidden_states.shape[-1]).sum(dim=1).to(hidden_states.dtype)
 
     def _realb_group(
-        self, fmt, fmt_name: str, x: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, experts: list[int]
+        self,
+        fmt_name: str,
+        hidden: torch.Tensor,
+        rows: torch.Tensor,
+        ids: torch.Tensor,
+        counts: torch.Tensor,
+        experts: list[int],
     ) -> torch.Tensor:
-        """One precision's rows (sorted by expert) through both projections."""
+        """One precision's rows (sorted by expert; `rows` index `hidden`) through both projections."""
         first, down, full = self._realb_packed(fmt_name, experts)
         offs = torch.cumsum(counts if full else counts[experts], dim=0, dtype=torch.int32)
-        h = fmt.grouped_linear(x, first, offs)
-        if self.has_bias:
-            h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[ids]
-        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-        y = fmt.grouped_linear(h, down, offs)
+
+        def gate(h: torch.Tensor) -> torch.Tensor:
+            if self.has_bias:
+                h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[ids]
+            return self._apply_gate(h) if self.has_gate else self.act_fn(h)
+
+        y = get_format(fmt_name).expert_mlp(hidden, rows, first, down, offs, gate, self._realb_plain_swiglu())
         if self.has_bias:
             y = y + self.down_proj_bias[ids]
         return y
+
+    def _realb_plain_swiglu(self) -> bool:
+        """silu(gate) * up on a concatenated gate|up without bias: what fused SwiGLU kernels compute."""
+        return (
+            self.has_gate
+            and self.is_concatenated
+            and not self.has_bias
+            and type(self)._apply_gate is _default_apply_gate
+            and isinstance(getattr(self, "act_fn", None), (torch.nn.SiLU, SiLUActivation))
+        )

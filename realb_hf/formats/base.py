@@ -8,6 +8,7 @@ gpt_oss-style (E, K, N) weights before it asks for a conversion), so each format
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,3 +38,22 @@ class PrecisionFormat(ABC):
 
         Rows of expert e are `x[offs[e-1]:offs[e]]`; S == offs[-1]. Empty groups are allowed.
         """
+
+    def expert_mlp(
+        self,
+        hidden: torch.Tensor,
+        rows: torch.Tensor,
+        first: Any,
+        down: Any,
+        offs: torch.Tensor,
+        gate: Callable[[torch.Tensor], torch.Tensor],
+        fused_swiglu: bool = False,
+    ) -> torch.Tensor:
+        """A whole expert MLP on `hidden[rows]` (rows sorted by expert): first GEMM, `gate`, down GEMM.
+
+        `gate` maps the first projection's output to the down projection's input (bias, SwiGLU or the
+        model's own gating). `fused_swiglu` says that `gate` is plain SwiGLU on a concatenated gate|up with
+        no bias, which a format may replace by a fused kernel. Formats override this to fuse the gather.
+        """
+        h = self.grouped_linear(hidden[rows], first, offs)
+        return self.grouped_linear(gate(h), down, offs)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import fp8_triton
 from .base import PrecisionFormat
 from .capability import cuda_capability
 
@@ -117,7 +118,11 @@ class Fp8Format(PrecisionFormat):
         return cuda_capability(device) >= (8, 9)
 
     def quantize_weight(self, weight: torch.Tensor) -> Fp8Weight:
-        data, scale = quantize_rowwise(weight)
+        """bf16 -> fp8 conversion; on CUDA one bandwidth-bound Triton pass (bit-identical to the reference)."""
+        if fp8_triton.available(weight.device):
+            data, scale = fp8_triton.gather_quant_rows(weight)
+        else:
+            data, scale = quantize_rowwise(weight)
         return Fp8Weight(data=data.contiguous(), scale=scale)
 
     def weight_nbytes(self, packed: Fp8Weight) -> int:
@@ -133,20 +138,41 @@ class Fp8Format(PrecisionFormat):
         """
         if x.shape[0] == 0:
             return x.new_empty((0, packed.data.shape[1]))
-        xq, x_scale = quantize_rowwise(x)
-        capability = cuda_capability(x.device)
-        if capability >= (9, 0):
-            out = torch._scaled_grouped_mm(
-                xq,
-                packed.data.transpose(-2, -1),
-                scale_a=x_scale,
-                scale_b=packed.scale,
-                offs=offs,
-                out_dtype=torch.bfloat16,
-                use_fast_accum=True,
-            )
-        elif capability >= (8, 9):
-            out = _scaled_mm_loop(xq, x_scale, packed, offs, torch.bfloat16)
-        else:
-            out = scaled_grouped_mm_reference(xq, x_scale, packed, offs, torch.bfloat16)
-        return out.to(x.dtype)
+        xq, x_scale = fp8_triton.gather_quant_rows(x) if fp8_triton.available(x.device) else quantize_rowwise(x)
+        return _fp8_grouped_mm(xq, x_scale, packed, offs).to(x.dtype)
+
+    def expert_mlp(self, hidden, rows, first, down, offs, gate, fused_swiglu=False):
+        """On sm90 with Triton: gather+quantize in one pass, fp8 GEMM, SwiGLU+quantize in one pass, fp8 GEMM.
+
+        Elsewhere (or with a model-specific gate) the composed path of `PrecisionFormat.expert_mlp`.
+        """
+        if not (fused_swiglu and fp8_triton.available(hidden.device) and cuda_capability(hidden.device) >= (9, 0)):
+            return super().expert_mlp(hidden, rows, first, down, offs, gate, fused_swiglu)
+        if rows.numel() == 0:
+            return hidden.new_empty((0, down.data.shape[1]))
+        xq, x_scale = fp8_triton.gather_quant_rows(hidden, rows)
+        h = _fp8_grouped_mm(xq, x_scale, first, offs)
+        hq, h_scale = fp8_triton.swiglu_quant_rows(h)
+        return _fp8_grouped_mm(hq, h_scale, down, offs).to(hidden.dtype)
+
+
+def _fp8_grouped_mm(xq: torch.Tensor, x_scale: torch.Tensor, packed: Fp8Weight, offs: torch.Tensor) -> torch.Tensor:
+    """The rowwise-scaled fp8 grouped GEMM for this device, bf16 out.
+
+    sm90+: `torch._scaled_grouped_mm` with fast accumulation (its layout rules were checked on H100).
+    sm89: a per-expert `torch._scaled_mm` loop. Elsewhere: `scaled_grouped_mm_reference`.
+    """
+    capability = cuda_capability(xq.device)
+    if capability >= (9, 0):
+        return torch._scaled_grouped_mm(
+            xq,
+            packed.data.transpose(-2, -1),
+            scale_a=x_scale,
+            scale_b=packed.scale,
+            offs=offs,
+            out_dtype=torch.bfloat16,
+            use_fast_accum=True,
+        )
+    if capability >= (8, 9):
+        return _scaled_mm_loop(xq, x_scale, packed, offs, torch.bfloat16)
+    return scaled_grouped_mm_reference(xq, x_scale, packed, offs, torch.bfloat16)
