@@ -61,14 +61,25 @@ def make_record(
 
 @dataclass
 class Telemetry:
-    """Records of one model; `enabled=False` keeps decisions running but stores nothing."""
+    """Records of one model; `enabled=False` keeps decisions running but stores nothing.
+
+    Layers whose decision did not need the routing counts on the host (policy off/static/all_low, or a batch
+    under the threshold) hand in their counts as a device tensor; they are read (one sync) only when the
+    records are, so telemetry adds no host sync to the serving path.
+    """
 
     enabled: bool = True
     max_records: int | None = 100_000  # oldest records are dropped beyond this (long-running servers)
-    records: list[LayerRecord] = field(default_factory=list)
     forwards: int = 0
     dropped: int = 0
     extra_memory_bytes: int = 0  # persistent low-precision weight copies
+    _records: list[LayerRecord] = field(default_factory=list, repr=False)
+    _pending: list[tuple] = field(default_factory=list, repr=False)
+
+    @property
+    def records(self) -> list[LayerRecord]:
+        self._flush()
+        return self._records
 
     def next_forward(self) -> None:
         self.forwards += 1
@@ -76,14 +87,39 @@ class Telemetry:
     def add(self, record: LayerRecord) -> None:
         if not self.enabled:
             return
-        self.records.append(record)
-        if self.max_records is not None and len(self.records) > self.max_records:
-            excess = len(self.records) - self.max_records
-            del self.records[:excess]
+        self._flush()
+        self._append(record)
+
+    def add_deferred(
+        self,
+        layer: str,
+        counts: Any,
+        num_tokens: int,
+        decision: Decision,
+        params: PolicyParams,
+        modality_source: str,
+    ) -> None:
+        """Like `add`, from `counts` = (2, experts) tokens / vision tokens still on the device."""
+        if self.enabled:
+            self._pending.append((self.forwards, layer, counts, num_tokens, decision, params, modality_source))
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for forward, layer, counts, num_tokens, decision, params, source in pending:
+            tokens, vision = counts.tolist()
+            stats = RoutingStats(tuple(tokens), tuple(vision), num_tokens)
+            self._append(make_record(forward, layer, stats, decision, params, source))
+
+    def _append(self, record: LayerRecord) -> None:
+        self._records.append(record)
+        if self.max_records is not None and len(self._records) > self.max_records:
+            excess = len(self._records) - self.max_records
+            del self._records[:excess]
             self.dropped += excess
 
     def reset(self) -> None:
-        self.records.clear()
+        self._records.clear()
+        self._pending.clear()
         self.forwards = 0
         self.dropped = 0
 

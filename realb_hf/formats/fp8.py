@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import fp8_triton
 from .base import PrecisionFormat
 from .capability import cuda_capability
 
@@ -119,6 +118,8 @@ class Fp8Format(PrecisionFormat):
 
     def quantize_weight(self, weight: torch.Tensor) -> Fp8Weight:
         """bf16 -> fp8 conversion; on CUDA one bandwidth-bound Triton pass (bit-identical to the reference)."""
+        from ..kernels import fp8_triton  # imports this module: load it lazily
+
         if fp8_triton.available(weight.device):
             data, scale = fp8_triton.gather_quant_rows(weight)
         else:
@@ -138,6 +139,8 @@ class Fp8Format(PrecisionFormat):
         """
         if x.shape[0] == 0:
             return x.new_empty((0, packed.data.shape[1]))
+        from ..kernels import fp8_triton
+
         xq, x_scale = fp8_triton.gather_quant_rows(x) if fp8_triton.available(x.device) else quantize_rowwise(x)
         return _fp8_grouped_mm(xq, x_scale, packed, offs).to(x.dtype)
 
@@ -146,6 +149,8 @@ class Fp8Format(PrecisionFormat):
 
         Elsewhere (or with a model-specific gate) the composed path of `PrecisionFormat.expert_mlp`.
         """
+        from ..kernels import fp8_triton
+
         if not (fused_swiglu and fp8_triton.available(hidden.device) and cuda_capability(hidden.device) >= (9, 0)):
             return super().expert_mlp(hidden, rows, first, down, offs, gate, fused_swiglu)
         if rows.numel() == 0:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ..formats.fp8 import AMAX_EPS, FP8_MAX, INV_FP8_MAX
+
 try:
     import triton
     import triton.language as tl
@@ -24,9 +26,6 @@ except ImportError:  # CPU-only installs: the reference path in formats/fp8.py i
     triton = None
     tl = None
 
-FP8_MAX = 448.0
-INV_FP8_MAX = 1.0 / FP8_MAX
-AMAX_EPS = 1e-12
 
 
 def available(device: torch.device) -> bool:
@@ -35,6 +34,9 @@ def available(device: torch.device) -> bool:
 
 
 if triton is not None:
+    _MAX = tl.constexpr(FP8_MAX)
+    _INV_MAX = tl.constexpr(INV_FP8_MAX)
+    _EPS = tl.constexpr(AMAX_EPS)
 
     @triton.jit
     def _quant_rows_kernel(
@@ -54,8 +56,8 @@ if triton is not None:
         mask = cols < K
         x = tl.load(src_ptr + src_row * src_stride + cols, mask=mask, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=0)
-        scale = tl.maximum(amax, AMAX_EPS) * INV_FP8_MAX
-        q = tl.clamp(tl.div_rn(x, scale), -FP8_MAX, FP8_MAX)
+        scale = tl.maximum(amax, _EPS) * _INV_MAX
+        q = tl.clamp(tl.div_rn(x, scale), -_MAX, _MAX)
         tl.store(out_ptr + row * out_stride + cols, q.to(tl.float8e4nv), mask=mask)
         tl.store(scale_ptr + row, scale)
 
@@ -68,8 +70,8 @@ if triton is not None:
         up = tl.load(h_ptr + row * h_stride + inter + cols, mask=mask, other=0.0).to(tl.float32)
         act = gate * tl.sigmoid(gate) * up
         amax = tl.max(tl.abs(act), axis=0)
-        scale = tl.maximum(amax, AMAX_EPS) * INV_FP8_MAX
-        q = tl.clamp(tl.div_rn(act, scale), -FP8_MAX, FP8_MAX)
+        scale = tl.maximum(amax, _EPS) * _INV_MAX
+        q = tl.clamp(tl.div_rn(act, scale), -_MAX, _MAX)
         tl.store(out_ptr + row * out_stride + cols, q.to(tl.float8e4nv), mask=mask)
         tl.store(scale_ptr + row, scale)
 

@@ -1,0 +1,146 @@
+"""Hot-rank expert compute: one EP rank's whole experts forward, stock bf16 vs ReaLB fp8, side by side.
+
+The rank holds `local_experts` experts of a real model's dimensions and receives `tokens` tokens, each
+routed to `top_k` of its experts (the straggler of a vision-skewed batch). Every variant runs the full
+experts forward (sort, gather, both GEMMs, activation, weighted combine), quantization included.
+
+    python -m realb_hf.bench.hot_rank --out out/hot_rank.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+
+import torch
+
+PRESETS = {
+    # Qwen3-VL-30B-A3B: hidden 2048, moe_intermediate 768, 128 experts, top-8; EP=4 -> 32 experts per rank.
+    "qwen3-vl-30b-a3b": dict(hidden=2048, inter=768, local_experts=32, top_k=8),
+    # DeepSeek-V2-style experts as in DeepSeek-VL2-Small (hidden 2560, moe_intermediate 1536, 64 routed, top-6); EP=4.
+    "deepseek-vl2-small": dict(hidden=2560, inter=1536, local_experts=16, top_k=6),
+}
+
+
+def build_experts(hidden: int, inter: int, local_experts: int, device: torch.device):
+    from transformers import Qwen3VLMoeTextConfig
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
+
+    config = Qwen3VLMoeTextConfig(hidden_size=hidden, moe_intermediate_size=inter, num_experts=local_experts)
+    config._experts_implementation = "grouped_mm"
+    module = Qwen3VLMoeTextExperts(config).to(device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        module.gate_up_proj.normal_(0, hidden**-0.5)
+        module.down_proj.normal_(0, inter**-0.5)
+    return module.eval()
+
+
+def routing(tokens: int, local_experts: int, top_k: int, hidden: int, device: torch.device, seed: int):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    scores = torch.rand(tokens, local_experts, generator=gen)
+    index = scores.topk(top_k, dim=-1).indices.to(device)
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=gen), -1).to(device, torch.bfloat16)
+    x = torch.randn(tokens, hidden, generator=gen).to(device, torch.bfloat16)
+    return x, index, weights
+
+
+def time_ms(fn, inputs: list, warmup: int = 5, repeats: int = 30) -> float:
+    """Median milliseconds over `repeats` calls, rotating through `inputs` (CUDA events, or wall clock)."""
+    cuda = torch.cuda.is_available()
+    for i in range(warmup):
+        fn(*inputs[i % len(inputs)])
+    times = []
+    for i in range(repeats):
+        args = inputs[i % len(inputs)]
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn(*args)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            fn(*args)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def realb_variant(module, **config_kwargs):
+    """A copy of `module` converted to RealbExperts with its own runtime (no model around it)."""
+    import copy
+
+    from realb_hf import RealbConfig
+    from realb_hf.experts import realb_class_for
+    from realb_hf.runtime import RealbRuntime
+
+    clone = copy.deepcopy(module)
+    clone.__class__ = realb_class_for(type(module))
+    runtime = RealbRuntime(config=RealbConfig(**config_kwargs))
+    runtime.telemetry.enabled = False
+    clone.realb_attach(runtime, "bench.experts")
+    return clone
+
+
+def run(preset: str, tokens_list: list[int], device: torch.device, seed: int = 0) -> dict:
+    dims = PRESETS[preset]
+    stock = build_experts(dims["hidden"], dims["inter"], dims["local_experts"], device)
+    variants = {
+        "stock bf16 (grouped_mm)": stock,
+        "realb policy=off": realb_variant(stock, policy="off"),
+        "realb fp8 persistent (fused kernels)": realb_variant(stock, policy="all_low", low_precision="fp8", weight_cache="persistent"),
+        "realb fp8 on_the_fly (conversion included)": realb_variant(stock, policy="all_low", low_precision="fp8"),
+    }
+    unfused = realb_variant(stock, policy="all_low", low_precision="fp8", weight_cache="persistent")
+    unfused._realb_plain_swiglu = lambda: False  # composed path: separate quant kernels, eager SwiGLU
+    variants["realb fp8 persistent (unfused reference path)"] = unfused
+
+    rows = []
+    for tokens in tokens_list:
+        inputs = [routing(tokens, dims["local_experts"], dims["top_k"], dims["hidden"], device, seed + i) for i in range(3)]
+        with torch.no_grad():
+            reference = stock(*inputs[0]).float()
+            base = None
+            for name, module in variants.items():
+                out = module(*inputs[0]).float()
+                err = ((out - reference).norm() / reference.norm()).item()
+                ms = time_ms(module, inputs)
+                base = base or ms
+                rows.append(dict(tokens=tokens, rows=tokens * dims["top_k"], variant=name, ms=ms, speedup=base / ms, rel_err=err))
+                print(f"{tokens:>6} tok  {name:<48} {ms:8.3f} ms  {base / ms:5.2f}x  err {err:.4f}", flush=True)
+    return dict(preset=preset, dims=dims, results=rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="qwen3-vl-30b-a3b")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 2048, 8192])
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = run(args.preset, args.tokens, device)
+    result.update(
+        device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        torch=torch.__version__,
+        date=datetime.date.today().isoformat(),
+        command=" ".join([sys.executable, "-m", "realb_hf.bench.hot_rank", *(argv or sys.argv[1:])]),
+    )
+    print("\n| tokens | variant | ms | speedup vs stock | rel. error |\n|---|---|---|---|---|")
+    for r in result["results"]:
+        print(f"| {r['tokens']} | {r['variant']} | {r['ms']:.3f} | {r['speedup']:.2f}x | {r['rel_err']:.4f} |")
+    print(f"\n{result['device']}, torch {result['torch']}, {result['date']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

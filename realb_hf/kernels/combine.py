@@ -1,0 +1,61 @@
+"""Weighted top-k combine: `out[t] = sum_k w[t, k] * y[pos[t, k]]` in one pass.
+
+The experts' rows come out sorted by (precision, expert); every token must gather its top-k rows back,
+weight them and add them up. Done with torch ops that is a scatter (or gather) of the whole (S, H) matrix,
+a multiply and a reduction: three passes over S x H. On CUDA one Triton program per token reads its k
+rows once and accumulates in fp32. Slots whose position is < 0 (other EP ranks' experts) contribute 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+    tl = None
+
+
+def weighted_combine_reference(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Pure torch: `y (S, H)`, `pos (T, k)` int64 row of each slot in y (or -1), `weights (T, k)` -> (T, H)."""
+    valid = pos >= 0
+    rows = y[pos.clamp(min=0)].float()  # (T, k, H)
+    w = torch.where(valid, weights.float(), torch.zeros_like(weights, dtype=torch.float32))
+    rows = torch.where(valid.unsqueeze(-1), rows, torch.zeros_like(rows))  # never 0 * NaN from unused rows
+    return (rows * w.unsqueeze(-1)).sum(dim=1).to(y.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _combine_kernel(y_ptr, pos_ptr, w_ptr, out_ptr, H, y_stride, out_stride, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1)
+        cols = chunk * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < H
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in tl.static_range(TOP_K):
+            p = tl.load(pos_ptr + token * TOP_K + k)
+            w = tl.load(w_ptr + token * TOP_K + k).to(tl.float32)
+            row = tl.load(y_ptr + tl.maximum(p, 0) * y_stride + cols, mask=mask & (p >= 0), other=0.0)
+            acc += row.to(tl.float32) * w
+        tl.store(out_ptr + token * out_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def weighted_combine(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`weighted_combine_reference`, as one Triton kernel on CUDA."""
+    if triton is None or y.device.type != "cuda":
+        return weighted_combine_reference(y, pos, weights)
+    num_tokens, top_k = pos.shape
+    hidden = y.shape[-1]
+    out = torch.empty(num_tokens, hidden, dtype=y.dtype, device=y.device)
+    if num_tokens:
+        block = min(1024, triton.next_power_of_2(hidden))
+        grid = (num_tokens, triton.cdiv(hidden, block))
+        _combine_kernel[grid](
+            y, pos.contiguous(), weights.contiguous(), out, hidden, y.stride(0), out.stride(0), TOP_K=top_k,
+            BLOCK=block, num_warps=4,
+        )
+    return out

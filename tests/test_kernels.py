@@ -1,0 +1,69 @@
+"""Fused fp8 kernels against their pure-torch references (CUDA only; CPU always runs the references)."""
+
+import pytest
+import torch
+
+from realb_hf.formats import get_format
+from realb_hf.formats.fp8 import Fp8Weight, quantize_rowwise
+from realb_hf.kernels import fp8_triton
+
+cuda = pytest.mark.cuda
+
+
+def test_kernels_report_unavailable_on_cpu():
+    assert not fp8_triton.available(torch.device("cpu"))
+
+
+@cuda
+@pytest.mark.parametrize("k", [96, 2048, 2560, 7168])
+def test_gather_quant_is_bit_identical_to_reference(k):
+    x = torch.randn(300, k, device="cuda", dtype=torch.bfloat16) * torch.rand(300, 1, device="cuda") * 10
+    x[5] = 0
+    index = torch.randint(0, 300, (517,), device="cuda")
+    data, scale = fp8_triton.gather_quant_rows(x, index)
+    ref_data, ref_scale = quantize_rowwise(x[index])
+    assert torch.equal(scale, ref_scale)
+    assert torch.equal(data.view(torch.uint8), ref_data.view(torch.uint8))
+
+
+@cuda
+def test_weight_conversion_is_bit_identical_and_keeps_shape():
+    w = torch.randn(4, 96, 64, device="cuda", dtype=torch.bfloat16)
+    data, scale = fp8_triton.gather_quant_rows(w)
+    ref_data, ref_scale = quantize_rowwise(w)
+    assert data.shape == w.shape and scale.shape == w.shape[:2]
+    assert torch.equal(scale, ref_scale) and torch.equal(data.view(torch.uint8), ref_data.view(torch.uint8))
+
+
+@cuda
+def test_swiglu_quant_matches_eager_within_bf16_rounding():
+    h = torch.randn(257, 2 * 768, device="cuda", dtype=torch.bfloat16) * 3
+    data, scale = fp8_triton.swiglu_quant_rows(h)
+    gate, up = h.chunk(2, dim=-1)
+    act = torch.nn.functional.silu(gate) * up
+    got = data.float() * scale[:, None]
+    assert ((got - act.float()).norm() / act.float().norm()).item() < 0.04
+    ref_data, ref_scale = quantize_rowwise(act)
+    assert torch.allclose(scale, ref_scale, rtol=1e-2)
+
+
+@cuda
+def test_fused_expert_mlp_matches_composed_path():
+    fmt = get_format("fp8")
+    e, hidden, inter, rows = 8, 256, 192, 1000
+    first = fmt.quantize_weight(torch.randn(e, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.05)
+    down = fmt.quantize_weight(torch.randn(e, hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.05)
+    assert isinstance(first, Fp8Weight)
+    x = torch.randn(400, hidden, device="cuda", dtype=torch.bfloat16)
+    src = torch.randint(0, 400, (rows,), device="cuda")
+    counts = torch.tensor([0, 300, 100, 0, 250, 50, 300, 0], device="cuda")
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+
+    def gate(h):
+        g, u = h.chunk(2, dim=-1)
+        return torch.nn.functional.silu(g) * u
+
+    fused = fmt.expert_mlp(x, src, first, down, offs, gate, fused_swiglu=True)
+    composed = fmt.expert_mlp(x, src, first, down, offs, gate, fused_swiglu=False)
+    assert fused.shape == (rows, hidden)
+    assert ((fused.float() - composed.float()).norm() / composed.float().norm()).item() < 0.02
