@@ -1,0 +1,26 @@
+"""Workloads and benchmarks for ReaLB.
+
+- `workload`: synthetic vision-skewed routing (`WorkloadSpec`, `generate`, `workload_for_skew`, `rank_load`).
+- `trace`: record a real model's routing in one call (`record_trace`) and replay it (`Trace`, `replay_routing`).
+- `layer`: one MoE experts layer of a real model under virtual EP (`run_layer_bench`).
+- `model`: end-to-end prefill of a whole model (`run_model_bench`).
+- `report`: environment record, markdown, JSON/plot files.
+
+Command line: `python -m realb_hf.bench {layer,model,trace-info} --help`.
+"""
+
+from .trace import Trace, TraceRecorder, record_trace, replay_routing
+from .workload import RankLoad, Workload, WorkloadSpec, generate, rank_load, workload_for_skew
+
+__all__ = [
+    "RankLoad",
+    "Trace",
+    "TraceRecorder",
+    "Workload",
+    "WorkloadSpec",
+    "generate",
+    "rank_load",
+    "record_trace",
+    "replay_routing",
+    "workload_for_skew",
+]

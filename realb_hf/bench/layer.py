@@ -1,0 +1,816 @@
+"""One MoE experts layer of a real model, under virtual expert parallelism: stock bf16 vs ReaLB vs all-low.
+
+Latency model (printed with every result):
+
+- The layer's E experts are split into `ep` contiguous blocks, exactly as transformers' EP shards them.
+  Rank r is a separate experts module holding only its block (weight slices, `num_experts` = local count)
+  and is called on exactly the rows a real EP rank's experts compute:
+  * `all_to_all` (default; transformers' `AllToAllEP`): one row per (token, expert) pair routed to rank r,
+    sorted by local expert id, top-1 with unit weights (routing weights are applied at combine, outside).
+  * `all_reduce` (transformers' `AllReduceEP`, inference default when the EP group shares the batch): all T
+    tokens, top-k local ids with other ranks' experts as the sentinel id and weight 0.
+  With ep=1 the single module gets the layer's own (T, k) routing.
+- Per-rank time = the median time of that module call (the whole experts forward: sort, gather, GEMMs,
+  activation, and for ReaLB its routing statistics, decision, host sync and, with `on_the_fly`, the
+  conversion of the lowered experts' weights). Layer EP latency = max over ranks: the slowest rank decides
+  when the combine can finish. Not included: router, dispatch/combine communication, shared experts.
+  The paper hides on-the-fly conversion inside the dispatch; here it is counted in full on the rank
+  (`convert_ms` reports its share, so it can be subtracted where the dispatch is long enough to hide it).
+- ReaLB's decision comes from the global routing (`realb_hf.decide` with ep_size=ep), as every real rank
+  computes it. A ReaLB rank's timed call is what realb_hf.distributed runs per layer: global routing counts
+  (one host sync) -> decide -> telemetry record -> `RealbExperts.realb_run_local` on the rank's rows. (If
+  RealbExperts lacks that entry point, the rank module's own forward runs a `policy="static"` per-rank
+  config that reproduces the global decision; the result JSON says which in `realb_rank_call`.)
+- oracle_bf16: the same total pairs spread perfectly evenly over ranks and experts, stock bf16: the bound
+  any load balancer could reach without lowering precision.
+
+GPU timing: CUDA events around each call (no synchronisation between calls, so the stock path's launches
+overlap as they do inside a model), warmup, median of `repeats`, rotating among `input_sets` different
+hidden-state tensors. CPU: time.perf_counter with the same structure (a smoke test only).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import RealbConfig
+from ..formats import get_format
+from ..policy import Decision, PolicyParams, RoutingStats, decide, expert_ranges
+from ..quantizer import replace_with_realb_experts
+from ..runtime import RealbRuntime
+from ..telemetry import Telemetry, make_record
+from .workload import Workload, uniform_pairs
+
+LATENCY_MODEL = (
+    "Virtual EP on one device: the experts are split into `ep` contiguous blocks (as transformers' EP shards "
+    "them); each rank is a separate experts module holding only its block, called on exactly the rows a real EP "
+    "rank computes ({form}). Per-rank time = median of that call (ReaLB's routing stats, decision, host sync and "
+    "on-the-fly weight conversion included). Layer EP latency = max over ranks. Excluded: router, dispatch/combine "
+    "communication, shared experts. oracle_bf16 = the same total work spread perfectly evenly over ranks and "
+    "experts in bf16 (the best any load balancer could do without lowering precision)."
+)
+EP_FORMS = ("all_to_all", "all_reduce")
+
+
+# ---- presets -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerPreset:
+    name: str
+    family: str  # "qwen3_vl_moe" | "deepseek_v2": which transformers experts class
+    hidden: int
+    intermediate: int  # moe_intermediate_size
+    num_experts: int
+    top_k: int
+    source: str
+
+    def config(self):
+        if self.family == "qwen3_vl_moe":
+            from transformers import Qwen3VLMoeTextConfig
+
+            config = Qwen3VLMoeTextConfig(
+                hidden_size=self.hidden,
+                moe_intermediate_size=self.intermediate,
+                num_experts=self.num_experts,
+                num_experts_per_tok=self.top_k,
+                hidden_act="silu",
+            )
+        elif self.family == "deepseek_v2":
+            from transformers import DeepseekV2Config
+
+            config = DeepseekV2Config(
+                hidden_size=self.hidden,
+                moe_intermediate_size=self.intermediate,
+                n_routed_experts=self.num_experts,
+                num_experts_per_tok=self.top_k,
+                hidden_act="silu",
+            )
+        else:
+            raise ValueError(f"unknown family {self.family!r}")
+        config._experts_implementation = "grouped_mm"  # transformers' default inside a model
+        return config
+
+    def experts_class(self) -> type:
+        if self.family == "qwen3_vl_moe":
+            from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
+
+            return Qwen3VLMoeTextExperts
+        from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
+
+        return DeepseekV2Experts
+
+
+PRESETS: dict[str, LayerPreset] = {
+    "qwen3-vl-30b-a3b": LayerPreset(
+        "qwen3-vl-30b-a3b",
+        "qwen3_vl_moe",
+        2048,
+        768,
+        128,
+        8,
+        "Qwen/Qwen3-VL-30B-A3B-Instruct text_config (Qwen3VLMoeTextExperts)",
+    ),
+    "deepseek-vl2-small": LayerPreset(
+        "deepseek-vl2-small",
+        "deepseek_v2",
+        2048,
+        1408,
+        64,
+        6,
+        "deepseek-ai/deepseek-vl2-small language_config = DeepSeekMoE-16B: hidden 2048, moe_intermediate 1408, "
+        "64 routed experts (+2 shared, not benchmarked), top-6 (DeepseekV2Experts)",
+    ),
+    "deepseek-vl2": LayerPreset(
+        "deepseek-vl2",
+        "deepseek_v2",
+        2560,
+        1536,
+        72,
+        6,
+        "deepseek-ai/deepseek-vl2 language_config = DeepSeekMoE-27B: hidden 2560, moe_intermediate 1536, "
+        "72 routed experts (+2 shared, not benchmarked), top-6 (DeepseekV2Experts)",
+    ),
+    "tiny": LayerPreset("tiny", "qwen3_vl_moe", 64, 96, 16, 4, "CPU test size"),
+}
+ALIASES = {"deepseek-v2-vl": "deepseek-vl2-small"}
+
+
+def get_preset(name: str) -> LayerPreset:
+    name = ALIASES.get(name, name)
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS) + sorted(ALIASES)}")
+    return PRESETS[name]
+
+
+def build_experts(
+    preset: LayerPreset, device: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> torch.nn.Module:
+    """The stock transformers experts module of `preset`, random weights allocated directly on `device`."""
+    config = preset.config()
+    with torch.device("meta"):
+        module = preset.experts_class()(config)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name in ("gate_up_proj", "down_proj"):
+        shape = getattr(module, name).shape
+        fan_in = shape[-1]
+        weight = torch.randn(shape, device=device, dtype=dtype, generator=gen) * fan_in**-0.5
+        setattr(module, name, torch.nn.Parameter(weight, requires_grad=False))
+    return module.eval()
+
+
+def rank_module(full: torch.nn.Module, lo: int, hi: int, expert_parallel: bool) -> torch.nn.Module:
+    """A stock experts module holding experts [lo, hi) of `full` (weight views, no copy), as one EP rank holds them."""
+    with torch.device("meta"):
+        module = type(full)(full.config)
+    module.num_experts = hi - lo
+    for name in ("gate_up_proj", "down_proj"):
+        setattr(module, name, torch.nn.Parameter(getattr(full, name)[lo:hi], requires_grad=False))
+    module._is_expert_parallel = expert_parallel  # what transformers' EP sharding sets on every rank
+    return module.eval()
+
+
+class _Holder(torch.nn.Module):
+    """The smallest "model" `replace_with_realb_experts` converts: one `experts` child."""
+
+    def __init__(self, experts: torch.nn.Module):
+        super().__init__()
+        self.experts = experts
+        self.config = experts.config
+
+
+def to_realb(module: torch.nn.Module, config: RealbConfig) -> tuple[torch.nn.Module, RealbRuntime]:
+    """Convert one experts module in place with its own runtime (telemetry off: the bench reads the decision)."""
+    runtime = RealbRuntime(config=config, telemetry=Telemetry(enabled=False))
+    replace_with_realb_experts(_Holder(module), config, runtime)
+    return module, runtime
+
+
+# ---- variants ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: str  # "stock" | "realb" | "oracle"
+    policy: str = "off"
+    granularity: str = "rank"
+    weight_cache: str = "on_the_fly"
+    description: str = ""
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("stock_bf16", "stock", description="transformers' own experts forward (grouped_mm) in bf16"),
+        Variant(
+            "realb_rank_otf",
+            "realb",
+            "realb",
+            "rank",
+            "on_the_fly",
+            "ReaLB, whole overloaded vision ranks lowered, weights converted every call",
+        ),
+        Variant(
+            "realb_rank_persistent",
+            "realb",
+            "realb",
+            "rank",
+            "persistent",
+            "ReaLB, whole ranks, low-precision weight copies kept (extra memory)",
+        ),
+        Variant(
+            "realb_expert_otf",
+            "realb",
+            "realb",
+            "expert",
+            "on_the_fly",
+            "ReaLB, hottest vision experts of overloaded ranks lowered, converted every call",
+        ),
+        Variant(
+            "realb_expert_persistent",
+            "realb",
+            "realb",
+            "expert",
+            "persistent",
+            "ReaLB, expert granularity, weight copies kept",
+        ),
+        Variant(
+            "all_low",
+            "realb",
+            "all_low",
+            "rank",
+            "persistent",
+            "every expert low (fp8 everywhere on Hopper), weights converted once: a pre-quantized model",
+        ),
+        Variant(
+            "all_low_otf", "realb", "all_low", "rank", "on_the_fly", "every expert low, weights converted every call"
+        ),
+        Variant("oracle_bf16", "oracle", description="same total work spread perfectly evenly over ranks, bf16"),
+    )
+}
+DEFAULT_VARIANTS = (
+    "stock_bf16",
+    "realb_rank_otf",
+    "realb_rank_persistent",
+    "realb_expert_otf",
+    "realb_expert_persistent",
+    "all_low",
+    "oracle_bf16",
+)
+
+
+@dataclass
+class LayerBenchSettings:
+    preset: str = "qwen3-vl-30b-a3b"
+    ep_sizes: Sequence[int] = (1, 2, 4, 8)
+    variants: Sequence[str] = DEFAULT_VARIANTS
+    ep_form: str = "all_to_all"
+    low_precision: str = "auto"
+    modality_threshold: float = 0.7
+    batch_threshold: int = 2048
+    imbalance_threshold: float = 0.1
+    low_cost_ratio: float | None = None
+    warmup: int = 5
+    repeats: int = 20
+    input_sets: int = 3
+    seed: int = 0
+    dtype: str = "bfloat16"
+    device: str | None = None  # None: cuda if available
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+        if self.ep_form not in EP_FORMS:
+            raise ValueError(f"ep_form must be one of {EP_FORMS}, got {self.ep_form!r}")
+        if self.repeats < 1 or self.warmup < 0 or self.input_sets < 1:
+            raise ValueError("repeats >= 1, warmup >= 0 and input_sets >= 1 are required")
+        if "stock_bf16" not in self.variants:
+            self.variants = ("stock_bf16", *self.variants)  # every speedup is relative to it
+
+    def realb_config(self, variant: Variant, ep_size: int) -> RealbConfig:
+        return RealbConfig(
+            policy=variant.policy,
+            granularity=variant.granularity,
+            weight_cache=variant.weight_cache,
+            ep_size=ep_size,
+            low_precision=self.low_precision,
+            modality_threshold=self.modality_threshold,
+            batch_threshold=self.batch_threshold,
+            imbalance_threshold=self.imbalance_threshold,
+            low_cost_ratio=self.low_cost_ratio,
+        )
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# ---- timing --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    first_ms: float  # first warmup call (persistent caches are built there)
+    samples: int
+
+
+def time_calls(fn: Callable, inputs: Sequence[tuple], warmup: int, repeats: int, device: torch.device) -> Timing:
+    """Median over `repeats` calls of `fn(*inputs[i % len(inputs)])`, after `warmup` calls."""
+    cuda = device.type == "cuda"
+    n = len(inputs)
+    first = None
+    if cuda:
+        torch.cuda.synchronize(device)
+    for i in range(max(warmup, 1)):
+        t0 = time.perf_counter()
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn(*inputs[i % n])
+            e.record()
+            if first is None:
+                torch.cuda.synchronize(device)
+                first = s.elapsed_time(e)
+        else:
+            fn(*inputs[i % n])
+            if first is None:
+                first = (time.perf_counter() - t0) * 1e3
+    if cuda:
+        torch.cuda.synchronize(device)
+        events = []
+        for i in range(repeats):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn(*inputs[i % n])
+            e.record()
+            events.append((s, e))
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) for s, e in events]
+    else:
+        times = []
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            fn(*inputs[i % n])
+            times.append((time.perf_counter() - t0) * 1e3)
+    return Timing(statistics.median(times), min(times), max(times), float(first), len(times))
+
+
+class _Memory:
+    """Peak bytes allocated above the level at entry (CUDA only; zeros elsewhere)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> _Memory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+
+
+# ---- rank inputs ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RankInputs:
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # one per input set
+    modality: torch.Tensor  # (rows,) int8 of the rows the module receives
+    pairs: int
+    vision_pairs: int
+    expert_rows: torch.Tensor  # (local experts,) pairs per local expert (CPU)
+
+
+def rank_inputs(
+    workload: Workload, hidden_sets: Sequence[torch.Tensor], rank: int, ep_size: int, form: str
+) -> RankInputs:
+    """The experts call of `rank` for every hidden-state set (see the module docstring for the forms)."""
+    e_local = workload.num_experts // ep_size
+    lo = rank * e_local
+    index, weights, modality = workload.top_k_index, workload.top_k_weights, workload.modality
+    top_k = index.shape[1]
+    flat = index.reshape(-1)
+    on_rank = (flat >= lo) & (flat < lo + e_local)
+    vision_slots = (modality != 0).repeat_interleave(top_k)
+    pairs = int(on_rank.sum())
+    vision_pairs = int((on_rank & vision_slots).sum())
+    expert_rows = torch.bincount((flat[on_rank] - lo).cpu(), minlength=e_local)
+    dtype = hidden_sets[0].dtype
+    if ep_size == 1:
+        calls = [(h, index, weights.to(dtype)) for h in hidden_sets]
+        return RankInputs(calls, modality, pairs, vision_pairs, expert_rows)
+    if form == "all_reduce":
+        local = torch.where(on_rank, flat - lo, torch.full_like(flat, e_local)).view_as(index)
+        masked = weights.to(dtype).masked_fill(~on_rank.view_as(index), 0.0)
+        calls = [(h, local, masked) for h in hidden_sets]
+        return RankInputs(calls, modality, pairs, vision_pairs, expert_rows)
+    slots = on_rank.nonzero().squeeze(1)
+    local_ids = flat[slots] - lo
+    order = torch.sort(local_ids, stable=True).indices
+    slots, local_ids = slots[order], local_ids[order]
+    tokens = slots // top_k
+    ids = local_ids.unsqueeze(1)
+    ones = torch.ones(ids.shape, dtype=dtype, device=ids.device)
+    calls = [(h[tokens], ids, ones) for h in hidden_sets]
+    return RankInputs(calls, modality[tokens], pairs, vision_pairs, expert_rows)
+
+
+def oracle_inputs(
+    workload: Workload, hidden_sets: Sequence[torch.Tensor], ep_size: int, form: str
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One rank's call when the layer's pairs are spread perfectly evenly over ranks and experts."""
+    e_local = workload.num_experts // ep_size
+    tokens, top_k = workload.top_k_index.shape
+    total = tokens * top_k
+    device = workload.top_k_index.device
+    dtype = hidden_sets[0].dtype
+    if ep_size > 1 and form == "all_reduce":
+        slot = torch.arange(total, device=device)
+        local = slot % ep_size == 0
+        ids = uniform_pairs(int(local.sum()), e_local).to(device)
+        index = torch.full((total,), e_local, dtype=torch.int64, device=device)
+        index[local] = ids
+        weights = torch.where(local, 1.0 / top_k, 0.0).to(dtype).view(tokens, top_k)
+        return [(h, index.view(tokens, top_k), weights) for h in hidden_sets]
+    if ep_size == 1:
+        index = uniform_pairs(total, e_local).to(device)
+        perm = torch.randperm(total, generator=torch.Generator().manual_seed(0)).to(device)
+        index = index[perm].view(tokens, top_k)  # distinct ids per row are not needed for timing
+        weights = torch.full((tokens, top_k), 1.0 / top_k, dtype=dtype, device=device)
+        return [(h, index, weights) for h in hidden_sets]
+    pairs = -(-total // ep_size)
+    ids = uniform_pairs(pairs, e_local).to(device).unsqueeze(1)
+    rows = torch.arange(pairs, device=device) % tokens
+    ones = torch.ones(ids.shape, dtype=dtype, device=device)
+    return [(h[rows], ids, ones) for h in hidden_sets]
+
+
+# ---- decisions -----------------------------------------------------------------------------------
+
+
+def routing_stats(workload: Workload) -> RoutingStats:
+    """Pairs and vision pairs per global expert: what every rank's ReaLB policy sees."""
+    index = workload.top_k_index.cpu()
+    flat = index.reshape(-1)
+    vision = (workload.modality.cpu() != 0).repeat_interleave(index.shape[1])
+    counts = torch.bincount(flat, minlength=workload.num_experts).tolist()
+    vision_counts = torch.bincount(flat[vision], minlength=workload.num_experts).tolist()
+    return RoutingStats(tuple(counts), tuple(vision_counts), workload.tokens)
+
+
+def rank_realb_config(
+    variant: Variant, decision: Decision, params: PolicyParams, lo: int, hi: int, weight_cache: str
+) -> RealbConfig:
+    """The config that makes a rank module run exactly `decision` for experts [lo, hi).
+
+    `policy="static"` with one virtual rank per local expert reproduces any per-expert decision through
+    the public config; a rank with nothing lowered gets `policy="off"` (ReaLB's bookkeeping, stock forward).
+    """
+    e_local = hi - lo
+    common = dict(low_precision=params.low, weight_cache=weight_cache, batch_threshold=0, ep_size=e_local)
+    if variant.policy == "all_low":
+        return RealbConfig(policy="all_low", **common)
+    lowered = {
+        j: decision.expert_precision[lo + j] for j in range(e_local) if decision.expert_precision[lo + j] != params.high
+    }
+    if not lowered:
+        return RealbConfig(policy="off", **common)
+    return RealbConfig(policy="static", rank_precisions=lowered, **common)
+
+
+def _convert_fn(module: torch.nn.Module, fmt_name: str, experts: list[int]) -> Callable[[], Any]:
+    """What ReaLB's on_the_fly mode converts on this rank per call (lowered experts with rows)."""
+    if hasattr(module, "realb_convert"):  # RealbExperts' own conversion (the one distributed.py prefetches)
+        return lambda: module.realb_convert(fmt_name, experts)
+    fmt = get_format(fmt_name)
+    first = module.gate_up_proj if module.has_gate else module.up_proj
+    down = module.down_proj
+    if module.is_transposed:
+        first, down = first.transpose(-2, -1), down.transpose(-2, -1)
+    contiguous = experts == list(range(experts[0], experts[-1] + 1))
+    idx = torch.tensor(experts, device=first.device)
+
+    def convert():
+        with torch.no_grad():
+            if contiguous:
+                a, b = first[experts[0] : experts[-1] + 1], down[experts[0] : experts[-1] + 1]
+            else:
+                a, b = first.index_select(0, idx), down.index_select(0, idx)
+            return fmt.quantize_weight(a), fmt.quantize_weight(b)
+
+    return convert
+
+
+RANK_CALL_RUN_LOCAL = (
+    "global routing counts (one host sync) -> realb_hf.decide -> telemetry record -> "
+    "RealbExperts.realb_run_local on the rank's rows, as realb_hf.distributed's EP implementations do"
+)
+RANK_CALL_STATIC = "RealbExperts.forward with a per-rank policy='static' config reproducing the global decision"
+
+
+def rank_call_mode() -> str:
+    """How a ReaLB rank is run: the EP entry point when RealbExperts has it, else the static-config forward."""
+    from ..experts import RealbExperts
+
+    return "run_local" if hasattr(RealbExperts, "realb_run_local") else "static"
+
+
+def realb_rank_call(
+    module: torch.nn.Module, workload: Workload, params: PolicyParams, lo: int, hi: int
+) -> Callable[..., torch.Tensor]:
+    """One EP rank's ReaLB layer call: decide from the global routing (every rank does), run its experts.
+
+    With `rank_call_mode() == "static"` the module itself (converted with `rank_realb_config`) is the call.
+    """
+    if rank_call_mode() != "run_local":
+        return module
+    index, vision, num_experts = workload.top_k_index, workload.modality != 0, workload.num_experts
+
+    def call(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        flat = index.reshape(-1)
+        counts = torch.bincount(flat, minlength=num_experts)
+        vis = torch.bincount(flat[vision.repeat_interleave(index.shape[1])], minlength=num_experts)
+        both = torch.stack([counts, vis]).tolist()  # the layer's host sync
+        stats = RoutingStats(tuple(both[0]), tuple(both[1]), index.shape[0])
+        decision = decide(stats, params)
+        make_record(0, "bench", stats, decision, params, "bench")
+        return module.realb_run_local(x, ids, weights, decision.expert_precision[lo:hi], params.high)
+
+    return call
+
+
+# ---- the benchmark -------------------------------------------------------------------------------
+
+
+@dataclass
+class RankResult:
+    rank: int
+    pairs: int
+    vision_share: float
+    precision: str
+    ms: float
+    min_ms: float
+    max_ms: float
+    first_ms: float
+    convert_ms: float | None = None
+    peak_mem_bytes: int = 0
+    cache_bytes: int = 0
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    description: str
+    layer_ms: float
+    slowest_rank: int
+    mean_rank_ms: float
+    speedup_vs_stock: float = 1.0
+    lowered_fraction: float = 0.0
+    reason: str = ""
+    predicted_speedup: float | None = None
+    rank_precision: list[str] = field(default_factory=list)
+    peak_mem_bytes: int = 0  # max over ranks
+    cache_bytes_per_rank: int = 0  # max over ranks (persistent low-precision weight copies)
+    ranks: list[RankResult] = field(default_factory=list)
+
+
+def _variant_result(variant: Variant, ranks: list[RankResult]) -> VariantResult:
+    slowest = max(ranks, key=lambda r: r.ms)
+    return VariantResult(
+        variant=variant.name,
+        description=variant.description,
+        layer_ms=slowest.ms,
+        slowest_rank=slowest.rank,
+        mean_rank_ms=sum(r.ms for r in ranks) / len(ranks),
+        rank_precision=[r.precision for r in ranks],
+        peak_mem_bytes=max(r.peak_mem_bytes for r in ranks),
+        cache_bytes_per_rank=max(r.cache_bytes for r in ranks),
+        ranks=ranks,
+    )
+
+
+def run_layer_bench(
+    workloads: Sequence[tuple[str, Workload, dict[str, Any]]], settings: LayerBenchSettings
+) -> dict[str, Any]:
+    """Time every variant at every EP size for every (label, workload, info) and return a JSON-ready dict."""
+    from tqdm.auto import tqdm
+
+    preset = get_preset(settings.preset)
+    device = resolve_device(settings.device)
+    dtype = DTYPES[settings.dtype]
+    for ep in settings.ep_sizes:
+        expert_ranges(preset.num_experts, ep)  # raises if ep does not divide the expert count
+    for label, wl, _ in workloads:
+        if wl.num_experts != preset.num_experts:
+            raise ValueError(
+                f"workload {label!r} routes to {wl.num_experts} experts; preset {preset.name} has {preset.num_experts}"
+            )
+    experts = build_experts(preset, device, dtype, settings.seed)
+    variants = [VARIANTS[v] for v in settings.variants]
+    timed = [v for v in variants if v.kind != "oracle"]
+    oracle = any(v.kind == "oracle" for v in variants)
+    steps = len(workloads) * sum(ep * len(timed) + oracle for ep in settings.ep_sizes)
+    bar = tqdm(total=steps, desc=f"layer {preset.name}", disable=not settings.progress, leave=False)
+    out_workloads = []
+    with torch.no_grad():
+        for label, workload, info in workloads:
+            wl = workload.to(device)
+            gen = torch.Generator(device=device).manual_seed(settings.seed + 1)
+            hidden_sets = [
+                torch.randn(wl.tokens, preset.hidden, device=device, dtype=dtype, generator=gen)
+                for _ in range(settings.input_sets)
+            ]
+            stats = routing_stats(wl)
+            eps = []
+            for ep in settings.ep_sizes:
+                eps.append(_bench_ep(experts, wl, hidden_sets, stats, ep, variants, settings, device, bar))
+            out_workloads.append(
+                {
+                    "label": label,
+                    **info,
+                    "workload": workload.describe(),
+                    "max_over_mean": {
+                        str(ep): round(workload.rank_load(ep).max_over_mean, 6) for ep in settings.ep_sizes
+                    },
+                    "eps": eps,
+                }
+            )
+            del hidden_sets
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    bar.close()
+    return {
+        "kind": "layer",
+        "preset": asdict(preset),
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
+        "device": str(device),
+        "latency_model": LATENCY_MODEL.format(form=settings.ep_form),
+        "realb_rank_call": RANK_CALL_RUN_LOCAL if rank_call_mode() == "run_local" else RANK_CALL_STATIC,
+        "variants": {v.name: v.description for v in variants},
+        "workloads": out_workloads,
+    }
+
+
+def _bench_ep(experts, wl, hidden_sets, stats, ep, variants, settings, device, bar) -> dict[str, Any]:
+    e_local = wl.num_experts // ep
+    decisions: dict[str, tuple[Decision, PolicyParams, Any]] = {}
+    for v in variants:
+        if v.kind == "realb":
+            params = RealbRuntime(config=settings.realb_config(v, ep)).params(device)
+            decision = decide(stats, params)
+            decisions[v.name] = (decision, params, make_record(0, "bench", stats, decision, params, "bench"))
+    load = wl.rank_load(ep)
+    rank_results: dict[str, list[RankResult]] = {v.name: [] for v in variants if v.kind != "oracle"}
+    for r in range(ep):
+        lo, hi = r * e_local, (r + 1) * e_local
+        inputs = rank_inputs(wl, hidden_sets, r, ep, settings.ep_form)
+        vision_share = inputs.vision_pairs / inputs.pairs if inputs.pairs else 0.0
+        for v in variants:
+            if v.kind == "oracle":
+                continue
+            bar.set_postfix_str(f"ep={ep} rank={r} {v.name}")
+            rank_results[v.name].append(
+                _bench_rank(
+                    experts, wl, v, decisions.get(v.name), inputs, lo, hi, ep, r, vision_share, settings, device
+                )
+            )
+            bar.update(1)
+        del inputs
+    results = {}
+    for v in variants:
+        if v.kind == "oracle":
+            bar.set_postfix_str(f"ep={ep} oracle")
+            module = rank_module(experts, 0, e_local, ep > 1)
+            calls = oracle_inputs(wl, hidden_sets, ep, settings.ep_form)
+            with _Memory(device) as mem:
+                t = time_calls(module, calls, settings.warmup, settings.repeats, device)
+            pairs = -(-wl.tokens * wl.top_k // ep)
+            ranks = [
+                RankResult(
+                    0,
+                    pairs,
+                    wl.vision_share,
+                    "bf16",
+                    t.median_ms,
+                    t.min_ms,
+                    t.max_ms,
+                    t.first_ms,
+                    peak_mem_bytes=mem.peak,
+                )
+            ]
+            res = _variant_result(v, ranks)
+            res.rank_precision = ["bf16"] * ep
+            results[v.name] = res
+            bar.update(1)
+            continue
+        res = _variant_result(v, rank_results[v.name])
+        if v.name in decisions:
+            decision, params, record = decisions[v.name]
+            res.lowered_fraction = record.lowered_fraction
+            res.reason = record.reason
+            res.predicted_speedup = record.predicted_speedup
+        results[v.name] = res
+    stock = results["stock_bf16"].layer_ms
+    for res in results.values():
+        res.speedup_vs_stock = stock / res.layer_ms if res.layer_ms > 0 else float("inf")
+    return {
+        "ep": ep,
+        "local_experts": e_local,
+        "rank_pairs": load.pairs,
+        "rank_vision_share": [round(s, 6) for s in load.vision_share],
+        "max_over_mean": round(load.max_over_mean, 6),
+        "variants": {name: asdict(res) for name, res in results.items()},
+    }
+
+
+def _bench_rank(experts, wl, variant, decided, inputs, lo, hi, ep, rank, vision_share, settings, device) -> RankResult:
+    if inputs.pairs == 0 and ep > 1 and settings.ep_form == "all_to_all":
+        return RankResult(rank, 0, 0.0, "idle", 0.0, 0.0, 0.0, 0.0)
+    module = rank_module(experts, lo, hi, ep > 1)
+    runtime = None
+    precision = "bf16"
+    convert_ms = None
+    call = module
+    if variant.kind == "realb":
+        decision, params, _ = decided
+        config = rank_realb_config(variant, decision, params, lo, hi, variant.weight_cache)
+        module, runtime = to_realb(module, config)
+        runtime.modality.codes = inputs.modality
+        runtime.modality.source = "bench"
+        call = realb_rank_call(module, wl, params, lo, hi)
+        kinds = {decision.expert_precision[e] for e in range(lo, hi)} if variant.policy != "all_low" else {params.low}
+        precision = kinds.pop() if len(kinds) == 1 else "mixed"
+        lowered = [
+            j
+            for j in range(hi - lo)
+            if (variant.policy == "all_low" or decision.expert_precision[lo + j] != params.high)
+        ]
+        with_rows = [j for j in lowered if int(inputs.expert_rows[j]) > 0]
+        if variant.weight_cache == "on_the_fly" and with_rows:
+            t = time_calls(_convert_fn(module, params.low, with_rows), [()], 1, max(3, settings.repeats // 4), device)
+            convert_ms = t.median_ms
+    with _Memory(device) as mem:
+        t = time_calls(call, inputs.calls, settings.warmup, settings.repeats, device)
+    cache = runtime.telemetry.extra_memory_bytes if runtime is not None else 0
+    del module, call
+    return RankResult(
+        rank,
+        inputs.pairs,
+        vision_share,
+        precision,
+        t.median_ms,
+        t.min_ms,
+        t.max_ms,
+        t.first_ms,
+        convert_ms=convert_ms,
+        peak_mem_bytes=mem.peak,
+        cache_bytes=cache,
+    )
+
+
+__all__ = [
+    "ALIASES",
+    "DEFAULT_VARIANTS",
+    "EP_FORMS",
+    "LATENCY_MODEL",
+    "PRESETS",
+    "VARIANTS",
+    "LayerBenchSettings",
+    "LayerPreset",
+    "Variant",
+    "build_experts",
+    "get_preset",
+    "oracle_inputs",
+    "rank_inputs",
+    "rank_module",
+    "rank_call_mode",
+    "rank_realb_config",
+    "realb_rank_call",
+    "routing_stats",
+    "run_layer_bench",
+    "time_calls",
+    "to_realb",
+]

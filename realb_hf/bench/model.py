@@ -1,0 +1,565 @@
+"""End-to-end prefill of a whole model with Qwen3-VL-30B-A3B's real configuration (random weights, no download).
+
+Stock bf16, ReaLB variants and all-low (fp8 everywhere on Hopper) run on the same model object and the same
+batch in one process: the model is timed unconverted first (stock), then converted once with
+`realb_hf.apply_realb` and re-timed under each ReaLB configuration (`runtime.reconfigure`).
+
+What single-process numbers mean: all experts live on one GPU, so a forward costs the SUM of every virtual
+rank's work; the EP straggler effect (the layer waits for its slowest rank) is not present. ReaLB's gain
+here is only the lowered work running faster, minus its bookkeeping. The EP latency effect is measured by
+the layer benchmark (max over ranks) or under real EP (torchrun hook below).
+
+Vision-skewed routing, two ways:
+1. `VisionRouterBias` (BENCHMARK-ONLY, changes the model's routing): a forward hook on every router adds
+   `bias` to the router logits of a hot expert subset for vision rows, then redoes the router's own
+   softmax -> top-k -> renormalisation. Random-weight routers route almost uniformly; this makes vision
+   tokens crowd onto the hot experts' EP rank as the paper observes in trained models. The bias is
+   calibrated so that the mean over layers of the max/mean rank load at EP=`ep` hits `--skew`.
+2. Replaying a recorded trace (`--trace`, see `realb_hf.bench.trace`): the recorded routing of a real model
+   replaces every experts module's routing; the batch is text-only tokens of the recorded shape with the
+   recorded modality as `mm_token_type_ids` (the vision tower does not run in this mode).
+
+Real EP (torchrun): `load_distributed_model` is the hook. It loads a checkpoint directory with
+`DistributedConfig(tp_size=world, ep_size=world)`; timing and reporting then run per rank. UNTESTED here
+(CPU-only machine); realb_hf/distributed.py (in progress) supplies the global routing statistics ReaLB needs
+under real EP.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .layer import DTYPES, VARIANTS, resolve_device, time_calls
+from .workload import rank_load
+
+MEASURES = (
+    "Wall time of one prefill forward of the whole model (vision tower, attention, routers, experts; "
+    "use_cache=False, logits of the last position only), CUDA events, median of repeats. Single process: every "
+    "expert on one GPU, so this is the SUM of all virtual EP ranks' work, not EP latency. ReaLB decides per layer "
+    "for virtual EP=`ep` and lowers the experts of the overloaded vision ranks; stock_bf16 is the unconverted "
+    "model, realb_off the converted model with policy=off (ReaLB's bookkeeping only)."
+)
+
+# Qwen/Qwen3-VL-30B-A3B-Instruct config.json (public): text 48 layers, hidden 2048, 32 heads / 4 KV heads of 128,
+# 128 experts top-8 with moe_intermediate 768; vision 27 layers, hidden 1152, patch 16, merge 2.
+QWEN3_VL_30B_A3B: dict[str, Any] = dict(
+    text_config=dict(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        hidden_act="silu",
+        max_position_embeddings=262144,
+        rms_norm_eps=1e-6,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5000000.0,
+            "mrope_section": [24, 20, 20],
+            "mrope_interleaved": True,
+        },
+        attention_bias=False,
+        decoder_sparse_step=1,
+        moe_intermediate_size=768,
+        num_experts_per_tok=8,
+        num_experts=128,
+        norm_topk_prob=True,
+        tie_word_embeddings=False,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    ),
+    vision_config=dict(
+        depth=27,
+        hidden_size=1152,
+        hidden_act="gelu_pytorch_tanh",
+        intermediate_size=4304,
+        num_heads=16,
+        in_channels=3,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=2048,
+        num_position_embeddings=2304,
+        deepstack_visual_indexes=[8, 16, 24],
+    ),
+    image_token_id=151655,
+    video_token_id=151656,
+    vision_start_token_id=151652,
+    vision_end_token_id=151653,
+    tie_word_embeddings=False,
+)
+MODEL_PRESETS = ("qwen3-vl-30b-a3b", "tiny")
+MODEL_DEFAULT_VARIANTS = (
+    "stock_bf16",
+    "realb_off",
+    "realb_rank_otf",
+    "realb_expert_otf",
+    "realb_rank_persistent",
+    "all_low",
+)
+MODEL_VARIANTS = ("stock_bf16", "realb_off", *[v for v in VARIANTS if VARIANTS[v].kind == "realb"])
+
+
+def model_config(preset: str, layers: int | None = None):
+    """The transformers config of `preset`, optionally cut to `layers` decoder layers."""
+    if preset == "qwen3-vl-30b-a3b":
+        from transformers import Qwen3VLMoeConfig
+
+        kwargs = {**QWEN3_VL_30B_A3B, "text_config": dict(QWEN3_VL_30B_A3B["text_config"])}
+        if layers is not None:
+            kwargs["text_config"]["num_hidden_layers"] = layers
+        return Qwen3VLMoeConfig(**kwargs)
+    if preset == "tiny":
+        from ..tiny import tiny_qwen3_vl_moe_config
+
+        return tiny_qwen3_vl_moe_config(num_experts=16, top_k=4, layers=layers or 2)
+    raise ValueError(f"unknown model preset {preset!r}; choose one of {list(MODEL_PRESETS)}")
+
+
+def build_model(config, device: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> torch.nn.Module:
+    """Random weights allocated directly on `device` (no download, no CPU copy)."""
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def load_distributed_model(checkpoint: str, realb_config=None, dtype: torch.dtype = torch.bfloat16):
+    """HOOK for real EP under torchrun (one process per GPU): UNTESTED here.
+
+    `torchrun --nproc-per-node N -m realb_hf.bench model --checkpoint DIR ...` lands here. Loads DIR with
+    `DistributedConfig(tp_size=N, ep_size=N)` (the form FACTS.md says works in transformers 5.23) and, when
+    given, `quantization_config=realb_config`. ReaLB under real EP needs the global routing statistics on every
+    rank; that is realb_hf/distributed.py's job (in progress).
+    """
+    from transformers import AutoModelForImageTextToText
+    from transformers.distributed import DistributedConfig
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    extra = {"quantization_config": realb_config} if realb_config is not None else {}
+    return AutoModelForImageTextToText.from_pretrained(
+        checkpoint, dtype=dtype, distributed_config=DistributedConfig(tp_size=world, ep_size=world), **extra
+    ).eval()
+
+
+# ---- batches -------------------------------------------------------------------------------------
+
+
+@dataclass
+class PrefillBatch:
+    kwargs: dict[str, Any]
+    codes: torch.Tensor  # (batch * seq,) int8 modality of every row the MoE layers see
+    requests: int
+    request_tokens: int
+    image_tokens_per_request: int
+
+    @property
+    def tokens(self) -> int:
+        return self.requests * self.request_tokens
+
+    @property
+    def vision_share(self) -> float:
+        return float((self.codes != 0).float().mean())
+
+
+def image_text_batch(
+    config,
+    requests: int,
+    request_tokens: int,
+    vision_share: float,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+) -> PrefillBatch:
+    """`requests` rows of `request_tokens`: <vision_start> image <vision_end> text; one square image per row
+    with as close to `vision_share * request_tokens` image tokens as a square grid allows."""
+    vision = config.vision_config
+    merge = vision.spatial_merge_size
+    side = max(1, round(math.sqrt(request_tokens * vision_share)))
+    while side > 1 and side * side > request_tokens - 3:
+        side -= 1
+    image_tokens = side * side
+    text_tokens = request_tokens - image_tokens - 2
+    if text_tokens < 1:
+        raise ValueError(f"request_tokens={request_tokens} is too small for an image and text")
+    h = w = side * merge
+    gen = torch.Generator().manual_seed(seed)
+    vocab = config.text_config.vocab_size
+    rows, types = [], []
+    for _ in range(requests):
+        text = torch.randint(10, min(vocab, 150000), (text_tokens,), generator=gen).tolist()
+        rows.append(
+            [config.vision_start_token_id]
+            + [config.image_token_id] * image_tokens
+            + [config.vision_end_token_id]
+            + text
+        )
+        types.append([0] + [1] * image_tokens + [0] * (text_tokens + 1))
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    input_ids = torch.tensor(rows, device=device)
+    mm = torch.tensor(types, dtype=torch.int32, device=device)
+    kwargs = dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        pixel_values=torch.randn(requests * h * w, patch_dim, generator=gen).to(device, dtype),
+        image_grid_thw=torch.tensor([[1, h, w]] * requests, device=device),
+        mm_token_type_ids=mm,
+    )
+    return PrefillBatch(kwargs, mm.reshape(-1).to(torch.int8), requests, request_tokens, image_tokens)
+
+
+def trace_batch(config, trace, device: torch.device, seed: int = 0) -> PrefillBatch:
+    """Text tokens of the trace's recorded (batch, seq) with its recorded modality as mm_token_type_ids."""
+    first = trace.forwards[0]
+    shape = first.input_shape
+    routing = first.routing[trace.layers[0]]
+    rows = routing.top_k_index.shape[0]
+    if shape is None or shape[0] * shape[1] != rows:
+        shape = [1, rows]
+    codes = routing.modality if routing.modality is not None else torch.zeros(rows, dtype=torch.int8)
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(10, min(config.text_config.vocab_size, 150000), tuple(shape), generator=gen).to(device)
+    mm = codes.to(torch.int32).view(*shape).to(device)
+    kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=mm)
+    return PrefillBatch(kwargs, codes.to(device), shape[0], shape[1], 0)
+
+
+# ---- benchmark-only routing skew -----------------------------------------------------------------
+
+
+class VisionRouterBias:
+    """BENCHMARK-ONLY: makes vision tokens crowd onto a hot expert subset by biasing the routers' logits.
+
+    NEVER use this for anything but timing: it changes which experts every vision token runs, so model outputs
+    are meaningless while attached. A forward hook on each Qwen3-VL-MoE router adds `bias` to the logits of
+    `hot_experts` for the rows whose modality code is vision, then recomputes exactly what
+    `Qwen3VLMoeTextTopKRouter.forward` returns (softmax in fp32, top-k, renormalise, cast to the logits' dtype).
+    With `record=True` it also keeps every router call's top-k ids (for calibration and reporting).
+    """
+
+    ROUTER_CLASSES = ("Qwen3VLMoeTextTopKRouter",)
+
+    def __init__(self, model: torch.nn.Module, hot_experts: list[int], bias: float = 0.0):
+        self.routers = [m for m in model.modules() if type(m).__name__ in self.ROUTER_CLASSES]
+        if not self.routers:
+            raise ValueError(
+                f"VisionRouterBias supports {self.ROUTER_CLASSES} routers only; use --trace to replay recorded routing"
+            )
+        self.num_experts = self.routers[0].num_experts
+        self.hot = torch.zeros(self.num_experts, dtype=torch.bool)
+        self.hot[hot_experts] = True
+        self.hot_experts = list(hot_experts)
+        self.bias = bias
+        self.codes: torch.Tensor | None = None
+        self.record = False
+        self.recorded: list[torch.Tensor] = []
+        self._handles = [r.register_forward_hook(self._hook) for r in self.routers]
+
+    def _hook(self, module, args, output):
+        logits, scores, index = output
+        vision = None if self.codes is None or self.codes.numel() != logits.shape[0] else self.codes != 0
+        if vision is not None and self.bias != 0.0:
+            if self.hot.device != logits.device:
+                self.hot = self.hot.to(logits.device)
+            hot = self.hot
+            logits = logits + (vision[:, None] & hot[None, :]).to(logits.dtype) * self.bias
+            probs = torch.nn.functional.softmax(logits, dtype=torch.float, dim=-1)
+            top_v, index = torch.topk(probs, module.top_k, dim=-1)
+            top_v = top_v / top_v.sum(dim=-1, keepdim=True)
+            scores = top_v.to(logits.dtype)
+        if self.record:
+            self.recorded.append(index.detach())
+        return logits, scores, index
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def layer_skew(self, ep_size: int) -> list[float]:
+        """max/mean rank load at `ep_size` of every recorded router call."""
+        return [rank_load(idx, self.num_experts, ep_size).max_over_mean for idx in self.recorded]
+
+
+def _forward(model, batch: PrefillBatch):
+    return model(**batch.kwargs, use_cache=False, logits_to_keep=1)
+
+
+def measure_skew(model, batch: PrefillBatch, biaser: VisionRouterBias, bias: float, ep_size: int) -> list[float]:
+    biaser.bias = bias
+    biaser.record, biaser.recorded = True, []
+    with torch.no_grad():
+        _forward(model, batch)
+    biaser.record = False
+    skew = biaser.layer_skew(ep_size)
+    biaser.recorded = []
+    return skew
+
+
+def calibrate_bias(
+    model, batch: PrefillBatch, biaser: VisionRouterBias, target: float, ep_size: int, iters: int = 8
+) -> tuple[float, float]:
+    """Bias whose mean-over-layers max/mean rank load at `ep_size` is closest to `target`.
+
+    Doubles the bias from 0.25 until the target is passed (at most 64), then bisects `iters` times: about
+    `iters + 10` forwards in all.
+    """
+
+    def mean_skew(b: float) -> float:
+        s = measure_skew(model, batch, biaser, b, ep_size)
+        return sum(s) / len(s)
+
+    best = (0.0, mean_skew(0.0))
+    if best[1] >= target:
+        return best
+    lo, hi = 0.0, 0.25
+    while True:
+        value = mean_skew(hi)
+        if abs(value - target) < abs(best[1] - target):
+            best = (hi, value)
+        if value >= target or hi >= 64.0:
+            break
+        lo, hi = hi, hi * 2
+    if value < target:
+        return best  # unreachable: the largest bias tried
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        value = mean_skew(mid)
+        if abs(value - target) < abs(best[1] - target):
+            best = (mid, value)
+        if value < target:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+# ---- the benchmark -------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelBenchSettings:
+    preset: str = "qwen3-vl-30b-a3b"
+    layers: int | None = None
+    requests: int = 16
+    request_tokens: int = 1024
+    vision_share: float = 0.7
+    skew: float | None = 1.6
+    router_bias: float | None = None  # set: skip calibration
+    hot_experts: int | None = None
+    hot_offset: int = 0
+    ep: int = 8
+    trace: str | None = None
+    variants: tuple[str, ...] = MODEL_DEFAULT_VARIANTS
+    low_precision: str = "auto"
+    modality_threshold: float = 0.7
+    batch_threshold: int = 2048
+    imbalance_threshold: float = 0.1
+    low_cost_ratio: float | None = None
+    warmup: int = 2
+    repeats: int = 5
+    seed: int = 0
+    dtype: str = "bfloat16"
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v not in MODEL_VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown model variant(s) {unknown}; choose from {list(MODEL_VARIANTS)}")
+        if "stock_bf16" not in self.variants:
+            self.variants = ("stock_bf16", *self.variants)
+        order = {name: i for i, name in enumerate(MODEL_VARIANTS)}
+        self.variants = tuple(sorted(dict.fromkeys(self.variants), key=lambda v: order[v]))  # stock first
+
+
+def _persistent_bytes(model, low: str) -> int:
+    from ..quantizer import realb_modules
+
+    params = sum(
+        m.gate_up_proj.numel() + m.down_proj.numel() for m in realb_modules(model) if hasattr(m, "gate_up_proj")
+    )
+    return int(params * (1.02 if low == "fp8" else 0.57))
+
+
+def run_model_bench(settings: ModelBenchSettings) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from .. import RealbConfig, apply_realb, get_runtime
+    from ..quantizer import realb_modules
+    from .trace import RoutingReplayer, Trace
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise NotImplementedError(
+            "real-EP model benchmark under torchrun is not wired yet: see load_distributed_model() in "
+            "realb_hf/bench/model.py (hook) and realb_hf/distributed.py"
+        )
+    device = resolve_device(settings.device)
+    dtype = DTYPES[settings.dtype]
+    config = model_config(settings.preset, settings.layers)
+    text = config.text_config
+    model = build_model(config, device, dtype, settings.seed)
+    num_experts, top_k = text.num_experts, text.num_experts_per_tok
+    hot = settings.hot_experts or max(top_k, num_experts // 16)
+    hot_ids = list(range(settings.hot_offset, settings.hot_offset + hot))
+
+    routing: dict[str, Any] = {"ep": settings.ep}
+    biaser = replayer = None
+    if settings.trace:
+        trace = Trace.load(settings.trace)
+        rows = trace.forwards[0].routing[trace.layers[0]].top_k_index.shape[0]
+        # replay cycles through the recorded forwards of the first forward's size (one batch shape per run)
+        trace.forwards = [f for f in trace.forwards if all(r.top_k_index.shape[0] == rows for r in f.routing.values())]
+        batch = trace_batch(config, trace, device, settings.seed)
+        replayer = RoutingReplayer(model, trace).attach()
+        routing["description"] = f"replayed from trace {settings.trace} (text-only tokens, recorded modality)"
+        routing["mean_max_over_mean"] = float(
+            sum(trace.workload(name, 0).rank_load(settings.ep).max_over_mean for name in trace.layers)
+            / len(trace.layers)
+        )
+    else:
+        batch = image_text_batch(
+            config, settings.requests, settings.request_tokens, settings.vision_share, device, dtype, settings.seed
+        )
+        biaser = VisionRouterBias(model, hot_ids)
+        biaser.codes = batch.codes
+        if settings.router_bias is not None:
+            bias = settings.router_bias
+        elif settings.skew is not None:
+            bias, _ = calibrate_bias(model, batch, biaser, settings.skew, settings.ep)
+        else:
+            bias = 0.0
+        per_layer = measure_skew(model, batch, biaser, bias, settings.ep)
+        biaser.bias = bias
+        routing.update(
+            description=(
+                f"BENCHMARK-ONLY router bias {bias:.4f} on the logits of experts {hot_ids[0]}..{hot_ids[-1]} for vision "
+                f"rows (calibrated to max/mean {settings.skew} at EP={settings.ep})"
+                if settings.router_bias is None and settings.skew is not None
+                else f"BENCHMARK-ONLY router bias {bias:.4f} on experts {hot_ids[0]}..{hot_ids[-1]} for vision rows"
+            ),
+            bias=bias,
+            hot_experts=hot_ids,
+            skew_target=settings.skew,
+            mean_max_over_mean=sum(per_layer) / len(per_layer),
+            max_over_mean_per_layer=[round(s, 4) for s in per_layer],
+        )
+
+    results: dict[str, dict[str, Any]] = {}
+    runtime = None
+    bar = tqdm(settings.variants, desc="model variants", leave=False, disable=not settings.progress)
+    with torch.no_grad():
+        for name in bar:
+            bar.set_postfix_str(name)
+            if name != "stock_bf16" and runtime is None:
+                apply_realb(
+                    model,
+                    RealbConfig(
+                        policy="off",
+                        ep_size=settings.ep,
+                        low_precision=settings.low_precision,
+                        modality_threshold=settings.modality_threshold,
+                        batch_threshold=settings.batch_threshold,
+                        imbalance_threshold=settings.imbalance_threshold,
+                        low_cost_ratio=settings.low_cost_ratio,
+                    ),
+                )
+                runtime = get_runtime(model)
+            if runtime is not None:
+                for m in realb_modules(model):
+                    m.realb_free_cache()
+                runtime.telemetry.extra_memory_bytes = 0
+                if name == "realb_off":
+                    runtime.reconfigure(policy="off")
+                else:
+                    v = VARIANTS[name]
+                    runtime.reconfigure(policy=v.policy, granularity=v.granularity, weight_cache=v.weight_cache)
+                    if v.weight_cache == "persistent" and device.type == "cuda":
+                        torch.cuda.empty_cache()
+                        need = _persistent_bytes(model, runtime.params(device).low)
+                        free = torch.cuda.mem_get_info(device)[0]
+                        if need + 3 * 2**30 > free:
+                            results[name] = {
+                                "skipped": f"persistent copies need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free "
+                                "(use --layers to cut depth)"
+                            }
+                            continue
+                runtime.telemetry.reset()
+            t = time_calls(lambda: _forward(model, batch), [()], settings.warmup, settings.repeats, device)
+            entry: dict[str, Any] = {
+                "ms": t.median_ms,
+                "min_ms": t.min_ms,
+                "max_ms": t.max_ms,
+                "first_ms": t.first_ms,
+                "tokens_per_s": batch.tokens / (t.median_ms / 1e3),
+            }
+            if runtime is not None:
+                summary = runtime.telemetry.summary()
+                entry.update(
+                    lowered_fraction=summary["lowered_token_fraction"],
+                    layers_lowered=summary["layers_lowered"] / max(1, summary["forwards"]),
+                    predicted_layer_speedup=summary["predicted_speedup"],
+                    extra_memory_bytes=runtime.telemetry.extra_memory_bytes,
+                )
+            results[name] = entry
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    stock = results["stock_bf16"]["ms"]
+    for entry in results.values():
+        if "ms" in entry:
+            entry["speedup_vs_stock"] = stock / entry["ms"]
+    if replayer is not None:
+        replayer.detach()
+    if biaser is not None:
+        biaser.remove()
+    return {
+        "kind": "model",
+        "device": str(device),
+        "measures": MEASURES,
+        "model": {
+            "preset": settings.preset,
+            "layers": text.num_hidden_layers,
+            "num_experts": num_experts,
+            "top_k": top_k,
+            "hidden": text.hidden_size,
+            "moe_intermediate": text.moe_intermediate_size,
+        },
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.__dict__.items()},
+        "batch": {
+            "requests": batch.requests,
+            "request_tokens": batch.request_tokens,
+            "tokens": batch.tokens,
+            "image_tokens_per_request": batch.image_tokens_per_request,
+            "vision_share": batch.vision_share,
+        },
+        "routing": routing,
+        "variants": results,
+    }
+
+
+__all__ = [
+    "MEASURES",
+    "MODEL_DEFAULT_VARIANTS",
+    "MODEL_PRESETS",
+    "MODEL_VARIANTS",
+    "QWEN3_VL_30B_A3B",
+    "ModelBenchSettings",
+    "PrefillBatch",
+    "VisionRouterBias",
+    "build_model",
+    "calibrate_bias",
+    "image_text_batch",
+    "load_distributed_model",
+    "model_config",
+    "run_model_bench",
+    "trace_batch",
+]

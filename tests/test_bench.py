@@ -1,0 +1,265 @@
+"""realb_hf.bench on CPU: workloads, trace record/replay, the layer benchmark and the CLI (tiny sizes)."""
+
+import json
+
+import pytest
+import torch
+
+import realb_hf
+from realb_hf.bench.layer import (
+    VARIANTS,
+    LayerBenchSettings,
+    build_experts,
+    get_preset,
+    oracle_inputs,
+    rank_call_mode,
+    rank_inputs,
+    rank_module,
+    rank_realb_config,
+    realb_rank_call,
+    routing_stats,
+    run_layer_bench,
+    to_realb,
+)
+from realb_hf.bench.trace import Trace, record_trace, replay_routing
+from realb_hf.bench.workload import WorkloadSpec, generate, rank_load, workload_for_skew
+from realb_hf.policy import RoutingStats, decide, rank_loads
+from realb_hf.runtime import RealbRuntime
+from realb_hf.tiny import build_tiny_model, qwen3_vl_image_batch, tiny_qwen3_vl_moe_config
+
+# ---- workloads -------------------------------------------------------------------------------------
+
+
+def test_workload_is_deterministic_and_well_formed():
+    spec = WorkloadSpec(tokens=1000, num_experts=32, top_k=4, vision_share=0.7, concentration=0.4, seed=3)
+    a, b = generate(spec), generate(spec)
+    assert torch.equal(a.top_k_index, b.top_k_index) and torch.equal(a.top_k_weights, b.top_k_weights)
+    assert torch.equal(a.modality, b.modality)
+    assert a.top_k_index.shape == (1000, 4) and a.top_k_index.dtype == torch.int64
+    assert a.top_k_weights.shape == (1000, 4) and a.modality.shape == (1000,) and a.modality.dtype == torch.int8
+    assert int(a.top_k_index.min()) >= 0 and int(a.top_k_index.max()) < 32
+    assert (a.top_k_index.sort(dim=-1).values.diff(dim=-1) > 0).all(), "duplicate expert in a token's top-k"
+    assert torch.allclose(a.top_k_weights.sum(-1), torch.ones(1000), atol=1e-5) and (a.top_k_weights > 0).all()
+    assert int((a.modality == 1).sum()) == 700 and set(a.modality.unique().tolist()) == {0, 1}
+    other = generate(WorkloadSpec(tokens=1000, num_experts=32, top_k=4, concentration=0.4, seed=4))
+    assert not torch.equal(a.top_k_index, other.top_k_index)
+
+
+def test_concentration_raises_skew_and_search_hits_target():
+    base = WorkloadSpec(tokens=2048, num_experts=32, top_k=4, vision_share=0.7)
+    skews = [
+        generate(WorkloadSpec(**{**base.__dict__, "concentration": c})).rank_load(4).max_over_mean
+        for c in (0, 0.3, 0.7)
+    ]
+    assert skews[0] < skews[1] < skews[2] and skews[0] < 1.15
+    workload, search = workload_for_skew(base, 1.6, 4)
+    assert search.reachable and abs(workload.rank_load(4).max_over_mean - 1.6) < 0.02
+    load = workload.rank_load(4)
+    assert load.pairs.index(max(load.pairs)) == 0  # the hot block starts at expert 0
+    assert load.vision_share[0] > 0.7  # the straggler is vision-dominated
+    with pytest.raises(ValueError, match="out of reach"):
+        workload_for_skew(base, 3.9, 4)
+
+
+def test_rank_load_matches_the_policy():
+    w = generate(WorkloadSpec(tokens=512, num_experts=16, top_k=4, concentration=0.5))
+    stats = RoutingStats(
+        tuple(torch.bincount(w.top_k_index.reshape(-1), minlength=16).tolist()),
+        tuple(torch.bincount(w.top_k_index[w.modality == 1].reshape(-1), minlength=16).tolist()),
+        w.tokens,
+    )
+    tokens, vision = rank_loads(stats, 4)
+    load = rank_load(w.top_k_index, 16, 4, w.modality)
+    assert load.pairs == tokens
+    assert load.vision_share == pytest.approx([v / t for v, t in zip(vision, tokens)])
+
+
+# ---- traces ----------------------------------------------------------------------------------------
+
+
+def test_trace_round_trip_and_replay_are_exact(tmp_path):
+    config = tiny_qwen3_vl_moe_config()
+    model = realb_hf.apply_realb(build_tiny_model(config), realb_hf.RealbConfig(policy="off"))
+    batches = [qwen3_vl_image_batch(batch=2, seed=s, config=config).kwargs for s in (0, 1)]
+    path = tmp_path / "t.trace.pt"
+    trace = record_trace(model, batches, path)
+    assert len(trace.forwards) == 2 and len(trace.layers) == 2
+    loaded = Trace.load(path)
+    assert loaded.layers == trace.layers and loaded.num_experts == trace.num_experts
+    assert loaded.model_type == "qwen3_vl_moe"
+    for (i, name, a), (j, name_b, b) in zip(trace, loaded):
+        assert (i, name) == (j, name_b)
+        assert torch.equal(a.top_k_index, b.top_k_index) and a.top_k_index.dtype == b.top_k_index.dtype
+        assert torch.equal(a.top_k_weights, b.top_k_weights) and a.top_k_weights.dtype == b.top_k_weights.dtype
+        assert torch.equal(a.modality, b.modality)
+        assert torch.equal(b.modality, batches[i]["mm_token_type_ids"].reshape(-1).to(torch.int8))
+    assert loaded.forwards[0].input_shape == list(batches[0]["input_ids"].shape)
+
+    with torch.no_grad():
+        reference = model(**batches[1]).logits
+        with replay_routing(model, path, start=1):
+            replayed = model(**batches[1]).logits
+        assert torch.equal(replayed, reference)
+        tampered = Trace.load(path)
+        for r in tampered.forwards[1].routing.values():
+            r.top_k_index.copy_(torch.arange(r.top_k_index.shape[1]).expand_as(r.top_k_index))
+        with replay_routing(model, tampered, start=1):
+            assert not torch.equal(model(**batches[1]).logits, reference)
+
+    w = loaded.workload(0, forward=0)
+    assert w.num_experts == 8 and w.tokens == batches[0]["input_ids"].numel()
+
+    from realb_hf.bench.__main__ import main
+
+    assert main(["trace-info", str(path), "--ep", "2", "4"]) == 0
+
+
+def test_report_skips_the_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
+    from realb_hf.bench import report
+
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib -> ImportError
+    result = {
+        "kind": "model",
+        "device": "cpu",
+        "measures": "m",
+        "model": {"preset": "tiny", "layers": 1, "num_experts": 4, "top_k": 2},
+        "batch": {"requests": 1, "request_tokens": 8, "tokens": 8, "vision_share": 0.5},
+        "routing": {"ep": 2, "description": "d", "mean_max_over_mean": 1.2},
+        "variants": {"stock_bf16": {"ms": 1.0, "tokens_per_s": 8000.0, "speedup_vs_stock": 1.0}},
+        "env": report.environment("cpu", []),
+    }
+    paths = report.save(result, tmp_path, "m")
+    assert set(paths) == {"json", "markdown"} and not (tmp_path / "m.png").exists()
+    assert "skipping the plot" in capsys.readouterr().out
+
+
+# ---- the layer benchmark ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["all_to_all", "all_reduce"])
+def test_rank_modules_partition_the_layer_exactly(form):
+    """Per-rank modules on per-rank rows, combined, give the full layer's output: the slicing is right."""
+    preset = get_preset("tiny")
+    full = build_experts(preset, torch.device("cpu"), torch.float32)
+    w = generate(WorkloadSpec(tokens=64, num_experts=16, top_k=4, concentration=0.5))
+    hidden = torch.randn(64, preset.hidden)
+    with torch.no_grad():
+        reference = full(hidden, w.top_k_index, w.top_k_weights)
+        for ep in (2, 4):
+            total = torch.zeros_like(reference)
+            for r in range(ep):
+                inputs = rank_inputs(w, [hidden], r, ep, form)
+                x, ids, weights = inputs.calls[0]
+                out = rank_module(full, r * 16 // ep, (r + 1) * 16 // ep, True)(x, ids, weights)
+                if form == "all_reduce":
+                    total += out
+                else:  # combine: weight each pair's output and add it to its token
+                    flat = w.top_k_index.reshape(-1)
+                    slots = ((flat >= r * 16 // ep) & (flat < (r + 1) * 16 // ep)).nonzero().squeeze(1)
+                    slots = slots[torch.sort(flat[slots], stable=True).indices]
+                    total.index_add_(0, slots // 4, out * w.top_k_weights.reshape(-1)[slots, None])
+                assert inputs.pairs == rank_load(w.top_k_index, 16, ep).pairs[r]
+            assert torch.allclose(total, reference, atol=1e-5), (form, ep)
+        calls = oracle_inputs(w, [hidden], 4, form)
+        assert calls[0][1].shape[0] == 64  # 64 tokens x top-4 / 4 ranks, or all 64 tokens (all_reduce)
+
+
+@pytest.mark.parametrize("mode", ["auto", "static"])
+@pytest.mark.parametrize("variant", ["realb_rank_otf", "realb_expert_persistent"])
+def test_a_realb_rank_runs_the_global_decision(variant, mode, monkeypatch):
+    """The rank call (EP entry point or static per-rank config) computes exactly the globally decided precisions."""
+    import realb_hf.bench.layer as layer_mod
+
+    if mode == "static":
+        monkeypatch.setattr(layer_mod, "rank_call_mode", lambda: "static")
+    preset = get_preset("tiny")
+    full = build_experts(preset, torch.device("cpu"), torch.float32)
+    w, _ = workload_for_skew(WorkloadSpec(tokens=256, num_experts=16, top_k=4), 1.6, 4)
+    v = VARIANTS[variant]
+    params = RealbRuntime(config=LayerBenchSettings(batch_threshold=0).realb_config(v, 4)).params(torch.device("cpu"))
+    decision = decide(routing_stats(w), params)
+    assert decision.rank_precision[0] in ("fp8", "mixed") and decision.rank_precision[1:] == ("bf16",) * 3
+    inputs = rank_inputs(w, [torch.randn(256, preset.hidden)], 0, 4, "all_to_all")
+    config = rank_realb_config(v, decision, params, 0, 4, v.weight_cache)
+    with torch.no_grad():
+        static, runtime = to_realb(rank_module(full, 0, 4, True), config)
+        runtime.modality.codes = inputs.modality
+        expected = static(*inputs.calls[0])
+        mode_module, _ = to_realb(rank_module(full, 0, 4, True), config)
+        got = realb_rank_call(mode_module, w, params, 0, 4)(*inputs.calls[0])
+        stock = rank_module(full, 0, 4, True)(*inputs.calls[0])
+    assert torch.equal(got, expected), rank_call_mode()
+    assert not torch.equal(got, stock) and ((got - stock).norm() / stock.norm()) < 0.1  # fp8 (bf16 outputs)
+
+
+def test_layer_bench_tiny_produces_every_variant():
+    workload, _ = workload_for_skew(WorkloadSpec(tokens=256, num_experts=16, top_k=4), 1.6, 4)
+    settings = LayerBenchSettings(
+        preset="tiny",
+        ep_sizes=(1, 4),
+        warmup=0,
+        repeats=1,
+        input_sets=1,
+        batch_threshold=0,
+        progress=False,
+        dtype="float32",  # CPU bf16 grouped_mm is ~10x slower than fp32 at these sizes
+    )
+    result = run_layer_bench([("skew", workload, {"skew_target": 1.6})], settings)
+    json.dumps(result)
+    eps = result["workloads"][0]["eps"]
+    assert [e["ep"] for e in eps] == [1, 4]
+    for e in eps:
+        assert set(e["variants"]) == set(settings.variants)
+        for name, v in e["variants"].items():
+            assert v["layer_ms"] > 0 and v["speedup_vs_stock"] > 0
+            if name != "oracle_bf16":
+                assert len(v["ranks"]) == e["ep"]
+                assert v["layer_ms"] == max(r["ms"] for r in v["ranks"])
+                assert sum(r["pairs"] for r in v["ranks"]) == 256 * 4
+        assert e["variants"]["stock_bf16"]["speedup_vs_stock"] == 1.0
+        assert e["variants"]["all_low"]["lowered_fraction"] == 1.0
+        assert e["variants"]["all_low"]["cache_bytes_per_rank"] > 0
+    ep1, ep4 = (e["variants"] for e in eps)
+    assert ep1["realb_rank_otf"]["lowered_fraction"] == 0.0  # one rank is never overloaded
+    assert ep4["realb_rank_otf"]["lowered_fraction"] > 0 and ep4["realb_rank_otf"]["rank_precision"][0] == "fp8"
+    assert ep4["realb_rank_otf"]["ranks"][0]["convert_ms"] is not None
+    assert ep4["realb_rank_persistent"]["cache_bytes_per_rank"] > 0
+    assert 0 < ep4["realb_expert_otf"]["lowered_fraction"] <= ep4["realb_rank_otf"]["lowered_fraction"]
+    assert eps[1]["max_over_mean"] == pytest.approx(workload.rank_load(4).max_over_mean)
+    assert VARIANTS["oracle_bf16"].kind == "oracle"
+
+
+def test_cli_layer_writes_json_and_markdown(tmp_path, capsys):
+    from realb_hf.bench.__main__ import main
+
+    argv = [
+        "layer", "--preset", "tiny", "--tokens", "256", "--skew", "1.3", "--ep", "1", "2",
+        "--variants", "stock_bf16", "realb_rank_otf", "oracle_bf16", "--warmup", "0", "--repeats", "1",
+        "--input-sets", "1", "--batch-threshold", "0", "--device", "cpu", "--dtype", "float32", "--no-progress",
+        "--no-plot", "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "layer-tiny.json").read_text())
+    assert data["kind"] == "layer" and data["env"]["argv"] == argv
+    for key in ("gpu", "torch", "transformers", "date", "command"):
+        assert key in data["env"]
+    assert data["workloads"][0]["skew_ep"] == 2
+    markdown = (tmp_path / "layer-tiny.md").read_text()
+    assert "| EP | max/mean load | variant |" in markdown and "realb_rank_otf" in markdown
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith(markdown.rstrip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_cli_model_tiny(tmp_path):
+    from realb_hf.bench.__main__ import main
+
+    argv = [
+        "model", "--preset", "tiny", "--requests", "2", "--request-tokens", "96", "--skew", "1.5", "--ep", "4",
+        "--variants", "stock_bf16", "realb_rank_otf", "--warmup", "0", "--repeats", "1", "--batch-threshold", "0",
+        "--device", "cpu", "--dtype", "float32", "--no-progress", "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "model-tiny.json").read_text())
+    assert set(data["variants"]) == {"stock_bf16", "realb_rank_otf"}
+    assert data["variants"]["realb_rank_otf"]["lowered_fraction"] > 0
