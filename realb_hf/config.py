@@ -213,6 +213,8 @@ class RealbConfig(QuantizationConfigMixin):
     def update(self, **kwargs: Any) -> dict[str, Any]:
         """Set fields, re-validate (restoring the old values if invalid) and return the unknown keys."""
         before = {name: getattr(self, name) for name in _FIELDS}
+        if kwargs.get("policy", "static") != "static" and "rank_precisions" not in kwargs:
+            kwargs = {**kwargs, "rank_precisions": None}  # leaving "static" drops its map
         unused = super().update(**kwargs)
         try:
             self.post_init()

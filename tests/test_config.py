@@ -116,3 +116,9 @@ def test_merge_at_reload_overrides_runtime_knobs_only():
     merged = auto.AutoHfQuantizer.merge_quantization_configs(saved, RealbConfig(policy="realb", modality_threshold=0.9))
     assert merged.policy == "realb" and merged.rank_precisions is None
     assert merged.modality_threshold == 0.9 and merged.ep_size == 2 and merged.low_precision == "fp8"
+
+
+def test_update_leaving_static_drops_its_map():
+    c = RealbConfig(policy="static", rank_precisions={0: "low"}, ep_size=2)
+    c.update(policy="realb")
+    assert c.policy == "realb" and c.rank_precisions is None

@@ -1,0 +1,139 @@
+"""ReaLB telemetry as Prometheus metrics, for the monitoring a serving fleet already runs.
+
+    from integrations.prometheus import serve_metrics
+    server = serve_metrics(model, port=9464)          # http://127.0.0.1:9464/metrics
+
+Metrics (namespace `realb`, label `layer` is the experts module's name, `rank` the EP rank):
+
+| metric | type | meaning |
+|---|---|---|
+| realb_forwards_total | counter | model forwards seen |
+| realb_layer_records_total{layer} | counter | MoE layer executions recorded |
+| realb_token_pairs_total{layer} | counter | token-expert pairs routed |
+| realb_lowered_token_pairs_total{layer} | counter | of those, computed in low precision |
+| realb_precision_switches_total{layer,rank} | counter | times a rank's precision changed between consecutive records |
+| realb_rank_tokens{layer,rank} | gauge | token-expert pairs of the rank in the latest record |
+| realb_rank_vision_share{layer,rank} | gauge | vision share of the rank's load in the latest record |
+| realb_rank_low_precision{layer,rank} | gauge | 1 if the rank ran (partly) in low precision in the latest record |
+| realb_balancedness_tokens{layer} | gauge | mean/max rank load (tokens), latest record |
+| realb_balancedness_cost_before{layer} / _after{layer} | gauge | mean/max predicted rank time, all high / as decided |
+| realb_predicted_speedup{layer} | gauge | slowest rank before / after the decision, latest record |
+| realb_persistent_cache_bytes | gauge | bytes of persistent low-precision weight copies |
+
+The lowered-token fraction is `rate(realb_lowered_token_pairs_total[5m]) / rate(realb_token_pairs_total[5m])`.
+Records are read at scrape time, so a scrape costs nothing on the serving path.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from .._extras import require
+
+EXTRA = "prometheus"
+
+
+class RealbCollector:
+    """A prometheus_client collector over one model's `realb_hf.Telemetry` (records ingested at scrape time)."""
+
+    def __init__(self, telemetry, namespace: str = "realb"):
+        self.telemetry = telemetry
+        self.namespace = namespace
+        self._seen = 0  # records ingested so far, counting those the telemetry window dropped
+        self._records = defaultdict(int)
+        self._pairs = defaultdict(int)
+        self._lowered = defaultdict(float)
+        self._switches = defaultdict(int)
+        self._last: dict[str, Any] = {}
+
+    def _ingest(self) -> None:
+        records = self.telemetry.records
+        total = self.telemetry.dropped + len(records)
+        if total < self._seen:  # telemetry was reset: counters keep counting from here
+            self._seen = 0
+        new = records[max(0, len(records) - (total - self._seen)) :]
+        for r in new:
+            pairs = sum(r.tokens_per_rank)
+            self._records[r.layer] += 1
+            self._pairs[r.layer] += pairs
+            self._lowered[r.layer] += r.lowered_fraction * pairs
+            previous = self._last.get(r.layer)
+            if previous is not None:
+                for rank, (old, cur) in enumerate(zip(previous.precision_per_rank, r.precision_per_rank)):
+                    if old != cur:
+                        self._switches[(r.layer, str(rank))] += 1
+            self._last[r.layer] = r
+        self._seen = total
+
+    def collect(self):
+        core = require("prometheus_client.core", EXTRA)
+        self._ingest()
+        ns = self.namespace
+
+        def family(kind, name, doc, labels=()):
+            cls = core.CounterMetricFamily if kind == "counter" else core.GaugeMetricFamily
+            return cls(f"{ns}_{name}", doc, labels=list(labels))
+
+        forwards = family("counter", "forwards", "Model forwards seen by ReaLB.")
+        forwards.add_metric([], self.telemetry.forwards)
+        yield forwards
+        for name, doc, values in (
+            ("layer_records", "MoE layer executions recorded.", self._records),
+            ("token_pairs", "Token-expert pairs routed.", self._pairs),
+            ("lowered_token_pairs", "Token-expert pairs computed in low precision.", self._lowered),
+        ):
+            metric = family("counter", name, doc, ["layer"])
+            for layer, value in sorted(values.items()):
+                metric.add_metric([layer], value)
+            yield metric
+        switches = family("counter", "precision_switches", "Precision changes of a rank between records.", ["layer", "rank"])
+        for (layer, rank), value in sorted(self._switches.items()):
+            switches.add_metric([layer, rank], value)
+        yield switches
+
+        per_rank = {
+            "rank_tokens": ("Token-expert pairs of the rank, latest record.", lambda r: r.tokens_per_rank),
+            "rank_vision_share": ("Vision share of the rank's load, latest record.", lambda r: r.vision_share_per_rank),
+            "rank_low_precision": (
+                "1 if the rank ran (partly) in low precision in the latest record.",
+                lambda r: [0.0 if p in ("bf16",) else 1.0 for p in r.precision_per_rank],
+            ),
+        }
+        for name, (doc, values_of) in per_rank.items():
+            metric = family("gauge", name, doc, ["layer", "rank"])
+            for layer, record in sorted(self._last.items()):
+                for rank, value in enumerate(values_of(record)):
+                    metric.add_metric([layer, str(rank)], value)
+            yield metric
+        for name, doc in (
+            ("balancedness_tokens", "mean/max rank load in tokens, latest record."),
+            ("balancedness_cost_before", "mean/max predicted rank time with every rank high, latest record."),
+            ("balancedness_cost_after", "mean/max predicted rank time as decided, latest record."),
+            ("predicted_speedup", "Slowest rank before / after the decision, latest record."),
+        ):
+            metric = family("gauge", name, doc, ["layer"])
+            for layer, record in sorted(self._last.items()):
+                metric.add_metric([layer], getattr(record, name))
+            yield metric
+        cache = family("gauge", "persistent_cache_bytes", "Bytes of persistent low-precision weight copies.")
+        cache.add_metric([], self.telemetry.extra_memory_bytes)
+        yield cache
+
+
+def register_model(model, registry=None, namespace: str = "realb") -> RealbCollector:
+    """Register a collector for `model`'s ReaLB telemetry (default: prometheus_client's global registry)."""
+    import realb_hf
+
+    client = require("prometheus_client", EXTRA)
+    collector = RealbCollector(realb_hf.get_telemetry(model), namespace)
+    (registry if registry is not None else client.REGISTRY).register(collector)
+    return collector
+
+
+def serve_metrics(model, port: int = 9464, addr: str = "127.0.0.1", registry=None):
+    """Register `model` and serve /metrics over HTTP on `addr:port`; returns (server, thread)."""
+    client = require("prometheus_client", EXTRA)
+    registry = registry if registry is not None else client.CollectorRegistry()
+    register_model(model, registry)
+    return client.start_http_server(port, addr=addr, registry=registry)
