@@ -4,6 +4,9 @@ The quantizer swaps an experts module's class for `Realb<Original>` (RealbExpert
 parameter, buffer, layout flag and `_apply_gate` of the original stays exactly as it was. Per forward:
 routing -> policy decision -> telemetry record -> if nothing is lowered, the stock forward (whatever
 `config._experts_implementation` selects); otherwise every precision runs its experts as one grouped GEMM.
+
+Under real expert parallelism (`realb_hf.distributed`), the ReaLB EP implementation decides from the global
+routing and calls `realb_run_local` / `realb_run_local_fp8` with this rank's local expert ids instead.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from transformers.activations import SiLUActivation
 from transformers.integrations.moe import _default_apply_gate
 
 from .formats import get_format
+from .formats.capability import cuda_capability
+from .formats.fp8 import _fp8_grouped_mm  # TODO(lead): expose as Fp8Format.expert_mlp on pre-quantized rows
+from .kernels import fp8_triton
 from .modality import TEXT
 from .policy import Decision, PolicyParams, RoutingStats, decide
 from .runtime import RealbRuntime
@@ -56,9 +62,14 @@ class RealbExperts(torch.nn.Module):
 
     # ---- routing ---------------------------------------------------------------------------------
 
-    def realb_routing_stats(self, top_k_index: torch.Tensor, modality: torch.Tensor | None) -> RoutingStats:
-        """Token-expert pairs per global expert, and how many of them are vision tokens (one host sync)."""
-        num_experts = self.num_experts
+    def realb_routing_counts(
+        self, top_k_index: torch.Tensor, modality: torch.Tensor | None, num_experts: int | None = None
+    ) -> torch.Tensor:
+        """(2, num_experts) on the routing's device: token-expert pairs per expert, and of those the vision ones.
+
+        Ids >= `num_experts` (EP sentinels) are not counted. No host sync, so EP can exchange it as it is.
+        """
+        num_experts = self.num_experts if num_experts is None else num_experts
         ids = top_k_index.reshape(-1)
         valid = ids < num_experts
         counts = torch.bincount(ids[valid], minlength=num_experts)
@@ -67,8 +78,24 @@ class RealbExperts(torch.nn.Module):
             vision = torch.bincount(ids[valid & vision_rows], minlength=num_experts)
         else:
             vision = torch.zeros_like(counts)
-        both = torch.stack([counts, vision]).tolist()
+        return torch.stack([counts, vision])
+
+    def realb_routing_stats(self, top_k_index: torch.Tensor, modality: torch.Tensor | None) -> RoutingStats:
+        """Token-expert pairs per global expert, and how many of them are vision tokens (one host sync)."""
+        both = self.realb_routing_counts(top_k_index, modality).tolist()
         return RoutingStats(tuple(both[0]), tuple(both[1]), int(top_k_index.shape[0]))
+
+    def realb_decide(self, stats: RoutingStats, params: PolicyParams, modality_source: str) -> Decision:
+        """The policy's decision for this layer and batch, recorded in telemetry."""
+        decision = decide(stats, params)
+        self.realb_record(stats, decision, params, modality_source)
+        return decision
+
+    def realb_record(self, stats: RoutingStats, decision: Decision, params: PolicyParams, modality_source: str) -> None:
+        """Telemetry record of one decision (EP calls it once the layer's GPU work is queued)."""
+        runtime = self.realb_runtime
+        record = make_record(runtime.telemetry.forwards, self.realb_name, stats, decision, params, modality_source)
+        runtime.telemetry.add(record)
 
     # ---- forward ---------------------------------------------------------------------------------
 
@@ -79,12 +106,76 @@ class RealbExperts(torch.nn.Module):
         params = runtime.params(hidden_states.device)
         modality = runtime.modality.for_rows(hidden_states.shape[0], self.realb_pool)
         stats = self.realb_routing_stats(top_k_index, modality)
-        decision = decide(stats, params)
         source = runtime.modality.source if modality is not None else "none"
-        runtime.telemetry.add(make_record(runtime.telemetry.forwards, self.realb_name, stats, decision, params, source))
+        decision = self.realb_decide(stats, params, source)
         if decision.all_high(params.high):
             return super().forward(hidden_states, top_k_index, top_k_weights)
-        return self._realb_mixed_forward(hidden_states, top_k_index, top_k_weights, decision, params)
+        return self._realb_mixed_forward(
+            hidden_states, top_k_index, top_k_weights, decision.expert_precision, params.high
+        )
+
+    # ---- real expert parallelism: called by realb_hf.distributed's EP implementations -------------
+
+    def realb_run_local(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        precisions: tuple[str, ...],
+        high: str,
+        ready=None,
+    ) -> torch.Tensor:
+        """This rank's experts on local ids (ids >= num_experts are other ranks' and contribute nothing).
+
+        `precisions` holds one precision per local expert, already decided from the global routing; `ready`
+        optionally holds weights converted ahead of time (`realb_hf.distributed.WeightPrefetch`).
+        """
+        if all(p == high for p in precisions):
+            return super().forward(hidden_states, top_k_index, top_k_weights)
+        return self._realb_mixed_forward(hidden_states, top_k_index, top_k_weights, precisions, high, ready)
+
+    def realb_run_local_fp8(
+        self,
+        xq: torch.Tensor,
+        x_scale: torch.Tensor,
+        expert_ids: torch.Tensor,
+        out_dtype: torch.dtype,
+        ready=None,
+        counts_host: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Rows that arrived already quantized to fp8 (rowwise, `formats.fp8.quantize_rowwise`), one local
+        expert per row and unit weight, through this rank's experts in fp8: no re-quantization of the input.
+        `xq` is the e4m3 data or its bytes (uint8, as received); `counts_host` (rows per local expert, when the
+        caller knows them) saves a host sync.
+        """
+        num_rows = xq.shape[0]
+        hidden_dim = self.down_proj.shape[-1] if self.is_transposed else self.down_proj.shape[1]
+        if num_rows == 0:
+            return torch.zeros(0, hidden_dim, dtype=out_dtype, device=xq.device)
+        ids_sorted, perm = torch.sort(expert_ids, stable=True)
+        counts = torch.bincount(ids_sorted, minlength=self.num_experts)
+        experts = [e for e, c in enumerate(counts.tolist() if counts_host is None else counts_host) if c]
+        first, down, covered = self._realb_packed("fp8", experts, ready)
+        offs = torch.cumsum(counts if covered is None else counts[covered], dim=0, dtype=torch.int32)
+        xq_sorted = xq[perm]  # gathered as bytes when received as bytes: uint8 indexing runs everywhere
+        if xq_sorted.dtype == torch.uint8:
+            xq_sorted = xq_sorted.view(torch.float8_e4m3fn)
+        h = _fp8_grouped_mm(xq_sorted, x_scale[perm], first, offs).to(out_dtype)
+        if self.has_bias:
+            h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[ids_sorted]
+        if self._realb_plain_swiglu() and fp8_triton.available(h.device) and cuda_capability(h.device) >= (9, 0):
+            hq, h_scale = fp8_triton.swiglu_quant_rows(h)
+            y = _fp8_grouped_mm(hq, h_scale, down, offs).to(out_dtype)
+        else:
+            h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+            y = get_format("fp8").grouped_linear(h, down, offs)
+        if self.has_bias:
+            y = y + self.down_proj_bias[ids_sorted]
+        if self.has_post_expert_norm:
+            y = self.post_expert_norm(y)
+        out = torch.empty_like(y)
+        out[perm] = y
+        return out
 
     def _realb_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(first, down) projection weights in the (E, N, K) layout every format expects (views, no copies)."""
@@ -94,31 +185,40 @@ class RealbExperts(torch.nn.Module):
             return first.transpose(-2, -1), down.transpose(-2, -1)
         return first, down
 
-    def _realb_packed(self, fmt_name: str, experts: list[int]) -> tuple[object, object, bool]:
-        """Packed (first, down) weights of `experts` in `fmt_name`, and whether they cover all experts.
-
-        on_the_fly: convert just these experts now (transient, freed after the layer).
-        persistent: convert all experts once and keep them; zero-row groups cost nothing in the GEMM.
-        """
+    def realb_convert(self, fmt_name: str, experts: list[int]) -> tuple[object, object]:
+        """`experts` (local ids, ascending) converted to `fmt_name` now: (first, down) packed weights."""
         fmt = get_format(fmt_name)
         first, down = self._realb_weights()
+        with torch.no_grad():
+            if experts == list(range(experts[0], experts[-1] + 1)):  # rank granularity: a slice, no gather
+                sel_first, sel_down = first[experts[0] : experts[-1] + 1], down[experts[0] : experts[-1] + 1]
+            else:
+                idx = torch.tensor(experts, device=first.device)
+                sel_first, sel_down = first.index_select(0, idx), down.index_select(0, idx)
+            return fmt.quantize_weight(sel_first.detach()), fmt.quantize_weight(sel_down.detach())
+
+    def _realb_packed(self, fmt_name: str, experts: list[int], ready=None) -> tuple[object, object, list[int] | None]:
+        """Packed (first, down) weights covering `experts` in `fmt_name`, and the experts they hold (None: all).
+
+        on_the_fly: convert just these experts now (transient, freed after the layer), unless `ready` already
+        converted a superset of them ahead of time (zero-row groups cost nothing in the GEMM).
+        persistent: convert all experts once and keep them.
+        """
+        first, down = self._realb_weights()
         if fmt_name == self.realb_runtime.config.high_precision:
-            return first, down, True
+            return first, down, None
         if self.realb_runtime.config.weight_cache == "persistent":
             if fmt_name not in self._realb_cache:
+                fmt = get_format(fmt_name)
                 with torch.no_grad():
                     packed = (fmt.quantize_weight(first.detach()), fmt.quantize_weight(down.detach()))
                 self._realb_cache[fmt_name] = packed
                 self.realb_runtime.telemetry.extra_memory_bytes += sum(fmt.weight_nbytes(p) for p in packed)
-            return *self._realb_cache[fmt_name], True
-        idx = torch.tensor(experts, device=first.device)
-        contiguous = experts == list(range(experts[0], experts[-1] + 1))
-        with torch.no_grad():
-            if contiguous:  # rank granularity: a slice, no gather
-                sel_first, sel_down = first[experts[0] : experts[-1] + 1], down[experts[0] : experts[-1] + 1]
-            else:
-                sel_first, sel_down = first.index_select(0, idx), down.index_select(0, idx)
-            return fmt.quantize_weight(sel_first.detach()), fmt.quantize_weight(sel_down.detach()), False
+            return *self._realb_cache[fmt_name], None
+        prepared = ready.get(fmt_name) if ready is not None else None
+        if prepared is not None and set(experts) <= set(prepared[2]):
+            return prepared
+        return *self.realb_convert(fmt_name, experts), experts
 
     def realb_free_cache(self) -> None:
         self._realb_cache = {}
@@ -128,15 +228,17 @@ class RealbExperts(torch.nn.Module):
         hidden_states: torch.Tensor,
         top_k_index: torch.Tensor,
         top_k_weights: torch.Tensor,
-        decision: Decision,
-        params: PolicyParams,
+        expert_precision: tuple[str, ...],
+        high: str,
+        ready=None,
     ) -> torch.Tensor:
+        """`expert_precision` has one entry per expert this module holds (all of them, or this rank's under EP)."""
         device = hidden_states.device
         num_tokens, top_k = top_k_index.shape
         num_experts = self.num_experts
-        formats = sorted(set(decision.expert_precision), key=lambda f: f != params.high)  # high first
+        formats = [high, *sorted(set(expert_precision) - {high})]  # code 0 is always high precision
         code_of = {f: i for i, f in enumerate(formats)}
-        expert_code = torch.tensor([code_of[p] for p in decision.expert_precision], device=device)
+        expert_code = torch.tensor([code_of[p] for p in expert_precision], device=device)
 
         ids = top_k_index.reshape(-1)
         weights = top_k_weights.reshape(-1)
@@ -166,7 +268,7 @@ class RealbExperts(torch.nn.Module):
             experts = [e for e in range(num_experts) if counts_host[code][e]]  # only experts with rows convert
             end = start + group_rows
             out[start:end] = self._realb_group(
-                fmt_name, hidden_states, rows[start:end], ids_sorted[start:end], counts[code], experts
+                fmt_name, hidden_states, rows[start:end], ids_sorted[start:end], counts[code], experts, ready
             )
             start = end
 
@@ -185,10 +287,11 @@ class RealbExperts(torch.nn.Module):
         ids: torch.Tensor,
         counts: torch.Tensor,
         experts: list[int],
+        ready=None,
     ) -> torch.Tensor:
         """One precision's rows (sorted by expert; `rows` index `hidden`) through both projections."""
-        first, down, full = self._realb_packed(fmt_name, experts)
-        offs = torch.cumsum(counts if full else counts[experts], dim=0, dtype=torch.int32)
+        first, down, covered = self._realb_packed(fmt_name, experts, ready)
+        offs = torch.cumsum(counts if covered is None else counts[covered], dim=0, dtype=torch.int32)
 
         def gate(h: torch.Tensor) -> torch.Tensor:
             if self.has_bias:

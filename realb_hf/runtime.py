@@ -6,6 +6,7 @@ Kept outside the modules' parameters so checkpoints hold exactly what the stock 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,6 +22,7 @@ class RealbRuntime:
     config: RealbConfig
     modality: ModalityTracker = field(default_factory=ModalityTracker)
     telemetry: Telemetry = field(default_factory=Telemetry)
+    ep: Any = None  # realb_hf.distributed.EpState under real expert parallelism (None: one process, virtual EP)
     _params: dict[str, PolicyParams] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -53,5 +55,9 @@ class RealbRuntime:
         unknown = sorted(set(changes) - set(allowed))
         if unknown:
             raise ValueError(f"cannot change {unknown} on a loaded model; runtime fields: {allowed}")
+        if self.ep is not None and changes.get("ep_size", self.ep.size) != self.ep.size:
+            raise ValueError(
+                f"ep_size is fixed at {self.ep.size} by the real expert parallelism this model was loaded with"
+            )
         self.config.update(**changes)
         self._params.clear()

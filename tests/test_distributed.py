@@ -1,0 +1,264 @@
+"""ReaLB under real expert parallelism on CPU (gloo): torchrun with 2 and 4 processes.
+
+- Equality (realb_hf/bench/ep_gpu_check.py, the script the GPU run uses): a tiny Qwen3-VL-MoE and a tiny
+  DeepSeek-V3 loaded with `DistributedConfig(tp_size=N, ep_size=N)` (dense layers replicated, and with the model's
+  own TP plan) and `DistributedConfig(fsdp_size=N, ep_size=N)`, in both token movements (all-reduce, all-to-all),
+  against one process with virtual EP of the same size: same logits (bf16 tolerance), same decisions on every
+  rank and as in one process, every rank ran its experts at the precision decided for it (fp8 / nvfp4 / bf16 /
+  mixed), fp8 dispatch where a rank was lowered to fp8, persistent copies split over the ranks.
+- Failure modes (this file run as a torchrun worker): wrong `RealbConfig.ep_size`, an EP size that does not divide
+  the experts, a mesh larger than the world, TP-only MoE sharding, an unsupported token movement -> clear errors
+  before any weight loads; a stalled rank -> the others raise `RealbCollectiveError` naming the collective after
+  the configured timeout instead of hanging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECK = ROOT / "realb_hf" / "bench" / "ep_gpu_check.py"
+FAMILIES = ("qwen3_vl_moe", "deepseek_v3")
+MODES = ("all_reduce", "all_to_all")
+STALL_TIMEOUT_S = 2.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, script: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def _tail(proc: subprocess.CompletedProcess) -> str:
+    return f"rc={proc.returncode}\nSTDOUT:\n{proc.stdout[-6000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """Tiny checkpoints saved once: the two families (in the layout transformers' EP loader reads) and a
+    Qwen3-VL-MoE with 3 experts (no EP size > 1 divides it)."""
+    from realb_hf.distributed import save_for_expert_parallel
+    from realb_hf.tiny import TINY_FAMILIES, build_tiny_model, tiny_qwen3_vl_moe_config
+
+    path = tmp_path_factory.mktemp("ep")
+    for name in FAMILIES:
+        save_for_expert_parallel(TINY_FAMILIES[name].build(seed=0), path / name)
+    save_for_expert_parallel(build_tiny_model(tiny_qwen3_vl_moe_config(num_experts=3)), path / "three_experts")
+    return path
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_real_ep_equals_virtual_ep(nproc, workdir, tmp_path):
+    out = tmp_path / "check.json"
+    forms = ("tp_replicated", "tp", "fsdp") if nproc == 2 else ("tp_replicated", "fsdp")
+    proc = torchrun(nproc, CHECK, "--skip-timing", "--workdir", str(workdir), "--out", str(out), "--forms", *forms)
+    assert out.exists(), _tail(proc)
+    checks = json.loads(out.read_text())["checks"]
+    failed = [c for c in checks if not c["ok"]]
+    assert not failed, json.dumps(failed, indent=1) + _tail(proc)
+    assert proc.returncode == 0, _tail(proc)
+
+    covered = {(c["family"], c["mode"]) for c in checks if c["form"] == "tp_replicated"}
+    assert covered == {(f, m) for f in FAMILIES for m in MODES}
+    assert {c["form"] for c in checks} == set(forms)
+    for c in checks:
+        assert c["decisions_agree"], c
+        if c["form"] == "tp_replicated":
+            assert c["rel_error"] < 1e-2, c
+        if c["case"] == "static":  # per-rank precision as configured: rank 0 fp8, last rank nvfp4, others bf16
+            assert [sorted(set(p)) for p in c["precision_per_rank_per_layer"]] == [["fp8"]] + [["bf16"]] * (
+                nproc - 2
+            ) + [["nvfp4"]]
+            if c["mode"] == "all_to_all":  # rank 0 got fp8 tokens in every layer, the others bf16 tokens
+                assert c["fp8_dispatch_per_rank"][0] == 2 and not any(c["fp8_dispatch_per_rank"][1:]), c
+                assert all(b.get("dispatch_fp8", 0) > 0 for b in c["comm_bytes_per_rank"]), c
+        if c["case"].startswith("realb"):
+            assert c["layers_lowered"] > 0, c  # the batch triggers the policy
+        if c["case"] == "realb_expert":
+            assert any("mixed" in p for rank in c["precision_per_rank_per_layer"] for p in rank) or nproc == 4
+        if c["case"] == "all_low_persistent":
+            assert all(b > 0 for b in c["extra_memory_bytes_per_rank"]), c
+        if c["mode"] == "all_reduce":
+            assert all(not b for b in c["comm_bytes_per_rank"]), c  # ReaLB adds no communication there
+
+
+def test_layout_errors_come_before_any_weight_loads_and_nonfinite_rows(workdir, tmp_path):
+    out = tmp_path / "errors.json"
+    proc = torchrun(2, Path(__file__), "errors", str(workdir), str(out), timeout=240)
+    assert out.exists(), _tail(proc)
+    results = json.loads(out.read_text())
+    assert proc.returncode == 0, _tail(proc)
+    expected = {
+        "ep_size_mismatch": ("ValueError", "RealbConfig.ep_size=4 does not match DistributedConfig(ep_size=2)"),
+        "experts_not_divisible": ("ValueError", "DistributedConfig(ep_size=2) must divide the number of experts"),
+        "mesh_larger_than_world": ("RuntimeError", "The parallel mesh requires 4 processes, but world_size is 2"),
+        "tp_only_moe": ("ValueError", "TP-only MoE sharding"),
+        "unsupported_token_movement": ("ValueError", "ReaLB runs with DistributedConfig(ep_implementation=...)"),
+    }
+    for name, (kind, text) in expected.items():
+        got = results[name]
+        assert got["type"] == kind and text in got["message"], (name, got)
+        assert not got["weights_loaded"], name
+    assert results["auto_ep_size"] == 2  # RealbConfig.ep_size left at 1 follows the EP world
+    finite, nonfinite = results["nonfinite"]["finite"], results["nonfinite"]["nonfinite"]
+    assert finite["fp8_dispatch"] and finite["rel"] < 1e-2, finite
+    assert not nonfinite["fp8_dispatch"] and nonfinite["same_nonfinite"] and nonfinite["rel"] < 1e-2, nonfinite
+
+
+def test_stalled_rank_raises_a_timeout_naming_the_collective(workdir, tmp_path):
+    out = tmp_path / "stall.json"
+    proc = torchrun(2, Path(__file__), "stall", str(workdir), str(out), timeout=240)
+    assert out.exists(), _tail(proc)
+    result = json.loads(out.read_text())
+    assert result["type"] == "RealbCollectiveError", result
+    assert "'all_gather of the routing counts'" in result["message"], result
+    assert "collective timeout: 2 s" in result["message"] and "EP rank 0 of 2" in result["message"], result
+    assert result["elapsed_s"] < STALL_TIMEOUT_S + 10, result
+
+
+# ---- workers (run by torchrun: python tests/test_distributed.py SCENARIO WORKDIR OUT) ------------------------
+
+
+def _load(path, dc, **realb):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    import realb_hf
+
+    return AutoModelForImageTextToText.from_pretrained(
+        path, dtype=torch.bfloat16, distributed_config=dc, quantization_config=realb_hf.RealbConfig(**realb)
+    ).eval()
+
+
+def _errors_worker(workdir: Path) -> dict:
+    from transformers import modeling_utils
+    from transformers.distributed import DistributedConfig
+
+    loaded = []
+    original = modeling_utils.PreTrainedModel._load_pretrained_model
+
+    def guard(*args, **kwargs):
+        loaded.append(True)
+        return original(*args, **kwargs)
+
+    modeling_utils.PreTrainedModel._load_pretrained_model = staticmethod(guard)
+    qwen, three = workdir / "qwen3_vl_moe", workdir / "three_experts"
+    scenarios = {
+        "ep_size_mismatch": (qwen, dict(tp_size=2, ep_size=2), dict(ep_size=4)),
+        "experts_not_divisible": (three, dict(tp_size=2, ep_size=2), {}),
+        "mesh_larger_than_world": (qwen, dict(tp_size=4, ep_size=4), {}),
+        "tp_only_moe": (qwen, dict(tp_size=2), {}),
+        "unsupported_token_movement": (qwen, dict(tp_size=2, ep_size=2, ep_implementation="deepgemm_megamoe"), {}),
+    }
+    results = {}
+    for name, (path, dc_kwargs, realb) in scenarios.items():
+        loaded.clear()
+        try:
+            _load(path, DistributedConfig(**dc_kwargs), **realb)
+            results[name] = {"type": None, "message": "no error", "weights_loaded": bool(loaded)}
+        except Exception as error:
+            results[name] = {"type": type(error).__name__, "message": str(error), "weights_loaded": bool(loaded)}
+    model = _load(qwen, DistributedConfig(tp_size=2, ep_size=2), policy="off")
+    results["auto_ep_size"] = model.realb.config.ep_size
+    results["nonfinite"] = _nonfinite_rows(qwen)
+    return results
+
+
+def _nonfinite_rows(path: Path) -> dict:
+    """One experts layer called directly under all-to-all with rank 0 lowered to fp8: finite inputs travel as fp8,
+    a batch holding inf/NaN rows travels in bf16 (those rows are computed in bf16, as in one process)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+    from transformers.distributed import DistributedConfig
+
+    import realb_hf
+
+    knobs = dict(policy="static", rank_precisions={0: "low"}, low_precision="fp8", ep_size=2)
+    dc = DistributedConfig(tp_size=2, ep_size=2, ep_implementation="all_to_all")
+    layer = _load(path, dc, **knobs).model.language_model.layers[0].mlp.experts
+    ref_model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=torch.bfloat16, quantization_config=realb_hf.RealbConfig(**knobs)
+    )
+    ref = ref_model.model.language_model.layers[0].mlp.experts
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(64, 64, generator=gen).to(torch.bfloat16)
+    ids = torch.randint(0, 8, (64, 2), generator=gen)
+    weights = torch.softmax(torch.randn(64, 2, generator=gen), -1).to(torch.bfloat16)
+    out = {}
+    with torch.no_grad():
+        for name in ("finite", "nonfinite"):
+            if name == "nonfinite":
+                hidden[3] = float("inf")
+                hidden[7, 5] = float("nan")
+            got, want = layer(hidden, ids, weights), ref(hidden, ids, weights)
+            same_bad = torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+            good = torch.isfinite(want).all(-1)
+            err = ((got[good] - want[good]).float().norm() / want[good].float().norm()).item()
+            sent = [a["fp8_dispatch"] for a in layer.realb_runtime.ep.applied][-1]
+            out[name] = {"rel": err, "same_nonfinite": same_bad, "fp8_dispatch": sent}
+    return out
+
+
+def _stall_worker(workdir: Path) -> dict | None:
+    import torch
+    import torch.distributed as dist
+    from transformers.distributed import DistributedConfig
+
+    from realb_hf.bench.ep_gpu_check import replicated_tp_plan
+    from realb_hf.distributed import set_collective_timeout
+    from realb_hf.tiny import qwen3_vl_image_batch
+
+    path = workdir / "qwen3_vl_moe"
+    tp_plan = replicated_tp_plan(str(path), "qwen3_vl_moe")  # no TP collectives: the EP ones come first
+    dc = DistributedConfig(tp_size=2, ep_size=2, ep_implementation="all_to_all", tp_plan=tp_plan)
+    model = _load(path, dc, policy="off")
+    set_collective_timeout(model, STALL_TIMEOUT_S)
+    dist.barrier()
+    if dist.get_rank() == 1:  # stalls: never reaches the layer's collectives
+        time.sleep(STALL_TIMEOUT_S * 4)
+        return None
+    batch = qwen3_vl_image_batch(batch=1, config=model.config)
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            model(**batch.kwargs)
+        return {"type": None, "message": "no error", "elapsed_s": time.perf_counter() - start}
+    except Exception as error:
+        return {"type": type(error).__name__, "message": str(error), "elapsed_s": time.perf_counter() - start}
+
+
+def _worker(scenario: str, workdir: str, out: str) -> None:
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    from realb_hf.distributed import init_distributed
+
+    rank, _, _ = init_distributed(timeout_s=120)
+    result = (_errors_worker if scenario == "errors" else _stall_worker)(Path(workdir))
+    if rank == 0:
+        Path(out).write_text(json.dumps(result, indent=1))
+    sys.stdout.flush()
+    os._exit(0)  # a process group with a timed-out peer must not be torn down collectively
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:4])
