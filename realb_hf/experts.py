@@ -16,11 +16,9 @@ from transformers.activations import SiLUActivation
 from transformers.integrations.moe import _default_apply_gate
 
 from .formats import get_format
-from .formats.capability import cuda_capability
-from .formats.fp8 import _fp8_grouped_mm  # TODO(lead): expose as Fp8Format.expert_mlp on pre-quantized rows
-from .kernels import fp8_triton
+from .kernels.combine import weighted_combine
 from .modality import TEXT
-from .policy import Decision, PolicyParams, RoutingStats, decide
+from .policy import Decision, PolicyParams, RoutingStats, decide, needs_routing
 from .runtime import RealbRuntime
 from .telemetry import make_record
 
@@ -71,14 +69,15 @@ class RealbExperts(torch.nn.Module):
         """
         num_experts = self.num_experts if num_experts is None else num_experts
         ids = top_k_index.reshape(-1)
-        valid = ids < num_experts
-        counts = torch.bincount(ids[valid], minlength=num_experts)
+        bins = torch.where(ids < num_experts, ids, num_experts)  # sentinels land in a spare bin
         if modality is not None:
             vision_rows = (modality != TEXT).repeat_interleave(top_k_index.shape[-1])
-            vision = torch.bincount(ids[valid & vision_rows], minlength=num_experts)
-        else:
-            vision = torch.zeros_like(counts)
-        return torch.stack([counts, vision])
+            bins = bins + (num_experts + 1) * vision_rows
+        # scatter_add, not bincount: CUDA bincount reads its input's max back to the host.
+        counts = torch.zeros(2 * (num_experts + 1), dtype=torch.long, device=ids.device)
+        counts.scatter_add_(0, bins, torch.ones_like(bins))
+        counts = counts.view(2, num_experts + 1)[:, :num_experts]
+        return torch.stack([counts[0] + counts[1], counts[1]])
 
     def realb_routing_stats(self, top_k_index: torch.Tensor, modality: torch.Tensor | None) -> RoutingStats:
         """Token-expert pairs per global expert, and how many of them are vision tokens (one host sync)."""
@@ -105,9 +104,16 @@ class RealbExperts(torch.nn.Module):
             return super().forward(hidden_states, top_k_index, top_k_weights)
         params = runtime.params(hidden_states.device)
         modality = runtime.modality.for_rows(hidden_states.shape[0], self.realb_pool)
-        stats = self.realb_routing_stats(top_k_index, modality)
         source = runtime.modality.source if modality is not None else "none"
-        decision = self.realb_decide(stats, params, source)
+        num_tokens = hidden_states.shape[0]
+        if needs_routing(params, num_tokens):  # the one host sync, only where the decision reads the counts
+            stats = self.realb_routing_stats(top_k_index, modality)
+            decision = self.realb_decide(stats, params, source)
+        else:
+            decision = decide(RoutingStats.empty(self.num_experts, num_tokens), params)
+            if runtime.telemetry.enabled:  # counts stay on the device until telemetry is read
+                counts = self.realb_routing_counts(top_k_index, modality)
+                runtime.telemetry.add_deferred(self.realb_name, counts, num_tokens, decision, params, source)
         if decision.all_high(params.high):
             return super().forward(hidden_states, top_k_index, top_k_weights)
         return self._realb_mixed_forward(
@@ -153,22 +159,19 @@ class RealbExperts(torch.nn.Module):
         if num_rows == 0:
             return torch.zeros(0, hidden_dim, dtype=out_dtype, device=xq.device)
         ids_sorted, perm = torch.sort(expert_ids, stable=True)
-        counts = torch.bincount(ids_sorted, minlength=self.num_experts)
-        experts = [e for e, c in enumerate(counts.tolist() if counts_host is None else counts_host) if c]
+        if counts_host is None:
+            counts_host = torch.bincount(ids_sorted, minlength=self.num_experts).tolist()
+        experts = [e for e, c in enumerate(counts_host) if c]
         first, down, covered = self._realb_packed("fp8", experts, ready)
-        offs = torch.cumsum(counts if covered is None else counts[covered], dim=0, dtype=torch.int32)
+        offs = _offsets(counts_host, covered, xq.device)
         xq_sorted = xq[perm]  # gathered as bytes when received as bytes: uint8 indexing runs everywhere
         if xq_sorted.dtype == torch.uint8:
             xq_sorted = xq_sorted.view(torch.float8_e4m3fn)
-        h = _fp8_grouped_mm(xq_sorted, x_scale[perm], first, offs).to(out_dtype)
-        if self.has_bias:
-            h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[ids_sorted]
-        if self._realb_plain_swiglu() and fp8_triton.available(h.device) and cuda_capability(h.device) >= (9, 0):
-            hq, h_scale = fp8_triton.swiglu_quant_rows(h)
-            y = _fp8_grouped_mm(hq, h_scale, down, offs).to(out_dtype)
-        else:
-            h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-            y = get_format("fp8").grouped_linear(h, down, offs)
+        fmt = get_format("fp8")
+        gate = self._realb_gate(ids_sorted)
+        y = fmt.mlp_on_quantized(
+            xq_sorted, x_scale[perm], first, down, offs, gate, self._realb_plain_swiglu(), out_dtype
+        )
         if self.has_bias:
             y = y + self.down_proj_bias[ids_sorted]
         if self.has_post_expert_norm:
@@ -238,7 +241,7 @@ class RealbExperts(torch.nn.Module):
         num_experts = self.num_experts
         formats = [high, *sorted(set(expert_precision) - {high})]  # code 0 is always high precision
         code_of = {f: i for i, f in enumerate(formats)}
-        expert_code = torch.tensor([code_of[p] for p in expert_precision], device=device)
+        expert_code = self._realb_expert_code(tuple(code_of[p] for p in expert_precision), device)
 
         ids = top_k_index.reshape(-1)
         weights = top_k_weights.reshape(-1)
@@ -255,29 +258,42 @@ class RealbExperts(torch.nn.Module):
         rows = perm // top_k  # token of each sorted row: formats gather (and may quantize) in one pass
         ids_sorted = safe_ids[perm]
         # rows per (format, expert); the sentinel block sits after every format's block.
-        counts = torch.bincount(key_sorted, minlength=(len(formats) + 1) * num_experts)
+        counts = torch.zeros((len(formats) + 1) * num_experts, dtype=torch.long, device=device)
+        counts.scatter_add_(0, key_sorted, torch.ones_like(key_sorted))
         counts = counts[: len(formats) * num_experts].view(len(formats), num_experts)
         counts_host = counts.tolist()
 
-        out = hidden_states.new_zeros(ids.shape[0], hidden_states.shape[-1])
-        start = 0
+        outputs, start = [], 0
         for code, fmt_name in enumerate(formats):
             group_rows = sum(counts_host[code])
             if group_rows == 0:
                 continue
             experts = [e for e in range(num_experts) if counts_host[code][e]]  # only experts with rows convert
             end = start + group_rows
-            out[start:end] = self._realb_group(
-                fmt_name, hidden_states, rows[start:end], ids_sorted[start:end], counts[code], experts, ready
+            outputs.append(
+                self._realb_group(
+                    fmt_name, hidden_states, rows[start:end], ids_sorted[start:end], counts_host[code], experts, ready
+                )
             )
             start = end
-
+        hidden_dim = hidden_states.shape[-1]
+        y = (
+            torch.cat(outputs)
+            if len(outputs) > 1
+            else outputs[0]
+            if outputs
+            else hidden_states.new_empty(0, hidden_dim)
+        )
         if self.has_post_expert_norm:
-            out[:start] = self.post_expert_norm(out[:start])
-        out = out * weights[perm].masked_fill(sentinel[perm], 0.0).unsqueeze(-1)
-        unsorted = torch.empty_like(out)
-        unsorted[perm] = out
-        return unsorted.view(num_tokens, top_k, hidden_states.shape[-1]).sum(dim=1).to(hidden_states.dtype)
+            y = self.post_expert_norm(y)
+        # Position of every (token, slot) among the computed rows; -1 for other ranks' experts.
+        position = torch.empty_like(perm)
+        position[perm] = torch.arange(perm.numel(), device=device)
+        position = torch.where(position < start, position, -1)
+        out = weighted_combine(
+            y.to(hidden_states.dtype), position.view(num_tokens, top_k), weights.view(num_tokens, top_k)
+        )
+        return out.to(hidden_states.dtype)
 
     def _realb_group(
         self,
@@ -285,23 +301,39 @@ class RealbExperts(torch.nn.Module):
         hidden: torch.Tensor,
         rows: torch.Tensor,
         ids: torch.Tensor,
-        counts: torch.Tensor,
+        counts_host: list[int],
         experts: list[int],
         ready=None,
     ) -> torch.Tensor:
         """One precision's rows (sorted by expert; `rows` index `hidden`) through both projections."""
         first, down, covered = self._realb_packed(fmt_name, experts, ready)
-        offs = torch.cumsum(counts if covered is None else counts[covered], dim=0, dtype=torch.int32)
+        offs = _offsets(counts_host, covered, hidden.device)
+        gate = self._realb_gate(ids)
+        y = get_format(fmt_name).expert_mlp(hidden, rows, first, down, offs, gate, self._realb_plain_swiglu())
+        if self.has_bias:
+            y = y + self.down_proj_bias[ids]
+        return y
+
+    def _realb_gate(self, ids: torch.Tensor):
+        """First projection's output -> down projection's input for rows of experts `ids` (bias, then gating)."""
 
         def gate(h: torch.Tensor) -> torch.Tensor:
             if self.has_bias:
                 h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[ids]
             return self._apply_gate(h) if self.has_gate else self.act_fn(h)
 
-        y = get_format(fmt_name).expert_mlp(hidden, rows, first, down, offs, gate, self._realb_plain_swiglu())
-        if self.has_bias:
-            y = y + self.down_proj_bias[ids]
-        return y
+        return gate
+
+    def _realb_expert_code(self, codes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Per-expert format codes on the device, cached: a decision repeats across batches, and building the
+        tensor from host memory would stall the stream on every call."""
+        cache = self.__dict__.setdefault("_realb_code_cache", {})
+        key = (codes, str(device))
+        if key not in cache:
+            if len(cache) >= 64:
+                cache.clear()
+            cache[key] = _host_to_device(list(codes), torch.long, device)
+        return cache[key]
 
     def _realb_plain_swiglu(self) -> bool:
         """silu(gate) * up on a concatenated gate|up without bias: what fused SwiGLU kernels compute."""
@@ -312,3 +344,21 @@ class RealbExperts(torch.nn.Module):
             and type(self)._apply_gate is _default_apply_gate
             and isinstance(getattr(self, "act_fn", None), (torch.nn.SiLU, SiLUActivation))
         )
+
+
+def _host_to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on `device` without a stream stall (pinned staging, non-blocking copy)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _offsets(counts_host: list[int], covered: list[int] | None, device: torch.device) -> torch.Tensor:
+    """int32 cumulative row ends per expert group (all experts, or only `covered` ones), built on the host."""
+    counts = counts_host if covered is None else [counts_host[e] for e in covered]
+    ends, total = [], 0
+    for c in counts:
+        total += c
+        ends.append(total)
+    return _host_to_device(ends, torch.int32, device)

@@ -2,8 +2,8 @@
 
 MoE blocks flatten (batch, seq, hidden) to (batch * seq, hidden), so a mask flattened the same way lines up
 with the rows the experts see. Decoder layers of most VLMs pass nothing modality-related down to the MoE
-block, hence a forward pre-hook on the model reads `mm_token_type_ids` (or compares `input_ids` with the
-image/video placeholder ids) and every experts module reads the result.
+block, hence a forward pre-hook on the model reads `mm_token_type_ids` (else DeepSeek-VL2's `images_seq_mask`,
+else compares `input_ids` with the image/video placeholder ids) and every experts module reads the result.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 TEXT, IMAGE, VIDEO = 0, 1, 2
 
 SOURCE_TYPE_IDS = "mm_token_type_ids"
+SOURCE_IMAGE_MASK = "images_seq_mask"  # DeepSeek-VL2 (remote code): bool (batch, seq), True on image positions
 SOURCE_TOKEN_IDS = "input_ids"
 SOURCE_NONE = "none"  # only embeddings were given: every token counts as text
 
@@ -35,7 +36,9 @@ def placeholder_ids(config) -> tuple[int | None, int | None]:
                 return value
         return None
 
-    return first("image_token_id", "image_token_index"), first("video_token_id", "video_token_index")
+    # Kimi-VL (remote code) names its image placeholder `media_placeholder_token_id`.
+    image = first("image_token_id", "image_token_index", "media_placeholder_token_id")
+    return image, first("video_token_id", "video_token_index")
 
 
 def modality_from_inputs(
@@ -75,7 +78,12 @@ class ModalityTracker:
         if input_ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             input_ids = args[0]
         type_ids = next((kwargs[k] for k in _TYPE_ID_KEYS if kwargs.get(k) is not None), None)
+        image_mask = kwargs.get(SOURCE_IMAGE_MASK) if type_ids is None else None
+        if image_mask is not None:  # True (1) on image positions: the same codes as type ids
+            type_ids = image_mask.to(torch.int8)
         codes, self.source = modality_from_inputs(input_ids, type_ids, self.image_token_id, self.video_token_id)
+        if image_mask is not None:
+            self.source = SOURCE_IMAGE_MASK
         self.codes = None if codes is None else codes.reshape(-1)
 
     def clear(self) -> None:

@@ -45,6 +45,12 @@ class RoutingStats:
     def num_experts(self) -> int:
         return len(self.expert_tokens)
 
+    @classmethod
+    def empty(cls, num_experts: int, num_tokens: int) -> RoutingStats:
+        """Stand-in counts for decisions that do not read them (see `needs_routing`)."""
+        zeros = (0,) * num_experts
+        return cls(zeros, zeros, num_tokens)
+
 
 @dataclass(frozen=True)
 class PolicyParams:
@@ -137,6 +143,11 @@ def overloaded_ranks(tokens: Sequence[int], imbalance_threshold: float) -> list[
     """Ranks whose load exceeds the mean by more than `imbalance_threshold` (a fraction of the mean)."""
     mean = sum(tokens) / len(tokens)
     return [r for r, t in enumerate(tokens) if t > mean * (1.0 + imbalance_threshold)]
+
+
+def needs_routing(params: PolicyParams, num_tokens: int) -> bool:
+    """Whether `decide` reads the routing counts: only the dynamic policy, at or above the batch threshold."""
+    return params.policy == "realb" and num_tokens >= params.batch_threshold
 
 
 def decide(stats: RoutingStats, params: PolicyParams) -> Decision:

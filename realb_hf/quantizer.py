@@ -9,9 +9,18 @@ from __future__ import annotations
 from transformers.quantizers.base import HfQuantizer
 
 from .config import RealbConfig
+from .distributed import install_expert_parallel, prepare_expert_parallel
 from .experts import RealbExperts, is_fused_experts, realb_class_for
 from .formats import get_format
 from .modality import POOL_TEXT, POOL_VISION
+from .modulelist import (  # per-expert nn.ModuleList MoE blocks (remote-code DeepSeek-VL2, Kimi-VL)
+    REMOTE_CODE_FAMILIES,
+    find_modulelist_moe,
+    layout_stand_in,
+    patch_modulelist_moe,
+    stack_modulelist_experts,
+    unstack_modulelist_experts,
+)
 from .policy import expert_ranges
 from .runtime import RealbRuntime
 
@@ -81,17 +90,29 @@ def replace_with_realb_experts(model, config: RealbConfig, runtime: RealbRuntime
         module.__class__ = realb_class_for(type(module))
         module.realb_attach(runtime, name, _pool_of(name))
         replaced.append(name)
+    # ---- per-expert nn.ModuleList MoE blocks (realb_hf/modulelist.py); their weights are stacked after loading ----
+    modulelist_blocks = list(find_modulelist_moe(model))
+    for name, block in modulelist_blocks:
+        if any(fragment in name for fragment in skip):
+            continue
+        expert_ranges(len(block.experts), config.ep_size)
+        check_block_sizes(name, layout_stand_in(name, block.experts), formats)
+        patch_modulelist_moe(block, runtime, name, _pool_of(name))
+        replaced.append(name)
+    # ---- end of per-expert nn.ModuleList MoE blocks ----
     if not replaced:
         model_type = getattr(model.config, "model_type", type(model).__name__)
         why = (
             f"all of them matched modules_to_not_convert={skip}"
-            if any(is_fused_experts(m) for _, m in model.named_modules())
-            else "it has no fused experts module (a class decorated with transformers' @use_experts_implementation)"
+            if modulelist_blocks or any(is_fused_experts(m) for _, m in model.named_modules())
+            else "it has no fused experts module (a class decorated with transformers' @use_experts_implementation) "
+            "and no per-expert nn.ModuleList MoE block (experts + gate + moe_infer)"
         )
         raise ValueError(
             f"ReaLB found nothing to convert in model type {model_type!r}: {why}. "
             f"Supported families include {list(SUPPORTED_FAMILIES)} and every other model whose experts use "
-            "@use_experts_implementation; Llama4 and per-expert ModuleList MoEs are not supported."
+            "@use_experts_implementation, and the remote-code DeepSeek-V2/V3 MoE layout "
+            f"({list(REMOTE_CODE_FAMILIES)}, trust_remote_code=True); Llama4 is not supported."
         )
     return replaced
 
@@ -110,6 +131,8 @@ class RealbHfQuantizer(HfQuantizer):
         self.quantization_config.post_init()
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        # Under DistributedConfig(ep_size=N): layout checks and RealbConfig.ep_size, before any weight loads.
+        prepare_expert_parallel(model, self.quantization_config)
         self.runtime = RealbRuntime.for_model(model, self.quantization_config)
         replace_with_realb_experts(model, self.quantization_config, self.runtime)
         return model
@@ -117,7 +140,17 @@ class RealbHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         self.runtime.modality.attach(model, on_forward=self.runtime.telemetry.next_forward)
         model.realb = self.runtime
+        # transformers split the experts by EP after the pre-load hook: give them ReaLB's token movement now.
+        install_expert_parallel(model, self.runtime)
+        # Per-expert ModuleList experts: weights move into one stacked tensor pair per layer (no second copy kept).
+        stack_modulelist_experts(model)
         return model
+
+    def get_state_dict_and_metadata(self, model):
+        # Stacked ModuleList experts share one storage per layer, which transformers would clone all at once while
+        # saving: give each expert weight its own storage first (one layer at a time; restacked when next lowered).
+        unstack_modulelist_experts(model)
+        return super().get_state_dict_and_metadata(model)
 
     def is_serializable(self) -> bool:
         return True

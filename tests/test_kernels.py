@@ -67,3 +67,28 @@ def test_fused_expert_mlp_matches_composed_path():
     composed = fmt.expert_mlp(x, src, first, down, offs, gate, fused_swiglu=False)
     assert fused.shape == (rows, hidden)
     assert ((fused.float() - composed.float()).norm() / composed.float().norm()).item() < 0.02
+
+
+def test_combine_reference_matches_stock_weighting():
+    from realb_hf.kernels.combine import weighted_combine_reference
+
+    y = torch.randn(12, 16, dtype=torch.bfloat16)
+    pos = torch.tensor([[0, 5], [3, -1], [11, 2]])
+    w = torch.rand(3, 2, dtype=torch.bfloat16)
+    out = weighted_combine_reference(y, pos, w)
+    expected = torch.stack([y[0] * w[0, 0] + y[5] * w[0, 1], y[3] * w[1, 0], y[11] * w[2, 0] + y[2] * w[2, 1]])
+    assert torch.allclose(out.float(), expected.float(), rtol=1e-2, atol=1e-2)
+    assert out.dtype == torch.bfloat16
+
+
+@cuda
+@pytest.mark.parametrize("weights_dtype", [torch.bfloat16, torch.float32])
+def test_combine_kernel_matches_reference(weights_dtype):
+    from realb_hf.kernels.combine import weighted_combine, weighted_combine_reference
+
+    y = torch.randn(5000, 2048, device="cuda", dtype=torch.bfloat16)
+    pos = torch.randint(-1, 5000, (700, 8), device="cuda")
+    w = torch.rand(700, 8, device="cuda").to(weights_dtype)
+    out, ref = weighted_combine(y, pos, w), weighted_combine_reference(y, pos, w)
+    assert out.dtype == ref.dtype
+    assert torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-2)

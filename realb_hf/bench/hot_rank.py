@@ -21,8 +21,8 @@ import torch
 PRESETS = {
     # Qwen3-VL-30B-A3B: hidden 2048, moe_intermediate 768, 128 experts, top-8; EP=4 -> 32 experts per rank.
     "qwen3-vl-30b-a3b": dict(hidden=2048, inter=768, local_experts=32, top_k=8),
-    # DeepSeek-V2-style experts as in DeepSeek-VL2-Small (hidden 2560, moe_intermediate 1536, 64 routed, top-6); EP=4.
-    "deepseek-vl2-small": dict(hidden=2560, inter=1536, local_experts=16, top_k=6),
+    # DeepSeek-VL2 (DeepSeek-V2-style MoE: hidden 2560, moe_intermediate 1536, 72 routed experts, top-6); EP=4.
+    "deepseek-vl2": dict(hidden=2560, inter=1536, local_experts=18, top_k=6),
 }
 
 

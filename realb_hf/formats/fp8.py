@@ -145,20 +145,40 @@ class Fp8Format(PrecisionFormat):
         return _fp8_grouped_mm(xq, x_scale, packed, offs).to(x.dtype)
 
     def expert_mlp(self, hidden, rows, first, down, offs, gate, fused_swiglu=False):
-        """On sm90 with Triton: gather+quantize in one pass, fp8 GEMM, SwiGLU+quantize in one pass, fp8 GEMM.
+        """Gather + quantize the rows (one Triton pass on CUDA), then `mlp_on_quantized`."""
+        from ..kernels import fp8_triton
 
-        Elsewhere (or with a model-specific gate) the composed path of `PrecisionFormat.expert_mlp`.
+        if rows.numel() == 0:
+            return hidden.new_empty((0, down.data.shape[1]))
+        if fp8_triton.available(hidden.device):
+            xq, x_scale = fp8_triton.gather_quant_rows(hidden, rows)
+        else:
+            xq, x_scale = quantize_rowwise(hidden[rows])
+        return self.mlp_on_quantized(xq, x_scale, first, down, offs, gate, fused_swiglu, hidden.dtype)
+
+    def mlp_on_quantized(
+        self,
+        xq: torch.Tensor,
+        x_scale: torch.Tensor,
+        first: Fp8Weight,
+        down: Fp8Weight,
+        offs: torch.Tensor,
+        gate,
+        fused_swiglu: bool,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """The expert MLP on rows already in fp8 (quantized here, or received so over the EP all-to-all).
+
+        On sm90 with Triton and plain SwiGLU: fp8 GEMM, SwiGLU fused with the quantization of its output, fp8
+        GEMM. Otherwise the model's `gate` in `out_dtype` and a dynamically quantized second GEMM.
         """
         from ..kernels import fp8_triton
 
-        if not (fused_swiglu and fp8_triton.available(hidden.device) and cuda_capability(hidden.device) >= (9, 0)):
-            return super().expert_mlp(hidden, rows, first, down, offs, gate, fused_swiglu)
-        if rows.numel() == 0:
-            return hidden.new_empty((0, down.data.shape[1]))
-        xq, x_scale = fp8_triton.gather_quant_rows(hidden, rows)
         h = _fp8_grouped_mm(xq, x_scale, first, offs)
-        hq, h_scale = fp8_triton.swiglu_quant_rows(h)
-        return _fp8_grouped_mm(hq, h_scale, down, offs).to(hidden.dtype)
+        if fused_swiglu and fp8_triton.available(h.device) and cuda_capability(h.device) >= (9, 0):
+            hq, h_scale = fp8_triton.swiglu_quant_rows(h)
+            return _fp8_grouped_mm(hq, h_scale, down, offs).to(out_dtype)
+        return self.grouped_linear(gate(h.to(out_dtype)), down, offs)
 
 
 def _fp8_grouped_mm(xq: torch.Tensor, x_scale: torch.Tensor, packed: Fp8Weight, offs: torch.Tensor) -> torch.Tensor:

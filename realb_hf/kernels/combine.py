@@ -3,7 +3,11 @@
 The experts' rows come out sorted by (precision, expert); every token must gather its top-k rows back,
 weight them and add them up. Done with torch ops that is a scatter (or gather) of the whole (S, H) matrix,
 a multiply and a reduction: three passes over S x H. On CUDA one Triton program per token reads its k
-rows once and accumulates in fp32. Slots whose position is < 0 (other EP ranks' experts) contribute 0.
+rows once. Slots whose position is < 0 (other EP ranks' experts) contribute 0.
+
+Rounding follows transformers' stock combine (`(rows * weights).sum(dim=1)`): each product is rounded to
+the promoted dtype of rows and weights (bf16 when both are bf16), the sum accumulates in fp32 and is rounded
+once, so a ReaLB layer combines exactly like the stock layer and like transformers' EP combine.
 """
 
 from __future__ import annotations
@@ -20,17 +24,26 @@ except ImportError:
 
 def weighted_combine_reference(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Pure torch: `y (S, H)`, `pos (T, k)` int64 row of each slot in y (or -1), `weights (T, k)` -> (T, H)."""
-    valid = pos >= 0
-    rows = y[pos.clamp(min=0)].float()  # (T, k, H)
-    w = torch.where(valid, weights.float(), torch.zeros_like(weights, dtype=torch.float32))
-    rows = torch.where(valid.unsqueeze(-1), rows, torch.zeros_like(rows))  # never 0 * NaN from unused rows
-    return (rows * w.unsqueeze(-1)).sum(dim=1).to(y.dtype)
+    valid = (pos >= 0).unsqueeze(-1)
+    weighted = y[pos.clamp(min=0)] * weights.unsqueeze(-1)  # (T, k, H), as transformers weights its rows
+    return weighted.masked_fill(~valid, 0).sum(dim=1)
 
 
 if triton is not None:
 
     @triton.jit
-    def _combine_kernel(y_ptr, pos_ptr, w_ptr, out_ptr, H, y_stride, out_stride, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    def _combine_kernel(
+        y_ptr,
+        pos_ptr,
+        w_ptr,
+        out_ptr,
+        H,
+        y_stride,
+        out_stride,
+        TOP_K: tl.constexpr,
+        BLOCK: tl.constexpr,
+        PRODUCT_DTYPE: tl.constexpr,
+    ):
         token = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
         cols = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -40,8 +53,11 @@ if triton is not None:
             p = tl.load(pos_ptr + token * TOP_K + k)
             w = tl.load(w_ptr + token * TOP_K + k).to(tl.float32)
             row = tl.load(y_ptr + tl.maximum(p, 0) * y_stride + cols, mask=mask & (p >= 0), other=0.0)
-            acc += row.to(tl.float32) * w
+            acc += (row.to(tl.float32) * w).to(PRODUCT_DTYPE).to(tl.float32)
         tl.store(out_ptr + token * out_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32} if tl else {}
 
 
 def weighted_combine(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -50,12 +66,22 @@ def weighted_combine(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor) 
         return weighted_combine_reference(y, pos, weights)
     num_tokens, top_k = pos.shape
     hidden = y.shape[-1]
-    out = torch.empty(num_tokens, hidden, dtype=y.dtype, device=y.device)
+    product = torch.promote_types(y.dtype, weights.dtype)
+    out = torch.empty(num_tokens, hidden, dtype=product, device=y.device)
     if num_tokens:
         block = min(1024, triton.next_power_of_2(hidden))
         grid = (num_tokens, triton.cdiv(hidden, block))
         _combine_kernel[grid](
-            y, pos.contiguous(), weights.contiguous(), out, hidden, y.stride(0), out.stride(0), TOP_K=top_k,
-            BLOCK=block, num_warps=4,
+            y,
+            pos.contiguous(),
+            weights.contiguous(),
+            out,
+            hidden,
+            y.stride(0),
+            out.stride(0),
+            TOP_K=top_k,
+            BLOCK=block,
+            PRODUCT_DTYPE=_TL_DTYPES[product],
+            num_warps=4,
         )
     return out
