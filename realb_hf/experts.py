@@ -73,10 +73,7 @@ class RealbExperts(torch.nn.Module):
         if modality is not None:
             vision_rows = (modality != TEXT).repeat_interleave(top_k_index.shape[-1])
             bins = bins + (num_experts + 1) * vision_rows
-        # scatter_add, not bincount: CUDA bincount reads its input's max back to the host.
-        counts = torch.zeros(2 * (num_experts + 1), dtype=torch.long, device=ids.device)
-        counts.scatter_add_(0, bins, torch.ones_like(bins))
-        counts = counts.view(2, num_experts + 1)[:, :num_experts]
+        counts = histogram(bins, 2 * (num_experts + 1)).view(2, num_experts + 1)[:, :num_experts]
         return torch.stack([counts[0] + counts[1], counts[1]])
 
     def realb_routing_stats(self, top_k_index: torch.Tensor, modality: torch.Tensor | None) -> RoutingStats:
@@ -258,8 +255,7 @@ class RealbExperts(torch.nn.Module):
         rows = perm // top_k  # token of each sorted row: formats gather (and may quantize) in one pass
         ids_sorted = safe_ids[perm]
         # rows per (format, expert); the sentinel block sits after every format's block.
-        counts = torch.zeros((len(formats) + 1) * num_experts, dtype=torch.long, device=device)
-        counts.scatter_add_(0, key_sorted, torch.ones_like(key_sorted))
+        counts = histogram(key_sorted, (len(formats) + 1) * num_experts)
         counts = counts[: len(formats) * num_experts].view(len(formats), num_experts)
         counts_host = counts.tolist()
 
@@ -362,3 +358,14 @@ def _offsets(counts_host: list[int], covered: list[int] | None, device: torch.de
         total += c
         ends.append(total)
     return _host_to_device(ends, torch.int32, device)
+
+
+def histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """Counts of the integers 0..bins-1 in `values` (int64), with no host sync.
+
+    `torch.histc` as transformers' grouped_mm path uses it (shared-memory histogram; CUDA bincount reads the
+    input's max back to the host, and scatter_add contends on a few hot bins). Deterministic algorithms need
+    int input on CUDA and float input on CPU.
+    """
+    data = values.int() if values.device.type == "cuda" else values.float()
+    return torch.histc(data, bins=bins, min=0, max=bins - 1).long()
