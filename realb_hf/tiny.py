@@ -123,6 +123,32 @@ VISION_START_ID, VISION_END_ID = 3, 4
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 
 
+def _tiny_vision(**extra) -> dict:
+    """A two-block vision tower with 4-pixel patches merged 2x2: a few tokens per image."""
+    return dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        in_channels=3,
+        patch_size=4,
+        spatial_merge_size=2,
+        **extra,
+    )
+
+
+# Placeholder and start/end ids of the VLMs that mark image and video spans with their own tokens.
+_START_END_TOKEN_IDS = dict(
+    image_token_id=IMAGE_TOKEN_ID,
+    video_token_id=VIDEO_TOKEN_ID,
+    image_start_token_id=VISION_START_ID,
+    image_end_token_id=VISION_END_ID,
+    video_start_token_id=7,
+    video_end_token_id=8,
+    tie_word_embeddings=False,
+)
+
+
 def _common_text(**extra) -> dict:
     """Fields every tiny text config shares (vocab, sizes, special ids)."""
     return dict(
@@ -161,25 +187,8 @@ def tiny_glm4v_moe_config():
                 "partial_rotary_factor": 0.5,
             },
         ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            in_channels=3,
-            image_size=32,
-            patch_size=4,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            out_hidden_size=HIDDEN,
-        ),
-        image_token_id=IMAGE_TOKEN_ID,
-        video_token_id=VIDEO_TOKEN_ID,
-        image_start_token_id=VISION_START_ID,
-        image_end_token_id=VISION_END_ID,
-        video_start_token_id=7,
-        video_end_token_id=8,
-        tie_word_embeddings=False,
+        vision_config=_tiny_vision(image_size=32, temporal_patch_size=2, out_hidden_size=HIDDEN),
+        **_START_END_TOKEN_IDS,
     )
 
 
@@ -199,23 +208,8 @@ def tiny_ernie4_5_vl_moe_config():
             # head_dim 16 -> 8 frequencies: h 3, w 3, t 2 (h and w must match)
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]},
         ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            in_channels=3,
-            patch_size=4,
-            spatial_merge_size=2,
-            temporal_merge_size=2,
-        ),
-        image_token_id=IMAGE_TOKEN_ID,
-        video_token_id=VIDEO_TOKEN_ID,
-        image_start_token_id=VISION_START_ID,
-        image_end_token_id=VISION_END_ID,
-        video_start_token_id=7,
-        video_end_token_id=8,
-        tie_word_embeddings=False,
+        vision_config=_tiny_vision(temporal_merge_size=2),
+        **_START_END_TOKEN_IDS,
     )
 
 

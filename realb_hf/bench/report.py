@@ -56,25 +56,36 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def layer_markdown(result: dict[str, Any]) -> str:
+def _header(result: dict[str, Any], title: str, notes: list[str]) -> list[str]:
+    """Title, machine line, command and notes of a markdown report (CPU runs flagged as smoke tests)."""
     env = result.get("env", {})
-    preset = result["preset"]
     lines = [
-        f"# Layer benchmark: {preset['name']} (hidden {preset['hidden']}, moe_intermediate {preset['intermediate']}, "
-        f"{preset['num_experts']} experts, top-{preset['top_k']})",
+        title,
         "",
         f"{env.get('gpu') or env.get('cpu', '?')} | torch {env.get('torch')} | transformers {env.get('transformers')} "
         f"| {env.get('date')}",
         "",
         f"Command: `{env.get('command', '')}`",
         "",
-        f"**Latency model.** {result['latency_model']}",
-        "",
-        f"**A ReaLB rank's call.** {result.get('realb_rank_call', '')}",
-        "",
     ]
+    for note in notes:
+        lines += [note, ""]
     if result.get("device", "").startswith("cpu"):
         lines += ["**CPU run: timings are a smoke test only, not performance numbers.**", ""]
+    return lines
+
+
+def layer_markdown(result: dict[str, Any]) -> str:
+    preset = result["preset"]
+    lines = _header(
+        result,
+        f"# Layer benchmark: {preset['name']} (hidden {preset['hidden']}, moe_intermediate {preset['intermediate']}, "
+        f"{preset['num_experts']} experts, top-{preset['top_k']})",
+        [
+            f"**Latency model.** {result['latency_model']}",
+            f"**A ReaLB rank's call.** {result.get('realb_rank_call', '')}",
+        ],
+    )
     for wl in result["workloads"]:
         w = wl["workload"]
         lines.append(
@@ -107,24 +118,13 @@ def layer_markdown(result: dict[str, Any]) -> str:
 
 
 def model_markdown(result: dict[str, Any]) -> str:
-    env = result.get("env", {})
     cfg = result["model"]
-    lines = [
+    lines = _header(
+        result,
         f"# Model prefill benchmark: {cfg['preset']} ({cfg['layers']} decoder layers, {cfg['num_experts']} experts, "
         f"top-{cfg['top_k']})",
-        "",
-        f"{env.get('gpu') or env.get('cpu', '?')} | torch {env.get('torch')} | transformers {env.get('transformers')} "
-        f"| {env.get('date')}",
-        "",
-        f"Command: `{env.get('command', '')}`",
-        "",
-        f"**What this measures.** {result['measures']}",
-        "",
-        f"**Routing.** {result['routing']['description']}",
-        "",
-    ]
-    if result.get("device", "").startswith("cpu"):
-        lines += ["**CPU run: timings are a smoke test only, not performance numbers.**", ""]
+        [f"**What this measures.** {result['measures']}", f"**Routing.** {result['routing']['description']}"],
+    )
     b = result["batch"]
     lines.append(
         f"Batch: {b['requests']} requests x {b['request_tokens']} tokens = {b['tokens']} tokens, "
