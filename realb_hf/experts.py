@@ -166,8 +166,8 @@ class RealbExperts(torch.nn.Module):
             xq_sorted = xq_sorted.view(torch.float8_e4m3fn)
         fmt = get_format("fp8")
         gate = self._realb_gate(ids_sorted)
-        y = fmt.mlp_on_quantized(
-            xq_sorted, x_scale[perm], first, down, offs, gate, self._realb_plain_swiglu(), out_dtype
+        y = fmt.expert_mlp_on(
+            (xq_sorted, x_scale[perm]), first, down, offs, gate, self._realb_plain_swiglu(), out_dtype
         )
         if self.has_bias:
             y = y + self.down_proj_bias[ids_sorted]
@@ -305,7 +305,10 @@ class RealbExperts(torch.nn.Module):
         first, down, covered = self._realb_packed(fmt_name, experts, ready)
         offs = _offsets(counts_host, covered, hidden.device)
         gate = self._realb_gate(ids)
-        y = get_format(fmt_name).expert_mlp(hidden, rows, first, down, offs, gate, self._realb_plain_swiglu())
+        fmt = get_format(fmt_name)
+        y = fmt.expert_mlp_on(
+            fmt.gather_activations(hidden, rows), first, down, offs, gate, self._realb_plain_swiglu(), hidden.dtype
+        )
         if self.has_bias:
             y = y + self.down_proj_bias[ids]
         return y

@@ -39,6 +39,31 @@ class PrecisionFormat(ABC):
         Rows of expert e are `x[offs[e-1]:offs[e]]`; S == offs[-1]. Empty groups are allowed.
         """
 
+    def gather_activations(self, hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`hidden[rows]` in the form this format's GEMM consumes: a tuple of tensors with one entry per row
+        (so a caller may gather every row once and slice per expert group)."""
+        return (hidden[rows],)
+
+    def expert_mlp_on(
+        self,
+        activations: tuple[torch.Tensor, ...],
+        first: Any,
+        down: Any,
+        offs: torch.Tensor,
+        gate: Callable[[torch.Tensor], torch.Tensor],
+        fused_swiglu: bool,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """A whole expert MLP on gathered rows (sorted by expert): first GEMM, `gate`, down GEMM.
+
+        `gate` maps the first projection's output to the down projection's input (bias, SwiGLU or the
+        model's own gating). `fused_swiglu` says that `gate` is plain SwiGLU on a concatenated gate|up with
+        no bias, which a format may replace by a fused kernel.
+        """
+        (x,) = activations
+        h = self.grouped_linear(x, first, offs)
+        return self.grouped_linear(gate(h), down, offs).to(out_dtype)
+
     def expert_mlp(
         self,
         hidden: torch.Tensor,
@@ -49,11 +74,6 @@ class PrecisionFormat(ABC):
         gate: Callable[[torch.Tensor], torch.Tensor],
         fused_swiglu: bool = False,
     ) -> torch.Tensor:
-        """A whole expert MLP on `hidden[rows]` (rows sorted by expert): first GEMM, `gate`, down GEMM.
-
-        `gate` maps the first projection's output to the down projection's input (bias, SwiGLU or the
-        model's own gating). `fused_swiglu` says that `gate` is plain SwiGLU on a concatenated gate|up with
-        no bias, which a format may replace by a fused kernel. Formats override this to fuse the gather.
-        """
-        h = self.grouped_linear(hidden[rows], first, offs)
-        return self.grouped_linear(gate(h), down, offs)
+        """`expert_mlp_on` of `gather_activations(hidden, rows)`."""
+        acts = self.gather_activations(hidden, rows)
+        return self.expert_mlp_on(acts, first, down, offs, gate, fused_swiglu, hidden.dtype)

@@ -144,29 +144,15 @@ class Fp8Format(PrecisionFormat):
         xq, x_scale = fp8_triton.gather_quant_rows(x) if fp8_triton.available(x.device) else quantize_rowwise(x)
         return _fp8_grouped_mm(xq, x_scale, packed, offs).to(x.dtype)
 
-    def expert_mlp(self, hidden, rows, first, down, offs, gate, fused_swiglu=False):
-        """Gather + quantize the rows (one Triton pass on CUDA), then `mlp_on_quantized`."""
+    def gather_activations(self, hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather + rowwise quantize in one pass (Triton on CUDA): (data e4m3, scale fp32)."""
         from ..kernels import fp8_triton
 
-        if rows.numel() == 0:
-            return hidden.new_empty((0, down.data.shape[1]))
         if fp8_triton.available(hidden.device):
-            xq, x_scale = fp8_triton.gather_quant_rows(hidden, rows)
-        else:
-            xq, x_scale = quantize_rowwise(hidden[rows])
-        return self.mlp_on_quantized(xq, x_scale, first, down, offs, gate, fused_swiglu, hidden.dtype)
+            return fp8_triton.gather_quant_rows(hidden, rows)
+        return quantize_rowwise(hidden[rows])
 
-    def mlp_on_quantized(
-        self,
-        xq: torch.Tensor,
-        x_scale: torch.Tensor,
-        first: Fp8Weight,
-        down: Fp8Weight,
-        offs: torch.Tensor,
-        gate,
-        fused_swiglu: bool,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
+    def expert_mlp_on(self, activations, first, down, offs, gate, fused_swiglu, out_dtype):
         """The expert MLP on rows already in fp8 (quantized here, or received so over the EP all-to-all).
 
         On sm90 with Triton and plain SwiGLU: fp8 GEMM, SwiGLU fused with the quantization of its output, fp8
@@ -174,11 +160,14 @@ class Fp8Format(PrecisionFormat):
         """
         from ..kernels import fp8_triton
 
+        xq, x_scale = activations
+        if xq.shape[0] == 0:
+            return torch.empty(0, down.data.shape[1], dtype=out_dtype, device=xq.device)
         h = _fp8_grouped_mm(xq, x_scale, first, offs)
         if fused_swiglu and fp8_triton.available(h.device) and cuda_capability(h.device) >= (9, 0):
             hq, h_scale = fp8_triton.swiglu_quant_rows(h)
             return _fp8_grouped_mm(hq, h_scale, down, offs).to(out_dtype)
-        return self.grouped_linear(gate(h.to(out_dtype)), down, offs)
+        return self.grouped_linear(gate(h.to(out_dtype)), down, offs).to(out_dtype)
 
 
 def _fp8_grouped_mm(xq: torch.Tensor, x_scale: torch.Tensor, packed: Fp8Weight, offs: torch.Tensor) -> torch.Tensor:
