@@ -18,7 +18,7 @@ from transformers.integrations.moe import _default_apply_gate
 from .formats import get_format
 from .kernels.combine import weighted_combine
 from .modality import TEXT
-from .policy import Decision, PolicyParams, RoutingStats, decide, needs_routing
+from .policy import Decision, PolicyParams, RoutingStats, decide, decide_without_routing, needs_routing
 from .runtime import RealbRuntime
 from .telemetry import make_record
 
@@ -107,7 +107,7 @@ class RealbExperts(torch.nn.Module):
             stats = self.realb_routing_stats(top_k_index, modality)
             decision = self.realb_decide(stats, params, source)
         else:
-            decision = decide(RoutingStats.empty(self.num_experts, num_tokens), params)
+            decision = decide_without_routing(params, self.num_experts)
             if runtime.telemetry.enabled:  # counts stay on the device until telemetry is read
                 counts = self.realb_routing_counts(top_k_index, modality)
                 runtime.telemetry.add_deferred(self.realb_name, counts, num_tokens, decision, params, source)

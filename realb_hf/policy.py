@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 # Predicted low-precision expert-MLP time relative to bf16.
 # fp8: measured on H100 (Qwen3-VL-30B-A3B dims, EP=4 rank: 0.94 ms fused fp8 vs 1.21 ms bf16; ../shared/FACTS.md).
@@ -148,6 +149,14 @@ def overloaded_ranks(tokens: Sequence[int], imbalance_threshold: float) -> list[
 def needs_routing(params: PolicyParams, num_tokens: int) -> bool:
     """Whether `decide` reads the routing counts: only the dynamic policy, at or above the batch threshold."""
     return params.policy == "realb" and num_tokens >= params.batch_threshold
+
+
+@lru_cache(maxsize=1024)
+def decide_without_routing(params: PolicyParams, num_experts: int) -> Decision:
+    """`decide` where `needs_routing` is false: the answer depends on the config alone, so it is cached."""
+    if params.policy == "realb" and params.batch_threshold == 0:
+        raise ValueError("policy 'realb' with batch_threshold=0 always reads the routing")
+    return decide(RoutingStats.empty(num_experts, 0), params)
 
 
 def decide(stats: RoutingStats, params: PolicyParams) -> Decision:

@@ -147,3 +147,18 @@ def test_routing_stats_validation():
         RoutingStats((1, 2), (1,), 3)
     with pytest.raises(ValueError, match="between 0 and expert_tokens"):
         RoutingStats((1, 2), (2, 0), 3)
+
+
+def test_decision_without_routing_is_cached_and_equal_to_decide():
+    from realb_hf.policy import decide_without_routing
+
+    for params in (
+        PolicyParams(policy="off", ep_size=4),
+        PolicyParams(policy="all_low", low="fp8", ep_size=4),
+        PolicyParams(policy="realb", ep_size=4, batch_threshold=2048),
+    ):
+        cached = decide_without_routing(params, 8)
+        assert cached is decide_without_routing(params, 8)
+        assert cached == decide(RoutingStats.empty(8, 100), params)
+    with pytest.raises(ValueError, match="always reads the routing"):
+        decide_without_routing(PolicyParams(policy="realb", ep_size=4, batch_threshold=0), 8)
