@@ -17,5 +17,5 @@ demo: setup
 	$(BIN)/realb-hf run
 
 test: setup
-	$(BIN)/ruff check realb_hf tests integrations demo
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -x -p no:cacheprovider
