@@ -5,16 +5,16 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 setup: $(BIN)/python
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[cpu,test]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[cpu,test,demo,prometheus]"
 
 demo: setup
-	$(BIN)/realb-hf run
+	$(BIN)/realb-hf demo
 
 test: setup
 	$(BIN)/ruff check .

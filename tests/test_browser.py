@@ -1,0 +1,201 @@
+"""The demo in a real browser: headless Debian Chromium driven by Playwright against the app served on 127.0.0.1.
+
+Needs `apt-get install -y chromium` and `pip install playwright gradio matplotlib` (no browser download: Playwright
+launches /usr/bin/chromium). Skipped with the reason when any of them is missing.
+
+The page uploads a held-out image from demo/tasks.py, asks its question and checks that the streamed answer is
+the right one (the bundled model's answer on an example it gets right under the demo's default ReaLB settings)
+and that the heatmap, precision map and balance panels rendered. Without demo/model/ (not trained yet) the same
+flow runs on the bundled architecture with random weights, and the answer is checked against the model's own
+greedy answer computed in-process. Set REALB_BROWSER_SCREENSHOT=/path.png to keep a screenshot.
+"""
+
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Chromium not installed (apt-get install -y chromium)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def random_bundled_like(path: Path) -> Path:
+    """The bundled model's architecture and processor with random weights (until demo/model/ is trained)."""
+    import torch
+    from transformers import GenerationConfig, Qwen3VLMoeForConditionalGeneration
+
+    train = pytest.importorskip("demo.train", reason="neither demo/model/ nor demo/train.py is here")
+    tokenizer = train.build_tokenizer()
+    torch.manual_seed(0)
+    model = Qwen3VLMoeForConditionalGeneration(train.build_config(tokenizer)).to(torch.bfloat16).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.convert_tokens_to_ids(train.IM_END),
+        pad_token_id=tokenizer.convert_tokens_to_ids(train.PAD),
+        do_sample=False,
+    )
+    model.save_pretrained(path)
+    train.build_processor(tokenizer).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The demo served in this process on a free port of 127.0.0.1, and the answers its page must show."""
+    pytest.importorskip("playwright.sync_api", reason="Playwright not installed (pip install playwright)")
+    pytest.importorskip("gradio", reason="gradio not installed (pip install 'gradio>=6,<7')")
+    from demo import app as demo_app
+    from demo.tasks import IMAGE_KINDS, TEXT_KINDS, heldout_set
+
+    trained = (demo_app.BUNDLED_MODEL_DIR / "config.json").is_file()
+    model = demo_app.BUNDLED_MODEL if trained else str(random_bundled_like(tmp_path_factory.mktemp("random_model")))
+    store = demo_app.ModelStore(device="cpu")
+    loaded = store.get(model)
+
+    def pick(kinds):
+        """A held-out example and the answer the page must show for it: the demo's own request path with its
+        default settings (48 copies, ReaLB on); for the trained model, one whose answer is right."""
+        for ex in heldout_set(24, seed=0, kinds=kinds):
+            images = [ex.image] if ex.image is not None else []
+            *_, result = demo_app.run_request(loaded, ex.question, images, demo_app.DemoSettings(), store.run_lock)
+            if not trained or result.answer == ex.answer:
+                return ex, result.answer
+        pytest.fail(f"the bundled model answered none of 24 held-out {kinds} questions right")
+
+    image_case, text_case = pick(IMAGE_KINDS), pick(TEXT_KINDS)
+    port = free_port()
+    app = demo_app.launch(port=port, model=model, block=False, quiet=True, store=store)
+    try:
+        yield SimpleNamespace(
+            url=f"http://127.0.0.1:{port}/", app=app, image_case=image_case, text_case=text_case, trained=trained
+        )
+    finally:
+        app.close()
+
+
+def test_demo_in_chromium(served, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, trained = served.url, served.trained
+    (example, expected), (text_example, text_expected) = served.image_case, served.text_case
+    image = tmp_path / "question.png"
+    example.image.save(image)
+    fake = tmp_path / "fake.png"  # passes the browser's image filter by name, refused by the server by content
+    fake.write_text("this is not a picture")
+    if trained:
+        assert (expected, text_expected) == (example.answer, text_example.answer)
+
+    start = time.monotonic()
+    outside: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1700})
+
+            def only_local(route):  # the page must work offline: nothing may leave 127.0.0.1
+                if route.request.url.startswith(("http://127.0.0.1", "data:", "blob:")):
+                    route.continue_()
+                else:
+                    outside.append(route.request.url)
+                    route.abort()
+
+            page.route("**/*", only_local)
+            page.goto(url)
+            page.wait_for_selector("#realb-input textarea", timeout=30_000)
+            assert page.locator("#realb-input input[type=file]").get_attribute("accept") == "image/*"
+
+            page.set_input_files("#realb-input input[type=file]", str(image))
+            page.wait_for_selector("#realb-input img", timeout=15_000)  # the upload finished: thumbnail shown
+            page.fill("#realb-input textarea", example.question)
+            page.press("#realb-input textarea", "Enter")
+
+            # Watch the answer stream in until the panels of the finished request arrive.
+            seen: list[str] = []
+            bot = page.locator('#realb-chat [data-testid="bot"]').last
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if bot.count():
+                    text = bot.inner_text().strip()
+                    if text and (not seen or seen[-1] != text):
+                        seen.append(text)
+                if page.locator("#realb-heatmap-img").count():
+                    break
+                time.sleep(0.05)
+            page.wait_for_selector("#realb-heatmap-img", timeout=5_000)
+            answer = bot.inner_text().strip()
+            assert answer == expected, f"page answered {answer!r}, expected {expected!r} (stream: {seen})"
+
+            # The heatmap is a decoded PNG with one row per MoE layer and one column per virtual EP rank.
+            heat = page.locator('#realb-heatmap [data-panel="heatmap"]')
+            assert heat.get_attribute("data-layers") == "4" and heat.get_attribute("data-ranks") == "4"
+            assert page.eval_on_selector("#realb-heatmap-img", "img => img.complete && img.naturalWidth > 100")
+            precisions = page.locator("#realb-precision td[data-precision]").all_inner_texts()
+            assert len(precisions) == 16 and set(precisions) <= {"bf16", "fp8", "nvfp4", "mxfp4"}
+            assert page.locator("#realb-balance-table tr").count() == 1 + 4 + 1  # header, layers, mean
+            summary = page.inner_text("#realb-summary")
+            assert "48 copies" in summary and "(crossed)" in summary and "predicted MoE-layer speedup" in summary
+
+            if os.environ.get("REALB_BROWSER_SCREENSHOT"):
+                page.screenshot(path=os.environ["REALB_BROWSER_SCREENSHOT"], full_page=True)
+
+            # A second, text-only turn (the chat history with the image goes back and forth with it).
+            page.fill("#realb-input textarea", text_example.question)
+            page.press("#realb-input textarea", "Enter")
+            page.wait_for_function(
+                """([n, answer]) => {
+                    const bots = document.querySelectorAll('#realb-chat [data-testid="bot"]');
+                    return bots.length === n && bots[n - 1].innerText.trim() === answer;
+                }""",
+                arg=[2, text_expected],
+                timeout=30_000,
+            )
+            page.wait_for_function(  # the panels now describe the text-only prefill
+                "() => document.querySelector('#realb-summary').innerText.includes('(0 image)')", timeout=10_000
+            )
+
+            # A non-image with an image name is refused with a clear message.
+            page.set_input_files("#realb-input input[type=file]", str(fake))
+            page.fill("#realb-input textarea", "what is this ?")
+            page.wait_for_timeout(500)
+            page.press("#realb-input textarea", "Enter")
+            page.get_by_text("fake.png is not an image").first.wait_for(timeout=15_000)
+        finally:
+            browser.close()
+    assert outside == [], f"the page tried to reach {outside}"
+    assert time.monotonic() - start < 90
+
+
+def test_server_binds_loopback_only_and_caps_uploads(served):
+    from demo import app as demo_app
+
+    assert served.app.server_name == "127.0.0.1" and served.url.startswith("http://127.0.0.1:")
+    assert demo_app.build_parser().parse_args([]).host == "127.0.0.1"
+    assert served.app.max_file_size == demo_app.MAX_UPLOAD_BYTES == 10 * 2**20

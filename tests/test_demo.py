@@ -1,0 +1,333 @@
+"""The demo's plain functions, without a browser: panels from telemetry, upload checks, N-copy batching, requests."""
+
+import io
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import realb_hf  # noqa: E402
+from demo import app as demo_app  # noqa: E402
+from demo.app import (  # noqa: E402
+    DemoSettings,
+    ModelLoadError,
+    ModelStore,
+    RequestResult,
+    UploadError,
+    balance_html,
+    balance_rows,
+    heatmap_html,
+    layer_label,
+    parse_message,
+    precision_html,
+    prefill_records,
+    render_panels,
+    replicate_batch,
+    resolve_model,
+    validate_upload,
+)
+from realb_hf.tiny import build_tiny_model, qwen3_vl_image_batch, tiny_qwen3_vl_moe_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_records():
+    """Records of two forwards of the tiny random Qwen3-VL-MoE (16 experts, virtual EP 4, everything lowered)."""
+    config = tiny_qwen3_vl_moe_config(num_experts=16)
+    model = realb_hf.apply_realb(
+        build_tiny_model(config), realb_hf.RealbConfig(policy="all_low", low_precision="fp8", ep_size=4)
+    )
+    batch = qwen3_vl_image_batch(batch=2, config=config)
+    with torch.no_grad():
+        model(**batch.kwargs)
+        model(**batch.kwargs)
+    return list(realb_hf.get_telemetry(model).records)
+
+
+def png_bytes(size=(32, 24), colour=(200, 30, 30), fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# ---- panels -----------------------------------------------------------------------------------------------
+
+
+def test_prefill_records_are_the_first_forward(tiny_records):
+    pre = prefill_records(tiny_records)
+    assert len(pre) == 2 and {r.forward for r in pre} == {min(r.forward for r in tiny_records)}
+    assert prefill_records([]) == []
+
+
+def test_heatmap_renders_every_layer_and_rank(tiny_records):
+    pre = prefill_records(tiny_records)
+    img = heatmap_html(pre)
+    assert 'id="realb-heatmap-img"' in img and "data:image/png;base64," in img
+    assert 'data-layers="2"' in img and 'data-ranks="4"' in img
+    table = heatmap_html(pre, use_matplotlib=False)  # the fallback without matplotlib
+    assert 'id="realb-heatmap-table"' in table
+    cells = [int(c.split('"')[0]) for c in table.split('data-tokens="')[1:]]
+    assert cells == [t for r in pre for t in r.tokens_per_rank]
+    assert table.count("outline:2px") == sum(p != "bf16" for r in pre for p in r.precision_per_rank)
+
+
+def test_precision_map_and_balance_table_match_the_records(tiny_records):
+    pre = prefill_records(tiny_records)
+    prec = precision_html(pre)
+    shown = [c.split('"')[0] for c in prec.split('data-precision="')[1:]]
+    assert shown == [p for r in pre for p in r.precision_per_rank] and set(shown) == {"fp8"}
+    rows = balance_rows(pre)
+    assert [row[0] for row in rows] == ["L0", "L1"]
+    for row, r in zip(rows, pre):
+        assert row[1] == r.num_tokens and row[5] == round(100 * r.lowered_fraction, 1)
+        assert row[3] == round(r.balancedness_cost_before, 3) and row[4] == round(r.balancedness_cost_after, 3)
+        assert row[6] == round(r.predicted_speedup, 3)
+    table = balance_html(pre)
+    assert 'id="realb-balance-table"' in table and ">mean<" in table
+
+
+def test_summary_and_panels_of_a_request(tiny_records):
+    settings = DemoSettings(policy="all_low", low_precision="fp8", batch_threshold=16, ep_size=4, copies=2)
+    result = RequestResult(
+        answer="red", records=tiny_records, copies=2, prompt_tokens=24, image_tokens=16, new_tokens=1, settings=settings
+    )
+    summary, heat, prec, bal = render_panels(result, use_matplotlib=False)
+    pre = prefill_records(tiny_records)
+    assert f"{pre[0].num_tokens} tokens" in summary and "crossed" in summary
+    assert "2/2 layers lowered" in summary and "100.0%" in summary
+    assert "realb-heatmap-table" in heat and "realb-precision-table" in prec and "realb-balance-table" in bal
+    empty = render_panels(None)
+    assert "No request yet" in empty[0] and all('class="realb-empty"' in p for p in empty[1:])
+
+
+def test_layer_labels():
+    assert layer_label("model.language_model.layers.3.mlp.experts") == "L3"
+    assert layer_label("model.language_model.layers.1.mlp.vision_moe.experts") == "L1 vision"
+    assert layer_label("model.layers.0.mlp.text_moe.experts") == "L0 text"
+    assert layer_label("experts") == "experts"
+
+
+# ---- uploads ----------------------------------------------------------------------------------------------
+
+
+def test_upload_accepts_images_by_content(tmp_path):
+    for fmt, suffix in (("PNG", ".png"), ("JPEG", ".jpg"), ("GIF", ".gif"), ("WEBP", ".webp")):
+        path = tmp_path / f"x{suffix}"
+        path.write_bytes(png_bytes(fmt=fmt))
+        image = validate_upload(str(path))
+        assert image.mode == "RGB" and image.size == (32, 24)
+    assert validate_upload({"path": str(path)}).size == (32, 24)  # gradio FileData-style dicts too
+
+
+def test_upload_rejects_non_images(tmp_path):
+    text = tmp_path / "notes.png"  # the name lies; the content decides
+    text.write_text("not an image at all")
+    with pytest.raises(UploadError, match="notes.png is not an image"):
+        validate_upload(str(text))
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(png_bytes()[:40])
+    with pytest.raises(UploadError, match="not an image"):
+        validate_upload(str(truncated))
+    with pytest.raises(UploadError, match="could not be read"):
+        validate_upload(str(tmp_path / "missing.png"))
+
+
+def test_upload_rejects_oversize_files_and_images(tmp_path):
+    path = tmp_path / "big.png"
+    path.write_bytes(png_bytes(size=(64, 64)))
+    with pytest.raises(UploadError, match=r"limited to 0 MB|attachments are limited"):
+        validate_upload(str(path), max_bytes=100)
+    assert demo_app.MAX_UPLOAD_BYTES == 10 * 2**20
+    padded = tmp_path / "padded.png"
+    padded.write_bytes(png_bytes() + b"\0" * (demo_app.MAX_UPLOAD_BYTES + 1))
+    with pytest.raises(UploadError, match="10 MB"):
+        validate_upload(str(padded))
+    with pytest.raises(UploadError, match="64x64 pixels"):
+        validate_upload(str(path), max_pixels=1000)
+
+
+def test_parse_message(tmp_path):
+    img = tmp_path / "a.png"
+    img.write_bytes(png_bytes())
+    text, images, paths = parse_message({"text": "  what colour is the shape ? ", "files": [str(img)]})
+    assert text == "what colour is the shape ?" and len(images) == 1 and paths == [str(img)]
+    assert parse_message("2 + 3 =")[0] == "2 + 3 ="
+    with pytest.raises(UploadError, match="type a question"):
+        parse_message({"text": " ", "files": []})
+    with pytest.raises(UploadError, match="at most 4 images"):
+        parse_message({"text": "x", "files": [str(img)] * 5})
+    bad = tmp_path / "b.txt"
+    bad.write_text("hello")
+    with pytest.raises(UploadError, match="b.txt is not an image"):
+        parse_message({"text": "x", "files": [str(bad)]})
+
+
+# ---- N copies ---------------------------------------------------------------------------------------------
+
+
+def test_replicate_batch_repeats_rows_and_images():
+    one = qwen3_vl_image_batch(batch=1, config=tiny_qwen3_vl_moe_config()).kwargs
+    many = replicate_batch(one, 3)
+    assert many["input_ids"].shape == (3, one["input_ids"].shape[1])
+    assert all(torch.equal(many["input_ids"][i], one["input_ids"][0]) for i in range(3))
+    assert torch.equal(many["mm_token_type_ids"][2], one["mm_token_type_ids"][0])
+    assert torch.equal(many["pixel_values"], torch.cat([one["pixel_values"]] * 3))
+    assert torch.equal(many["image_grid_thw"], torch.cat([one["image_grid_thw"]] * 3))
+    assert replicate_batch(one, 1)["input_ids"].shape == one["input_ids"].shape
+    with pytest.raises(ValueError):
+        replicate_batch(many, 2)
+    with pytest.raises(ValueError):
+        replicate_batch(one, 0)
+
+
+def test_replicate_batch_matches_the_processor_on_n_identical_requests():
+    """N copies of one request == what the processor returns for N identical requests (bundled model's processor)."""
+    train = pytest.importorskip("demo.train", reason="demo/train.py (the bundled model's builders) is not here")
+    from demo.tasks import heldout_set
+
+    processor = train.build_processor(train.build_tokenizer())
+    ex = heldout_set(1)[0]
+
+    def encode(conversations):
+        return processor.apply_chat_template(
+            conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+
+    ours = replicate_batch(dict(encode(ex.messages())), 3)
+    ref = encode([ex.messages()] * 3)
+    assert set(ours) == set(ref)
+    for key in ref:
+        assert torch.equal(ours[key], ref[key]), key
+
+
+# ---- settings, models, requests ---------------------------------------------------------------------------
+
+
+def test_settings_validation():
+    s = DemoSettings(batch_threshold=512.0, ep_size=4.0, copies=8.0, max_new_tokens=4.0).validate(num_experts=8)
+    assert (s.batch_threshold, s.ep_size, s.copies, s.max_new_tokens) == (512, 4, 8, 4)
+    assert isinstance(s.copies, int)
+    with pytest.raises(ValueError, match="must divide the 8 experts"):
+        DemoSettings(ep_size=3).validate(num_experts=8)
+    with pytest.raises(ValueError, match="between 1 and 128"):
+        DemoSettings(copies=0).validate()
+    with pytest.raises(ValueError, match="whole number"):
+        DemoSettings(copies=2.5).validate()
+    with pytest.raises(ValueError, match="batch threshold must be a whole number"):
+        DemoSettings(batch_threshold=None).validate()  # an emptied number box
+    with pytest.raises(ValueError, match="modality_threshold"):
+        DemoSettings(modality_threshold=1.5).validate()
+    with pytest.raises(ValueError, match="not offered"):
+        DemoSettings(policy="static").validate()
+
+
+def test_runtime_changes_apply_through_reconfigure():
+    model = realb_hf.apply_realb(build_tiny_model(tiny_qwen3_vl_moe_config()), realb_hf.RealbConfig())
+    settings = DemoSettings(policy="all_low", low_precision="mxfp4", modality_threshold=0.9, batch_threshold=7)
+    realb_hf.get_runtime(model).reconfigure(**settings.validate(num_experts=8).runtime_changes())
+    config = realb_hf.get_runtime(model).config
+    assert (config.policy, config.low_precision, config.modality_threshold, config.batch_threshold) == (
+        "all_low",
+        "mxfp4",
+        0.9,
+        7,
+    )
+
+
+def test_resolve_model(tmp_path):
+    assert resolve_model("") == resolve_model("demo/model") == str(demo_app.BUNDLED_MODEL_DIR)
+    assert resolve_model("Qwen/Qwen3-VL-30B-A3B-Instruct") == "Qwen/Qwen3-VL-30B-A3B-Instruct"
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model(str(tmp_path)) == str(tmp_path.resolve())
+    with pytest.raises(ModelLoadError, match="without config.json"):
+        resolve_model(str(tmp_path.parent))
+    with pytest.raises(ModelLoadError, match="no model folder at ./no/such/folder"):
+        resolve_model("./no/such/folder")
+    with pytest.raises(ModelLoadError, match="neither a local model folder nor a Hub repo id"):
+        resolve_model("a/b/c d")
+    with pytest.raises(ModelLoadError, match="could not load"):
+        demo_app.load_model(str(tmp_path))  # an empty config.json is not a model
+
+
+def test_model_store_is_lazy_and_caches():
+    calls = []
+
+    def loader(source, device):
+        calls.append(source)
+        return demo_app.LoadedModel(source, object(), object(), 8, 2, True, device)
+
+    store = ModelStore(device="cpu", loader=loader)
+    assert store.current is None and calls == []
+    first = store.get("org/a")
+    assert store.get("org/a") is first and calls == ["org/a"]
+    store.get("org/b")
+    assert calls == ["org/a", "org/b"] and store.current.source == "org/b"
+
+
+@pytest.fixture(scope="module")
+def random_bundled_like(tmp_path_factory):
+    """The bundled model's architecture and processor with random weights (when demo/train.py is there)."""
+    train = pytest.importorskip("demo.train", reason="demo/train.py (the bundled model's builders) is not here")
+    from transformers import GenerationConfig, Qwen3VLMoeForConditionalGeneration
+
+    tokenizer = train.build_tokenizer()
+    processor = train.build_processor(tokenizer)
+    torch.manual_seed(0)
+    model = Qwen3VLMoeForConditionalGeneration(train.build_config(tokenizer)).to(torch.bfloat16).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.convert_tokens_to_ids(train.IM_END),
+        pad_token_id=tokenizer.convert_tokens_to_ids(train.PAD),
+        do_sample=False,
+    )
+    path = tmp_path_factory.mktemp("random_bundled_like")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_run_request_streams_row_0_and_records_the_prefill(random_bundled_like):
+    from demo.tasks import heldout_set
+
+    loaded = demo_app.load_model(str(random_bundled_like), device="cpu")
+    assert loaded.num_experts == 8 and loaded.is_vlm
+    ex = heldout_set(1)[0]
+    settings = DemoSettings(batch_threshold=64, copies=4, max_new_tokens=3, ep_size=4)
+    items = list(demo_app.run_request(loaded, ex.question, [ex.image], settings, lock=threading.Lock()))
+    *partials, result = items
+    assert isinstance(result, RequestResult) and all(isinstance(p, str) for p in partials)
+    assert partials == [] or partials[-1].strip() == result.answer
+    pre = prefill_records(result.records)
+    assert len(pre) == loaded.moe_layers and pre[0].num_tokens == 4 * result.prompt_tokens
+    assert result.image_tokens == 36 and result.copies == 4
+
+    # The answer is row 0's, and equals what one copy alone gives (greedy).
+    inputs = loaded.processor.apply_chat_template(
+        ex.messages(), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        out = loaded.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    alone = loaded.processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    assert result.answer == alone
+
+
+def test_app_builds_with_stable_element_ids():
+    pytest.importorskip("gradio", reason="gradio is not installed (pip install 'gradio>=6,<7')")
+    app = demo_app.build_app(store=ModelStore(loader=lambda s, d: None))
+    ids = {c.elem_id for c in app.blocks.values() if getattr(c, "elem_id", None)}
+    assert {
+        "realb-chat",
+        "realb-input",
+        "realb-copies",
+        "realb-model",
+        "realb-ep",
+        "realb-summary",
+        "realb-heatmap",
+        "realb-precision",
+        "realb-balance",
+    } <= ids

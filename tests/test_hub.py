@@ -1,0 +1,260 @@
+"""Saving and pushing ReaLB models with a model card, with no network: uploads are intercepted at HfApi."""
+
+import json
+import logging
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+from conftest import load_qwen
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
+
+import realb_hf
+from realb_hf import cli
+from realb_hf.hub import (
+    accuracy_markdown,
+    build_model_card,
+    folder_operations,
+    push_with_card,
+    save_with_card,
+    telemetry_summary,
+)
+from realb_hf.tiny import qwen3_vl_image_batch, tiny_qwen3_vl_moe_config
+
+FAKE_TOKEN = "hf_FAKEtokenDoNotLeak0123456789abcdef"
+SETTINGS = dict(policy="all_low", low_precision="fp8", ep_size=2, modality_threshold=0.9)
+ACCURACY = [{"benchmark": "tiny held-out", "bf16": 0.97, "ReaLB": 0.96}]
+MODEL_FILES = ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+
+
+@pytest.fixture(autouse=True)
+def no_hub(monkeypatch):
+    """Any request that slips past the fakes goes to a closed local port, never to the Hub."""
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    import transformers.utils.hub as tf_hub
+
+    monkeypatch.setattr(tf_hub, "_hf_api", None)
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """Fake HfApi.create_repo / create_commit that record what an upload would send (file contents included)."""
+    calls = {"create_repo": [], "create_commit": [], "tokens": []}
+
+    def create_repo(self, repo_id, *args, **kwargs):
+        calls["create_repo"].append({"repo_id": repo_id, **kwargs})
+        calls["tokens"].append(self.token)
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}", endpoint="https://huggingface.co")
+
+    def create_commit(self, repo_id, operations, *args, **kwargs):
+        files = {}
+        for op in operations:
+            assert isinstance(op, CommitOperationAdd)
+            source = op.path_or_fileobj
+            files[op.path_in_repo] = Path(source).read_bytes() if isinstance(source, str) else bytes(source)
+        calls["create_commit"].append(
+            {"repo_id": repo_id, "paths": [op.path_in_repo for op in operations], "files": files, **kwargs}
+        )
+        calls["tokens"].append(self.token)
+        return huggingface_hub.CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/0123",
+            commit_message=kwargs.get("commit_message", ""),
+            commit_description="",
+            oid="0123",
+        )
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def realb_model(qwen_dir):
+    """The tiny model loaded with ReaLB, after one image+text forward (so telemetry has records)."""
+    model = load_qwen(qwen_dir, **SETTINGS)
+    with torch.no_grad():
+        model(**qwen3_vl_image_batch(batch=2, config=tiny_qwen3_vl_moe_config()).kwargs)
+    return model
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "<pad>": 1, "hello": 2}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
+
+
+def check_card(text: str, *, repo_id: str | None = None) -> ModelCard:
+    card = ModelCard(text)
+    assert {"realb", "moe", "multimodal"} <= set(card.data.tags)
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    body = card.text
+    assert "import realb_hf  # must come first" in body
+    assert "Unknown quantization type, got realb" in body and "plain bf16 experts" in body
+    assert "AutoModelForImageTextToText.from_pretrained" in body
+    assert body.index("import realb_hf") < body.index("from transformers import")
+    if repo_id:
+        assert f'from_pretrained("{repo_id}"' in body
+    assert "| `policy` | `all_low` |" in body and "| `ep_size` | `2` |" in body
+    assert "| `modality_threshold` | `0.9` |" in body and "| `low_precision` | `fp8` |" in body
+    assert FAKE_TOKEN not in text
+    return card
+
+
+# ---- save -------------------------------------------------------------------------------------------------
+
+
+def test_save_with_card_and_reload(realb_model, qwen_batch, tmp_path):
+    telemetry = realb_hf.get_telemetry(realb_model)
+    out = save_with_card(
+        realb_model,
+        tiny_tokenizer(),
+        tmp_path / "saved",
+        base_model="Qwen/Qwen3-VL-30B-A3B-Instruct",
+        telemetry=telemetry,
+        accuracy_table=ACCURACY,
+    )
+    names = sorted(p.name for p in out.iterdir())
+    assert set(MODEL_FILES) <= set(names) and "tokenizer.json" in names
+    on_disk = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert on_disk == realb_hf.RealbConfig(**SETTINGS).to_dict()
+
+    text = (out / "README.md").read_text()
+    card = check_card(text)
+    assert card.data.base_model == "Qwen/Qwen3-VL-30B-A3B-Instruct"
+    assert "AutoProcessor.from_pretrained" in card.text
+    summary = telemetry.summary()
+    assert f"| token-expert pairs in low precision | {100 * summary['lowered_token_fraction']:.1f}% |" in text
+    assert f"| mean predicted MoE-layer speedup (cost model) | {summary['predicted_speedup']:.2f}x |" in text
+    assert "| benchmark | bf16 | ReaLB |" in text and "| tiny held-out | 0.97 | 0.96 |" in text
+
+    reloaded = load_qwen(out, realb=False)  # no quantization_config passed: the saved one is restored
+    assert realb_hf.get_runtime(reloaded).config == realb_hf.RealbConfig(**SETTINGS)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**qwen_batch.kwargs).logits, realb_model(**qwen_batch.kwargs).logits)
+
+
+def test_card_without_telemetry_or_accuracy(realb_model):
+    card = build_model_card(realb_model, repo_id="me/tiny-realb", has_processor=False)
+    check_card(str(card), repo_id="me/tiny-realb")
+    assert "## Telemetry" not in card.text and "## Accuracy" not in card.text
+    assert "AutoProcessor" not in card.text and card.data.base_model is None  # a local path is not a base model
+
+
+def test_save_refuses_a_model_without_realb(qwen_dir, tmp_path):
+    with pytest.raises(ValueError, match="does not run ReaLB"):
+        save_with_card(load_qwen(qwen_dir), None, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_card_inputs():
+    assert accuracy_markdown(None) is None and accuracy_markdown("| a |\n|---|") == "| a |\n|---|"
+    assert accuracy_markdown({"MMMU": {"bf16": 50.1, "ReaLB": 49.8}}).splitlines() == [
+        "|  | bf16 | ReaLB |",
+        "|---|---|---|",
+        "| MMMU | 50.1 | 49.8 |",
+    ]
+    assert accuracy_markdown([{"a": "x|y"}]).splitlines()[-1] == "| x\\|y |"
+    tel = realb_hf.Telemetry()
+    assert telemetry_summary(tel) == tel.summary()
+    assert telemetry_summary({"summary": {"records": 3}}) == {"records": 3}
+    assert telemetry_summary(json.loads(tel.to_json())) == tel.summary()
+
+
+# ---- push -------------------------------------------------------------------------------------------------
+
+
+def test_push_with_card_sends_one_commit_and_never_shows_the_token(realb_model, hub_calls, tmp_path, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    info = push_with_card(
+        realb_model,
+        "me/tiny-realb",
+        base_model="Qwen/Qwen3-VL-30B-A3B-Instruct",
+        telemetry=realb_hf.get_telemetry(realb_model),
+        accuracy_table=ACCURACY,
+        token=FAKE_TOKEN,
+        private=True,
+    )
+    assert info.oid == "0123"
+    assert hub_calls["create_repo"] == [
+        {"repo_id": "me/tiny-realb", "private": True, "exist_ok": True, "repo_type": "model"}
+    ]
+    (commit,) = hub_calls["create_commit"]
+    assert commit["repo_id"] == "me/tiny-realb" and commit["paths"] == MODEL_FILES
+    assert commit["commit_message"] == "Upload ReaLB model with realb_hf" and commit["create_pr"] is False
+    config = json.loads(commit["files"]["config.json"])
+    assert config["quantization_config"] == realb_hf.RealbConfig(**SETTINGS).to_dict()
+    card_text = commit["files"]["README.md"].decode()
+    check_card(card_text, repo_id="me/tiny-realb")
+    assert hub_calls["tokens"] == [FAKE_TOKEN, FAKE_TOKEN]  # the token reached HfApi ...
+
+    out = capsys.readouterr()  # ... and nothing else
+    seen = out.out + out.err + caplog.text + "".join(str(r.args) for r in caplog.records)
+    assert FAKE_TOKEN not in seen and FAKE_TOKEN not in card_text
+    assert all(FAKE_TOKEN.encode() not in content for content in commit["files"].values())
+
+
+def test_plain_push_to_hub_keeps_quantization_config(realb_model, hub_calls, monkeypatch):
+    """transformers' own `model.push_to_hub` uploads config.json with quant_method "realb" (verified offline)."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def no_remote_card(cls, *args, **kwargs):
+        raise EntryNotFoundError("no README.md on the (fake) Hub")
+
+    monkeypatch.setattr(ModelCard, "load", classmethod(no_remote_card))
+    realb_model.push_to_hub("me/plain-push", token=FAKE_TOKEN)
+    (commit,) = hub_calls["create_commit"]
+    assert {"config.json", "model.safetensors", "README.md"} <= set(commit["paths"])
+    config = json.loads(commit["files"]["config.json"])
+    assert config["quantization_config"]["quant_method"] == "realb"
+    assert config["quantization_config"] == realb_hf.RealbConfig(**SETTINGS).to_dict()
+
+
+def test_folder_operations_skip_hidden_files(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / ".cache").mkdir()
+    for name in ("a.json", "sub/b.bin", ".cache/x", ".hidden"):
+        (tmp_path / name).write_text("x")
+    assert [op.path_in_repo for op in folder_operations(tmp_path)] == ["a.json", "sub/b.bin"]
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------
+
+
+def test_cli_save_and_push(qwen_dir, hub_calls, tmp_path, monkeypatch, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
+    telemetry = tmp_path / "realb.json"
+    realb_hf.Telemetry().to_json(telemetry)
+    accuracy = tmp_path / "acc.json"
+    accuracy.write_text(json.dumps(ACCURACY))
+    knobs = ["--policy", "all_low", "--low-precision", "fp8", "--ep-size", "2", "--modality-threshold", "0.9"]
+    out = tmp_path / "out"
+    assert (
+        cli.main(
+            ["save", str(qwen_dir), str(out), *knobs, "--telemetry", str(telemetry), "--accuracy-table", str(accuracy)]
+        )
+        == 0
+    )
+    check_card((out / "README.md").read_text())
+    assert (
+        json.loads((out / "config.json").read_text())["quantization_config"]
+        == realb_hf.RealbConfig(**SETTINGS).to_dict()
+    )
+
+    # `push` of the saved folder: its saved settings come back without flags; the token comes from HF_TOKEN.
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    assert (
+        cli.main(["push", str(out), "me/tiny-realb", "--private", "--base-model", "Qwen/Qwen3-VL-30B-A3B-Instruct"])
+        == 0
+    )
+    (commit,) = hub_calls["create_commit"]
+    assert commit["paths"] == MODEL_FILES and hub_calls["create_repo"][0]["private"] is True
+    card = check_card(commit["files"]["README.md"].decode(), repo_id="me/tiny-realb")
+    assert card.data.base_model == "Qwen/Qwen3-VL-30B-A3B-Instruct"
+    printed = capsys.readouterr()
+    assert "pushed" in printed.out
+    assert FAKE_TOKEN not in printed.out + printed.err + caplog.text
