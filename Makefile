@@ -12,6 +12,9 @@ $(BIN)/python:
 
 setup: $(BIN)/python
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[cpu,test,demo,prometheus]"
+	# lmms-eval without its dependency list (it would replace the CPU torch): integrations/lmms_eval/requirements.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps lmms-eval==0.7.3
+	$(BIN)/pip install -q --disable-pip-version-check -r integrations/lmms_eval/requirements.txt
 
 demo: setup
 	$(BIN)/realb-hf demo
