@@ -169,13 +169,8 @@ def tiny_glm4v_moe_config():
     from transformers import Glm4vMoeConfig
 
     return Glm4vMoeConfig(
-        text_config=_common_text(
-            intermediate_size=96,
+        text_config=_deepseek_moe(
             num_key_value_heads=2,
-            moe_intermediate_size=MOE_INTERMEDIATE,
-            n_routed_experts=NUM_EXPERTS,
-            num_experts_per_tok=TOP_K,
-            n_shared_experts=1,
             n_group=1,
             topk_group=1,
             first_k_dense_replace=0,  # every layer MoE
@@ -213,14 +208,21 @@ def tiny_ernie4_5_vl_moe_config():
     )
 
 
-def _deepseek_v3_text(**extra) -> dict:
+def _deepseek_moe(**extra) -> dict:
+    """Text fields of DeepSeek-style MoE configs (routed + one shared expert), as GLM-4.5V and DeepSeek-OCR-2 use."""
     return _common_text(
         intermediate_size=96,
-        num_key_value_heads=4,
         moe_intermediate_size=MOE_INTERMEDIATE,
         n_routed_experts=NUM_EXPERTS,
         num_experts_per_tok=TOP_K,
         n_shared_experts=1,
+        **extra,
+    )
+
+
+def _deepseek_v3_text(**extra) -> dict:
+    return _deepseek_moe(
+        num_key_value_heads=4,
         n_group=2,
         topk_group=1,
         first_k_dense_replace=0,  # every layer MoE
@@ -270,13 +272,8 @@ def tiny_deepseek_ocr2_config():
     from transformers import DeepseekOcr2Config
 
     return DeepseekOcr2Config(
-        text_config=_common_text(
-            intermediate_size=96,
+        text_config=_deepseek_moe(
             num_key_value_heads=4,
-            moe_intermediate_size=MOE_INTERMEDIATE,
-            n_routed_experts=NUM_EXPERTS,
-            num_experts_per_tok=TOP_K,
-            n_shared_experts=1,
             topk_method="greedy",
             mlp_layer_types=["sparse"] * LAYERS,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
