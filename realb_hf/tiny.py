@@ -46,18 +46,8 @@ def tiny_qwen3_vl_moe_config(num_experts: int = 8, top_k: int = 2, layers: int =
             pad_token_id=0,
             tie_word_embeddings=False,
         ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            in_channels=3,
-            patch_size=4,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            out_hidden_size=hidden,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=[1],
+        vision_config=_tiny_vision(
+            temporal_patch_size=2, out_hidden_size=hidden, num_position_embeddings=64, deepstack_visual_indexes=[1]
         ),
         image_token_id=IMAGE_TOKEN_ID,
         video_token_id=VIDEO_TOKEN_ID,
