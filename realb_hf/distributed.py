@@ -53,7 +53,14 @@ from transformers.distributed.parallel_utils import replace_layer_number_by_wild
 from .experts import RealbExperts, is_fused_experts
 from .formats.fp8 import quantize_rowwise
 from .kernels import fp8_triton
-from .policy import RoutingStats, decide
+from .policy import (
+    RoutingStats,
+    decide,
+    decide_without_routing,
+    decides_on_device,
+    lowered_experts_on_device,
+    needs_routing,
+)
 
 ENV_TIMEOUT = "REALB_EP_TIMEOUT_S"
 # transformers' token-movement names -> the ReaLB variant installed on ReaLB experts modules
@@ -99,19 +106,33 @@ class EpState:
     side_stream: bool = True  # convert lowered weights on a side CUDA stream during the dispatch
     fp8_dispatch: bool = True  # all-to-all: send fp8 rows to ranks lowered to fp8
     timeout_s: float | None = None  # collective timeout set by set_collective_timeout (None: the group's default)
-    applied: list[dict] = field(default_factory=list)  # what this rank ran, per forward and layer
     comm: dict[str, int] = field(default_factory=dict)  # bytes moved by ReaLB's EP path, per kind
+    _applied: list[dict] = field(default_factory=list, repr=False)
+    _pending: list[tuple] = field(default_factory=list, repr=False)  # decided on the device, resolved on read
+
+    @property
+    def applied(self) -> list[dict]:
+        """What this rank ran, per forward and layer (entries of device-side decisions resolved now)."""
+        pending, self._pending = self._pending, []
+        for resolve in pending:
+            self.log(resolve[0](*resolve[1:]))
+        return self._applied
 
     def log(self, entry: dict) -> None:
-        self.applied.append(entry)
-        if len(self.applied) > _MAX_APPLIED:
-            del self.applied[: len(self.applied) - _MAX_APPLIED]
+        self._applied.append(entry)
+        if len(self._applied) > _MAX_APPLIED:
+            del self._applied[: len(self._applied) - _MAX_APPLIED]
+
+    def log_deferred(self, resolve, *args) -> None:
+        """`log(resolve(*args))` once `applied` is read: `args` may hold device tensors (no host sync now)."""
+        self._pending.append((resolve, *args))
 
     def count(self, kind: str, nbytes: int) -> None:
         self.comm[kind] = self.comm.get(kind, 0) + int(nbytes)
 
     def reset(self) -> None:
-        self.applied.clear()
+        self._applied.clear()
+        self._pending.clear()
         self.comm.clear()
 
 
@@ -392,9 +413,17 @@ class WeightPrefetch:
     CPU (or `side_stream=False`): converted inline when created.
     """
 
-    def __init__(self, module: RealbExperts, plan: dict[str, list[int]], side_stream: bool):
+    def __init__(
+        self,
+        module: RealbExperts,
+        plan: dict[str, list[int] | None],
+        side_stream: bool,
+        flags: torch.Tensor | None = None,
+    ):
+        """`plan`: format -> local experts to convert; None: every expert flagged in `flags` (device-side)."""
         self._packed: dict[str, tuple] = {}
         self._event = None
+        self._flagged = flags
         if not plan:
             return
         device = module.down_proj.device
@@ -402,12 +431,17 @@ class WeightPrefetch:
             stream = _side_stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
-                for fmt_name, experts in plan.items():
-                    self._packed[fmt_name] = (*module.realb_convert(fmt_name, experts), experts)
+                self._convert(module, plan, flags)
             self._event = torch.cuda.Event()
             self._event.record(stream)
         else:
-            for fmt_name, experts in plan.items():
+            self._convert(module, plan, flags)
+
+    def _convert(self, module: RealbExperts, plan: dict[str, list[int] | None], flags: torch.Tensor | None) -> None:
+        for fmt_name, experts in plan.items():
+            if experts is None:
+                self._packed[fmt_name] = (*module.realb_convert_flagged(fmt_name, flags), None)
+            else:
                 self._packed[fmt_name] = (*module.realb_convert(fmt_name, experts), experts)
 
     def get(self, fmt_name: str):
@@ -418,7 +452,17 @@ class WeightPrefetch:
 
     @property
     def converted(self) -> int:
+        """Experts converted; -1 when the device chose them (the flags are read only when a report asks)."""
+        if any(p[2] is None for p in self._packed.values()):
+            return -1
         return sum(len(p[2]) for p in self._packed.values())
+
+
+def _prefetch_flagged(module: RealbExperts, low: str, low_flags: torch.Tensor, state: EpState):
+    """on_the_fly: every local expert flagged in `low_flags` (device) converted to `low`, without knowing which."""
+    if module.realb_runtime.config.weight_cache != "on_the_fly":
+        return None
+    return WeightPrefetch(module, {low: None}, state.side_stream, low_flags)
 
 
 def _prefetch(module: RealbExperts, precisions: tuple[str, ...], counts: list[int], high: str, state: EpState):
@@ -461,11 +505,32 @@ class RealbAllReduceEP(AllReduceEP):
         params = runtime.params(hidden_states.device)
         modality = runtime.modality.for_rows(hidden_states.shape[0], module.realb_pool)
         source = runtime.modality.source if modality is not None else "none"
-        counts = module.realb_routing_counts(top_k_index, modality, placement.num_global).tolist()
-        stats, decision = _decide_global(counts, hidden_states.shape[0], params)
-        precisions = _local(decision, placement)
-        local_counts = counts[0][placement.first : placement.first + placement.num_local]
-        ready = _prefetch(module, precisions, local_counts, params.high, state)
+        num_tokens = hidden_states.shape[0]
+        counts_device = module.realb_routing_counts(top_k_index, modality, placement.num_global)
+        local = slice(placement.first, placement.first + placement.num_local)
+        low_flags = stats = decision = None
+        if module._realb_sync_free_ok(hidden_states, params.high, params.low) and (
+            decides_on_device(params) or not needs_routing(params, num_tokens)
+        ):
+            # No host sync: decided on the device (or from the config alone); telemetry and the per-rank log
+            # recompute the decision from the counts when they are read.
+            if needs_routing(params, num_tokens):
+                low_flags = lowered_experts_on_device(counts_device, num_tokens, params)[local]
+            else:
+                decision = decide_without_routing(params, placement.num_global)
+                precisions = _local(decision, placement)
+                if set(precisions) <= {params.high, params.low} and not decision.all_high(params.high):
+                    low_flags = module._realb_low_flags(precisions, params.high, hidden_states.device)
+            ready = _prefetch_flagged(module, params.low, low_flags, state) if low_flags is not None else None
+        if low_flags is None and decision is None:
+            counts = counts_device.tolist()
+            stats, decision = _decide_global(counts, num_tokens, params)
+        if low_flags is None:
+            precisions = _local(decision, placement)
+            ready = None
+            if not decision.all_high(params.high):
+                local_counts = counts_device[0, local].tolist() if stats is None else stats.expert_tokens[local]
+                ready = _prefetch(module, precisions, local_counts, params.high, state)
 
         ep_group = self.ep_mesh.get_group()
         hidden_states = _AllReduceBackward.apply(hidden_states, ep_group)
@@ -473,11 +538,20 @@ class RealbAllReduceEP(AllReduceEP):
         off_rank = (top_k_index // placement.num_local) != placement.rank
         local_index = torch.where(off_rank, placement.num_local, top_k_index % placement.num_local)
         weights = top_k_weights.masked_fill(off_rank, 0.0)
-        output = module.realb_run_local(hidden_states, local_index, weights, precisions, params.high, ready)
+        if low_flags is not None:
+            output = module._realb_sync_free(hidden_states, local_index, weights, low_flags, params.high, params.low, ready)
+        else:
+            output = module.realb_run_local(hidden_states, local_index, weights, precisions, params.high, ready)
         with _collective("all_reduce of the expert outputs", module):
             output = _AllReduceForward.apply(output, ep_group)
-        module.realb_record(stats, decision, params, source)
-        _log(state, runtime, module, decision, precisions, sum(local_counts), False, ready)
+        if stats is not None:
+            module.realb_record(stats, decision, params, source)
+            _log(state, runtime, module, decision, precisions, sum(stats.expert_tokens[local]), False, ready)
+        else:
+            runtime.telemetry.add_deferred(module.realb_name, counts_device, num_tokens, decision, params, source)
+            converted = ready.converted if ready is not None else 0
+            state.log_deferred(_entry_from_counts, runtime.telemetry.forwards, module, counts_device, num_tokens,
+                               params, placement, converted)
         return output
 
 
@@ -535,7 +609,14 @@ class RealbAllToAllEP(AllToAllEP):
         lo, hi = placement.first, placement.first + num_local
         recv_table = table[:, lo:hi]  # rows each source sends to each of this rank's experts
         local_counts = recv_table.sum(0).tolist()
-        ready = _prefetch(module, precisions, local_counts, params.high, state)  # queued before the dispatch
+        # queued before the dispatch: flagged experts (all slots, for the sync-free path) or those with rows
+        if set(precisions) == {params.high, params.low} and module._realb_sync_free_ok(
+            hidden_states, params.high, params.low
+        ):
+            flags = module._realb_low_flags(precisions, params.high, device)
+            ready = _prefetch_flagged(module, params.low, flags, state)
+        else:
+            ready = _prefetch(module, precisions, local_counts, params.high, state)
 
         # 2. The dispatch: (token, expert) pairs sorted by expert are grouped by destination rank.
         send_sizes = table[placement.rank, :num_global].view(ep_size, num_local).sum(1).tolist()
@@ -639,19 +720,33 @@ class RealbAutoEP(EPImplementation):
         return self.all_to_all(hidden_states, top_k_index, top_k_weights)
 
 
-def _log(state, runtime, module, decision, precisions, rows, fp8_dispatch, ready) -> None:
+def _entry(forward, module, decision, precisions, rows, fp8_dispatch, converted) -> dict:
     kinds = set(precisions)
-    state.log(
-        {
-            "forward": runtime.telemetry.forwards,
-            "layer": module.realb_name,
-            "precision": kinds.pop() if len(kinds) == 1 else "mixed",
-            "rows": int(rows),
-            "fp8_dispatch": bool(fp8_dispatch),
-            "converted_experts": ready.converted if ready is not None else 0,
-            "reason": decision.reason,
-        }
-    )
+    return {
+        "forward": forward,
+        "layer": module.realb_name,
+        "precision": kinds.pop() if len(kinds) == 1 else "mixed",
+        "rows": int(rows),
+        "fp8_dispatch": bool(fp8_dispatch),
+        "converted_experts": int(converted),
+        "reason": decision.reason,
+    }
+
+
+def _log(state, runtime, module, decision, precisions, rows, fp8_dispatch, ready) -> None:
+    converted = ready.converted if ready is not None else 0
+    if converted < 0:  # flagged conversion: every lowered local expert
+        converted = sum(p != runtime.config.high_precision for p in precisions)
+    state.log(_entry(runtime.telemetry.forwards, module, decision, precisions, rows, fp8_dispatch, converted))
+
+
+def _entry_from_counts(forward, module, counts, num_tokens, params, placement, converted) -> dict:
+    """The log entry of a layer decided on the device, from its counts (read back now)."""
+    tokens, vision = counts.tolist()
+    stats, decision = _decide_global([tokens, vision], num_tokens, params)
+    local = slice(placement.first, placement.first + placement.num_local)
+    converted = converted if converted >= 0 else sum(p != params.high for p in decision.expert_precision[local])
+    return _entry(forward, module, decision, _local(decision, placement), sum(tokens[local]), False, converted)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------
@@ -706,7 +801,7 @@ def rank_report(model) -> dict[str, Any]:
         "telemetry": runtime.telemetry.to_dict(),
         "applied": list(state.applied) if state else [],
         "comm_bytes": dict(state.comm) if state else {},
-        "ep_state": {k: v for k, v in asdict(state).items() if k not in ("applied", "comm")} if state else None,
+        "ep_state": {k: v for k, v in asdict(state).items() if not k.startswith("_") and k != "comm"} if state else None,
     }
 
 

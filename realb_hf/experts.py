@@ -15,10 +15,20 @@ import torch
 from transformers.activations import SiLUActivation
 from transformers.integrations.moe import _default_apply_gate
 
+from . import sync_free
 from .formats import get_format
 from .kernels.combine import weighted_combine
 from .modality import TEXT
-from .policy import Decision, PolicyParams, RoutingStats, decide, decide_without_routing, needs_routing
+from .policy import (
+    Decision,
+    PolicyParams,
+    RoutingStats,
+    decide,
+    decide_without_routing,
+    decides_on_device,
+    lowered_experts_on_device,
+    needs_routing,
+)
 from .runtime import RealbRuntime
 from .telemetry import make_record
 
@@ -100,22 +110,85 @@ class RealbExperts(torch.nn.Module):
         if runtime is None:
             return super().forward(hidden_states, top_k_index, top_k_weights)
         params = runtime.params(hidden_states.device)
-        modality = runtime.modality.for_rows(hidden_states.shape[0], self.realb_pool)
-        source = runtime.modality.source if modality is not None else "none"
         num_tokens = hidden_states.shape[0]
-        if needs_routing(params, num_tokens):  # the one host sync, only where the decision reads the counts
-            stats = self.realb_routing_stats(top_k_index, modality)
-            decision = self.realb_decide(stats, params, source)
-        else:
+        routing = needs_routing(params, num_tokens)
+        if not routing:  # the decode-sized fast path: decided by the config alone, cached
             decision = decide_without_routing(params, self.num_experts)
             if runtime.telemetry.enabled:  # counts stay on the device until telemetry is read
+                modality = runtime.modality.for_rows(num_tokens, self.realb_pool)
+                source = runtime.modality.source if modality is not None else "none"
                 counts = self.realb_routing_counts(top_k_index, modality)
                 runtime.telemetry.add_deferred(self.realb_name, counts, num_tokens, decision, params, source)
-        if decision.all_high(params.high):
-            return super().forward(hidden_states, top_k_index, top_k_weights)
+            if decision.all_high(params.high):
+                return super().forward(hidden_states, top_k_index, top_k_weights)
+        sync_free_ok = self._realb_sync_free_ok(hidden_states, params.high, params.low)
+        if routing:
+            modality = runtime.modality.for_rows(num_tokens, self.realb_pool)
+            source = runtime.modality.source if modality is not None else "none"
+            if sync_free_ok and decides_on_device(params):
+                # Decided on the device; telemetry recomputes the same decision on the host when it is read.
+                counts = self.realb_routing_counts(top_k_index, modality)
+                runtime.telemetry.add_deferred(self.realb_name, counts, num_tokens, None, params, source)
+                low_experts = lowered_experts_on_device(counts, num_tokens, params)
+                return self._realb_sync_free(
+                    hidden_states, top_k_index, top_k_weights, low_experts, params.high, params.low
+                )
+            stats = self.realb_routing_stats(top_k_index, modality)  # the one host sync of the host path
+            decision = self.realb_decide(stats, params, source)
+            if decision.all_high(params.high):
+                return super().forward(hidden_states, top_k_index, top_k_weights)
+        if sync_free_ok and set(decision.expert_precision) <= {params.high, params.low}:
+            low_experts = self._realb_low_flags(decision.expert_precision, params.high, hidden_states.device)
+            return self._realb_sync_free(hidden_states, top_k_index, top_k_weights, low_experts, params.high, params.low)
         return self._realb_mixed_forward(
             hidden_states, top_k_index, top_k_weights, decision.expert_precision, params.high
         )
+
+    # ---- the sync-free path (CUDA) -----------------------------------------------------------------
+
+    def _realb_sync_free_ok(self, hidden_states: torch.Tensor, high: str, low: str) -> bool:
+        return hidden_states.device.type == "cuda" and sync_free.covers(self, high, low, hidden_states)
+
+    def _realb_sync_free(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        low_experts: torch.Tensor,
+        high: str,
+        low: str,
+        ready=None,
+    ) -> torch.Tensor:
+        """`sync_free.mixed_forward` with the experts flagged in `low_experts` ((E,) bool, device) in `low`."""
+        weights = self._realb_low_weights(low, low_experts, ready)
+        return sync_free.mixed_forward(self, hidden_states, top_k_index, top_k_weights, low_experts, high, low, weights)
+
+    def _realb_low_weights(self, low: str, low_experts: torch.Tensor, ready=None) -> tuple[object, object]:
+        """(first, down) in `low` covering every expert id (unflagged ones may be left unconverted).
+
+        persistent: the cached copies. on_the_fly: `ready`'s all-experts conversion if a prefetch queued one,
+        else converted now, skipping unflagged experts on the device (transient: freed after the layer)."""
+        if self.realb_runtime.config.weight_cache == "persistent":
+            first, down, _ = self._realb_packed(low, [])
+            return first, down
+        prepared = ready.get(low) if ready is not None else None
+        if prepared is not None and prepared[2] is None:
+            return prepared[0], prepared[1]
+        return self.realb_convert_flagged(low, low_experts)
+
+    def realb_convert_flagged(self, fmt_name: str, flags: torch.Tensor) -> tuple[object, object]:
+        """Every expert's slot converted to `fmt_name`, skipping (on CUDA) the experts whose flag is 0 on the device."""
+        fmt = get_format(fmt_name)
+        first, down = self._realb_weights()
+        with torch.no_grad():
+            return (
+                fmt.quantize_weight(first.detach(), expert_flags=flags),
+                fmt.quantize_weight(down.detach(), expert_flags=flags),
+            )
+
+    def _realb_low_flags(self, precisions: tuple[str, ...], high: str, device: torch.device) -> torch.Tensor:
+        """(E,) bool on `device`: which experts a host-side decision lowered (cached like expert codes)."""
+        return self._realb_expert_code(tuple(int(p != high) for p in precisions), device).bool()
 
     # ---- real expert parallelism: called by realb_hf.distributed's EP implementations -------------
 
@@ -133,8 +206,13 @@ class RealbExperts(torch.nn.Module):
         `precisions` holds one precision per local expert, already decided from the global routing; `ready`
         optionally holds weights converted ahead of time (`realb_hf.distributed.WeightPrefetch`).
         """
-        if all(p == high for p in precisions):
+        if precisions.count(high) == len(precisions):
             return super().forward(hidden_states, top_k_index, top_k_weights)
+        lows = set(precisions) - {high}
+        low = next(iter(lows))
+        if len(lows) == 1 and self._realb_sync_free_ok(hidden_states, high, low):
+            flags = self._realb_low_flags(precisions, high, hidden_states.device)
+            return self._realb_sync_free(hidden_states, top_k_index, top_k_weights, flags, high, low, ready)
         return self._realb_mixed_forward(hidden_states, top_k_index, top_k_weights, precisions, high, ready)
 
     def realb_run_local_fp8(
@@ -216,8 +294,8 @@ class RealbExperts(torch.nn.Module):
                 self.realb_runtime.telemetry.extra_memory_bytes += sum(fmt.weight_nbytes(p) for p in packed)
             return *self._realb_cache[fmt_name], None
         prepared = ready.get(fmt_name) if ready is not None else None
-        if prepared is not None and set(experts) <= set(prepared[2]):
-            return prepared
+        if prepared is not None and (prepared[2] is None or set(experts) <= set(prepared[2])):
+            return prepared  # covered None: every expert's slot (flagged conversion)
         return *self.realb_convert(fmt_name, experts), experts
 
     def realb_free_cache(self) -> None:

@@ -1,6 +1,7 @@
 """ReaLB's decision: routing of one MoE layer for one batch -> a precision for every EP rank (or expert).
 
-Pure functions of plain numbers: no model, no device, no randomness. Every rank of a real EP group sees
+Pure functions of plain numbers: no model, no randomness (`lowered_experts_on_device` is the same rank decision
+as tensor ops, so a GPU can decide without reading the counts back). Every rank of a real EP group sees
 the same routing counts, so every rank computes the same decision without talking to the others.
 
 The cost model is linear: a rank's predicted time is the sum over its experts of
@@ -14,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+
+import torch
 
 # Predicted low-precision expert-MLP time relative to bf16.
 # fp8: measured on H100 (Qwen3-VL-30B-A3B dims, EP=4 rank: 0.94 ms fused fp8 vs 1.21 ms bf16; ../shared/FACTS.md).
@@ -90,7 +93,7 @@ class Decision:
     reason: str
 
     def all_high(self, high: str) -> bool:
-        return all(p == high for p in self.expert_precision)
+        return self.expert_precision.count(high) == len(self.expert_precision)
 
 
 def expert_ranges(num_experts: int, ep_size: int) -> list[range]:
@@ -222,3 +225,31 @@ def _decide_experts(
             cost -= stats.expert_tokens[e] * saving
             any_lowered = True
     return _decision(precision, params, REASON_LOWERED if any_lowered else REASON_BALANCED)
+
+
+def decides_on_device(params: PolicyParams) -> bool:
+    """Whether `lowered_experts_on_device` implements this policy (the dynamic one at rank granularity)."""
+    return params.policy == "realb" and params.granularity == "rank"
+
+
+def lowered_experts_on_device(counts: torch.Tensor, num_tokens: int, params: PolicyParams) -> torch.Tensor:
+    """`decide`'s rank-granularity choice as device tensor ops: `counts (2, E)` (token-expert pairs per expert,
+    vision ones) -> `(E,)` bool, True where the expert runs in `params.low`. No host sync.
+
+    Same arithmetic as `decide` (float64, same order of operations), so both give the same decision for the same
+    counts; tests hold them equal. Telemetry recomputes the decision on the host with `decide` from the counts.
+    """
+    if not decides_on_device(params):
+        raise ValueError(f"no device-side decision for policy={params.policy!r}, granularity={params.granularity!r}")
+    num_experts = counts.shape[-1]
+    expert_ranges(num_experts, params.ep_size)  # validates ep_size
+    if num_tokens < params.batch_threshold:
+        return torch.zeros(num_experts, dtype=torch.bool, device=counts.device)
+    per_rank = counts.view(2, params.ep_size, -1).sum(-1).double()  # (2, ranks): pairs, vision pairs
+    tokens, vision = per_rank[0], per_rank[1]
+    hot = tokens > tokens.sum() / params.ep_size * (1.0 + params.imbalance_threshold)
+    share = torch.where(tokens > 0, vision / tokens.clamp(min=1), torch.zeros_like(tokens))
+    eligible = hot & (share >= params.modality_threshold)
+    floor = torch.where(eligible, tokens * params.cost_ratio, tokens).max()
+    lowered = eligible & (tokens > floor)
+    return lowered.repeat_interleave(num_experts // params.ep_size)

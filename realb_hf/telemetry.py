@@ -8,7 +8,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .policy import Decision, PolicyParams, RoutingStats, balancedness, predicted_rank_costs, rank_loads, vision_shares
+from .policy import (
+    Decision,
+    PolicyParams,
+    RoutingStats,
+    balancedness,
+    decide,
+    predicted_rank_costs,
+    rank_loads,
+    vision_shares,
+)
 
 
 @dataclass(frozen=True)
@@ -95,11 +104,12 @@ class Telemetry:
         layer: str,
         counts: Any,
         num_tokens: int,
-        decision: Decision,
+        decision: Decision | None,
         params: PolicyParams,
         modality_source: str,
     ) -> None:
-        """Like `add`, from `counts` = (2, experts) tokens / vision tokens still on the device."""
+        """Like `add`, from `counts` = (2, experts) tokens / vision tokens still on the device. `decision` None:
+        it was made on the device (`policy.lowered_experts_on_device`); `decide` recomputes it from the counts."""
         if self.enabled:
             self._pending.append((self.forwards, layer, counts, num_tokens, decision, params, modality_source))
 
@@ -108,6 +118,8 @@ class Telemetry:
         for forward, layer, counts, num_tokens, decision, params, source in pending:
             tokens, vision = counts.tolist()
             stats = RoutingStats(tuple(tokens), tuple(vision), num_tokens)
+            if decision is None:
+                decision = decide(stats, params)
             self._append(make_record(forward, layer, stats, decision, params, source))
 
     def _append(self, record: LayerRecord) -> None:

@@ -63,11 +63,13 @@ def workdir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("nproc", [2, 4])
-def test_real_ep_equals_virtual_ep(nproc, workdir, tmp_path):
+@pytest.mark.parametrize("nproc, sync_free", [(2, False), (4, False), (2, True)])
+def test_real_ep_equals_virtual_ep(nproc, sync_free, workdir, tmp_path):
+    """`sync_free`: the all-reduce EP path as CUDA runs it (device-side decisions, no count read-backs)."""
     out = tmp_path / "check.json"
     forms = ("tp_replicated", "tp", "fsdp") if nproc == 2 else ("tp_replicated", "fsdp")
-    proc = torchrun(nproc, CHECK, "--skip-timing", "--workdir", str(workdir), "--out", str(out), "--forms", *forms)
+    extra = ("--sync-free-on-cpu", "--forms", "tp_replicated") if sync_free else ("--forms", *forms)
+    proc = torchrun(nproc, CHECK, "--skip-timing", "--workdir", str(workdir), "--out", str(out), *extra)
     assert out.exists(), _tail(proc)
     checks = json.loads(out.read_text())["checks"]
     failed = [c for c in checks if not c["ok"]]
@@ -76,7 +78,7 @@ def test_real_ep_equals_virtual_ep(nproc, workdir, tmp_path):
 
     covered = {(c["family"], c["mode"]) for c in checks if c["form"] == "tp_replicated"}
     assert covered == {(f, m) for f in FAMILIES for m in MODES}
-    assert {c["form"] for c in checks} == set(forms)
+    assert {c["form"] for c in checks} == ({"tp_replicated"} if sync_free else set(forms))
     for c in checks:
         assert c["decisions_agree"], c
         if c["form"] == "tp_replicated":

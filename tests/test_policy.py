@@ -162,3 +162,67 @@ def test_decision_without_routing_is_cached_and_equal_to_decide():
         assert cached == decide(RoutingStats.empty(8, 100), params)
     with pytest.raises(ValueError, match="always reads the routing"):
         decide_without_routing(PolicyParams(policy="realb", ep_size=4, batch_threshold=0), 8)
+
+
+def _device_choice(s: RoutingStats, params: PolicyParams) -> list[bool]:
+    import torch
+
+    from realb_hf.policy import lowered_experts_on_device
+
+    counts = torch.tensor([s.expert_tokens, s.expert_vision])
+    return lowered_experts_on_device(counts, s.num_tokens, params).tolist()
+
+
+def _host_choice(s: RoutingStats, params: PolicyParams) -> list[bool]:
+    return [p == params.low for p in decide(s, params).expert_precision]
+
+
+@pytest.mark.parametrize("case", [VISION_HOT, TEXT_HOT, stats([(0, 0)] * 8), stats([(100, 100)] * 8)])
+def test_device_decision_equals_host_decision_on_hand_built_cases(case):
+    for ep in (1, 2, 4, 8):
+        params = PolicyParams(policy="realb", low="fp8", ep_size=ep, batch_threshold=2048)
+        assert _device_choice(case, params) == _host_choice(case, params), ep
+    small = stats(list(zip(case.expert_tokens, case.expert_vision)), num_tokens=10)
+    assert not any(_device_choice(small, PARAMS))
+
+
+def test_device_decision_equals_host_decision_on_random_routing():
+    import random
+
+    rng = random.Random(0)
+    lowered_cases = 0
+    for trial in range(400):
+        ep = rng.choice([1, 2, 4, 8])
+        per_rank = rng.choice([1, 2, 4])
+        tokens = [rng.choice([0, rng.randint(0, 50), rng.randint(0, 2000)]) for _ in range(ep * per_rank)]
+        hot = rng.randrange(ep)
+        for e in range(hot * per_rank, (hot + 1) * per_rank):
+            tokens[e] *= rng.choice([1, 2, 3])
+        vision = [rng.choice([t, rng.randint(0, t), int(t * 0.7)]) for t in tokens]
+        s = RoutingStats(tuple(tokens), tuple(vision), rng.choice([100, 4096]))
+        params = PolicyParams(
+            policy="realb",
+            low=rng.choice(["fp8", "nvfp4"]),
+            ep_size=ep,
+            modality_threshold=rng.choice([0.0, 0.5, 0.7, 1.0]),
+            imbalance_threshold=rng.choice([0.0, 0.1, 0.5]),
+            low_cost_ratio=rng.choice([None, 0.5, 0.78, 1.0]),
+        )
+        host = _host_choice(s, params)
+        assert _device_choice(s, params) == host, (trial, s, params)
+        lowered_cases += any(host)
+    assert lowered_cases > 50  # the sample exercises lowering, not only "nothing to do"
+
+
+def test_device_decision_covers_only_rank_granularity():
+    import torch
+
+    from realb_hf.policy import decides_on_device, lowered_experts_on_device
+
+    assert decides_on_device(PARAMS)
+    for other in (PolicyParams(policy="realb", granularity="expert"), PolicyParams(policy="static")):
+        assert not decides_on_device(other)
+        with pytest.raises(ValueError, match="no device-side decision"):
+            lowered_experts_on_device(torch.zeros(2, 8, dtype=torch.long), 4096, other)
+    with pytest.raises(ValueError, match="must divide"):
+        lowered_experts_on_device(torch.zeros(2, 6, dtype=torch.long), 4096, PARAMS)

@@ -17,7 +17,9 @@ text dims (hidden 2048, moe_intermediate 768, 128 experts, top-8; `--tokens` 163
 skewed so that EP rank 0 holds `--skew` times the mean load), rank 0 lowered to fp8, in each token movement:
 transformers' stock layer, ReaLB with policy off, ReaLB fp8 with the weight conversion on a side stream, the
 same converting inline, without fp8 dispatch, and with persistent fp8 copies (no conversion); plus the
-conversion alone and a bf16 all-to-all of the dispatch's size. CUDA events; the slowest rank's median.
+conversion alone and a bf16 all-to-all of the dispatch's size; the dynamic policy (decided from the routing, on
+the device where the sync-free path runs); and the oracle bound (stock on routing with the same pairs spread
+evenly over the ranks). CUDA events; the slowest rank's median.
 
 Rank 0 prints a table and writes everything (with the gathered ReaLB report of every rank) as JSON to --out.
 The exit code is 1 when an equality check failed.
@@ -423,6 +425,8 @@ def run_timing(args, device: torch.device) -> dict:
     ids, weights, codes, achieved = skewed_routing(
         dims["tokens"], dims["experts"], dims["top_k"], world, args.vision_share, args.skew
     )
+    balanced_ids = skewed_routing(dims["tokens"], dims["experts"], dims["top_k"], world, args.vision_share, 1.0)[0]
+    balanced_ids = balanced_ids.to(device)
     gen = torch.Generator().manual_seed(1)
     hidden = (torch.randn(dims["tokens"], dims["hidden"], generator=gen) * 0.5).to(torch.bfloat16).to(device)
     ids, weights, codes = ids.to(device), weights.to(torch.bfloat16).to(device), codes.to(device)
@@ -449,7 +453,11 @@ def run_timing(args, device: torch.device) -> dict:
         def call(module, hidden=hidden, ids=ids, weights=weights):
             return lambda: _layer_call(module, hidden, ids, weights)
 
-        variants = [("stock transformers bf16", None, call(stock_layer))]
+        variants = [
+            ("stock transformers bf16", None, call(stock_layer)),
+            # the same pairs spread evenly over the ranks: what moving or replicating experts could at best reach
+            ("oracle: stock bf16 on balanced routing", None, call(stock_layer, ids=balanced_ids)),
+        ]
         settings = [
             ("ReaLB policy off (bf16)", dict(policy="off", rank_precisions=None), {}),
             (
@@ -466,6 +474,9 @@ def run_timing(args, device: torch.device) -> dict:
         settings.append(
             ("ReaLB fp8 rank 0, persistent copies", dict(weight_cache="persistent"), dict(fp8_dispatch=True))
         )
+        dynamic = dict(policy="realb", granularity="rank", batch_threshold=2048, rank_precisions=None)
+        settings.append(("ReaLB policy realb, persistent copies", dynamic, dict(side_stream=True)))
+        settings.append(("ReaLB policy realb, on_the_fly", dict(weight_cache="on_the_fly"), dict(side_stream=True)))
         results = {}
         for name, _, fn in variants:
             results[name] = timer(fn, args.iters, args.warmup)
@@ -548,7 +559,15 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=900.0, help="process-group timeout (s)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process")
+    parser.add_argument(
+        "--sync-free-on-cpu", action="store_true", help="run the CUDA sync-free experts path on CPU too (tests it under gloo)"
+    )
     args = parser.parse_args(argv)
+    if args.sync_free_on_cpu:
+        from realb_hf import sync_free
+        from realb_hf.experts import RealbExperts
+
+        RealbExperts._realb_sync_free_ok = lambda self, h, high, low: sync_free.covers(self, high, low, h)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     rank, world, device = init_distributed(timeout_s=args.timeout)

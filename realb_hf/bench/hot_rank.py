@@ -89,7 +89,26 @@ def realb_variant(module, **config_kwargs):
     return clone
 
 
-def run(preset: str, tokens_list: list[int], device: torch.device, seed: int = 0) -> dict:
+def graph_ms(module, args, repeats: int = 50) -> float | None:
+    """Median ms of one CUDA-graph replay of `module(*args)`: the forward without host (launch, Python) cost.
+    None when the forward cannot be captured (it reads a count back to the host)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            module(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            module(*args)
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+    return time_ms(lambda: graph.replay(), [()], warmup=3, repeats=repeats)
+
+
+def run(preset: str, tokens_list: list[int], device: torch.device, seed: int = 0, graphs: bool = False) -> dict:
     dims = PRESETS[preset]
     stock = build_experts(dims["hidden"], dims["inter"], dims["local_experts"], device)
     variants = {
@@ -98,9 +117,14 @@ def run(preset: str, tokens_list: list[int], device: torch.device, seed: int = 0
         "realb fp8 persistent (fused kernels)": realb_variant(stock, policy="all_low", low_precision="fp8", weight_cache="persistent"),
         "realb fp8 on_the_fly (conversion included)": realb_variant(stock, policy="all_low", low_precision="fp8"),
     }
+    host_sync = realb_variant(stock, policy="all_low", low_precision="fp8", weight_cache="persistent")
+    host_sync._realb_sync_free_ok = lambda *args: False  # the host path: group sizes read back to the host
+    variants["realb fp8 persistent (host-sync path)"] = host_sync
     unfused = realb_variant(stock, policy="all_low", low_precision="fp8", weight_cache="persistent")
     unfused._realb_plain_swiglu = lambda: False  # composed path: separate quant kernels, eager SwiGLU
     variants["realb fp8 persistent (unfused reference path)"] = unfused
+    # the dynamic policy on one rank with nothing to balance: decided on the device, nothing lowered
+    variants["realb policy=realb, nothing lowered"] = realb_variant(stock, policy="realb", batch_threshold=0)
 
     rows = []
     for tokens in tokens_list:
@@ -113,8 +137,12 @@ def run(preset: str, tokens_list: list[int], device: torch.device, seed: int = 0
                 err = ((out - reference).norm() / reference.norm()).item()
                 ms = time_ms(module, inputs)
                 base = base or ms
-                rows.append(dict(tokens=tokens, rows=tokens * dims["top_k"], variant=name, ms=ms, speedup=base / ms, rel_err=err))
-                print(f"{tokens:>6} tok  {name:<48} {ms:8.3f} ms  {base / ms:5.2f}x  err {err:.4f}", flush=True)
+                row = dict(tokens=tokens, rows=tokens * dims["top_k"], variant=name, ms=ms, speedup=base / ms, rel_err=err)
+                if graphs and device.type == "cuda":
+                    row["graph_ms"] = graph_ms(module, inputs[0])
+                rows.append(row)
+                extra = f"  graph {row['graph_ms'] or float('nan'):.3f} ms" if "graph_ms" in row else ""
+                print(f"{tokens:>6} tok  {name:<48} {ms:8.3f} ms  {base / ms:5.2f}x  err {err:.4f}{extra}", flush=True)
     return dict(preset=preset, dims=dims, results=rows)
 
 
@@ -123,18 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="qwen3-vl-30b-a3b")
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 2048, 8192])
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--graphs", action="store_true", help="also time each variant as a CUDA graph replay")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = run(args.preset, args.tokens, device)
+    result = run(args.preset, args.tokens, device, graphs=args.graphs)
     result.update(
         device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__,
         date=datetime.date.today().isoformat(),
         command=" ".join([sys.executable, "-m", "realb_hf.bench.hot_rank", *(argv or sys.argv[1:])]),
     )
-    print("\n| tokens | variant | ms | speedup vs stock | rel. error |\n|---|---|---|---|---|")
+    print("\n| tokens | variant | ms | speedup vs stock | rel. error | CUDA graph ms |\n|---|---|---|---|---|---|")
     for r in result["results"]:
-        print(f"| {r['tokens']} | {r['variant']} | {r['ms']:.3f} | {r['speedup']:.2f}x | {r['rel_err']:.4f} |")
+        graph = "-" if "graph_ms" not in r else "not capturable" if r["graph_ms"] is None else f"{r['graph_ms']:.3f}"
+        print(f"| {r['tokens']} | {r['variant']} | {r['ms']:.3f} | {r['speedup']:.2f}x | {r['rel_err']:.4f} | {graph} |")
     print(f"\n{result['device']}, torch {result['torch']}, {result['date']}")
     if args.out:
         with open(args.out, "w") as f:

@@ -25,8 +25,10 @@ class PrecisionFormat(ABC):
         """True when `device` has kernels that make this format faster than bf16 (not just emulation)."""
 
     @abstractmethod
-    def quantize_weight(self, weight: torch.Tensor) -> Any:
-        """Convert (E, N, K) high-precision expert weights to this format's packed form."""
+    def quantize_weight(self, weight: torch.Tensor, expert_flags: torch.Tensor | None = None) -> Any:
+        """Convert (E, N, K) high-precision expert weights to this format's packed form.
+
+        `expert_flags (E,)`: a format may skip the experts flagged 0 (their packed data is then undefined)."""
 
     @abstractmethod
     def weight_nbytes(self, packed: Any) -> int:
@@ -39,10 +41,22 @@ class PrecisionFormat(ABC):
         Rows of expert e are `x[offs[e-1]:offs[e]]`; S == offs[-1]. Empty groups are allowed.
         """
 
-    def gather_activations(self, hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    supports_padding: bool = False  # gathers and MLPs accept device-side row counts (see `sync_free`)
+
+    def gather_activations(
+        self,
+        hidden: torch.Tensor,
+        rows: torch.Tensor,
+        start: torch.Tensor | None = None,
+        count: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
         """`hidden[rows]` in the form this format's GEMM consumes: a tuple of tensors with one entry per row
-        (so a caller may gather every row once and slice per expert group)."""
-        return (hidden[rows],)
+        (so a caller may gather every row once and slice per expert group).
+
+        With `start`/`count` (one-element device tensors, formats with `supports_padding`): row i is
+        `hidden[rows[start + i]]` for i < count; the `len(rows)` output rows past `count` are padding.
+        """
+        return (hidden[rows if start is None else shifted_index(rows, start)],)
 
     def expert_mlp_on(
         self,
@@ -53,12 +67,14 @@ class PrecisionFormat(ABC):
         gate: Callable[[torch.Tensor], torch.Tensor],
         fused_swiglu: bool,
         out_dtype: torch.dtype,
+        count: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """A whole expert MLP on gathered rows (sorted by expert): first GEMM, `gate`, down GEMM.
 
         `gate` maps the first projection's output to the down projection's input (bias, SwiGLU or the
         model's own gating). `fused_swiglu` says that `gate` is plain SwiGLU on a concatenated gate|up with
-        no bias, which a format may replace by a fused kernel.
+        no bias, which a format may replace by a fused kernel. `count` (device tensor, `offs[-1]`): rows past
+        it are padding, which the grouped GEMMs skip and which kernels that know it skip too.
         """
         (x,) = activations
         h = self.grouped_linear(x, first, offs)
@@ -77,3 +93,9 @@ class PrecisionFormat(ABC):
         """`expert_mlp_on` of `gather_activations(hidden, rows)`."""
         acts = self.gather_activations(hidden, rows)
         return self.expert_mlp_on(acts, first, down, offs, gate, fused_swiglu, hidden.dtype)
+
+
+def shifted_index(rows: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """`rows[start:]` padded to `len(rows)` (with its last entry) for a `start` that stays on the device."""
+    at = torch.arange(rows.numel(), device=rows.device) + start
+    return rows[at.clamp(max=max(rows.numel() - 1, 0))]

@@ -28,12 +28,13 @@ class Bf16Format(PrecisionFormat):
 
     name = "bf16"
     bits = 16
+    supports_padding = True
 
     def is_native(self, device: torch.device) -> bool:
         """Always: every device runs the model's own dtype."""
         return True
 
-    def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
+    def quantize_weight(self, weight: torch.Tensor, expert_flags: torch.Tensor | None = None) -> torch.Tensor:
         """The weight itself (no copy): bf16 experts cost no extra memory."""
         return weight
 
@@ -45,3 +46,23 @@ class Bf16Format(PrecisionFormat):
         if x.shape[0] == 0:
             return x.new_empty((0, packed.shape[1]))
         return bf16_grouped_mm(x, packed, offs).to(x.dtype)
+
+    def gather_activations(self, hidden, rows, start=None, count=None):
+        """With a device-side `count` on CUDA: one Triton pass that copies only the real rows."""
+        from ..kernels import fp8_triton
+
+        if count is not None and fp8_triton.available(hidden.device):
+            return (fp8_triton.gather_quant_rows(hidden, rows, start, count, quantize=False)[0],)
+        return super().gather_activations(hidden, rows, start, count)
+
+    def expert_mlp_on(self, activations, first, down, offs, gate, fused_swiglu, out_dtype, count=None):
+        """The model's own GEMMs; with a device-side `count` on CUDA, SwiGLU as one Triton pass over the real rows
+        (rounded as eager `silu(gate) * up` rounds)."""
+        from ..kernels import fp8_triton
+
+        (x,) = activations
+        if count is None or not (fused_swiglu and fp8_triton.available(x.device)):
+            return super().expert_mlp_on(activations, first, down, offs, gate, fused_swiglu, out_dtype, count)
+        h = self.grouped_linear(x, first, offs)
+        act, _ = fp8_triton.swiglu_rows(h, count, quantize=False)
+        return self.grouped_linear(act, down, offs).to(out_dtype)

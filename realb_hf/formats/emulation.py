@@ -74,7 +74,7 @@ class EmulatedFp4Format(PrecisionFormat):
                 f"{self.block_size}; got a tensor of shape {tuple(shape)}"
             )
 
-    def quantize_weight(self, weight: torch.Tensor) -> Any:
+    def quantize_weight(self, weight: torch.Tensor, expert_flags: torch.Tensor | None = None) -> Any:
         if weight.dim() != 3:
             raise ValueError(f"{self.name} expects expert weights of shape (E, N, K); got {tuple(weight.shape)}")
         self._check_k(weight.shape)

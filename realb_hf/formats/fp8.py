@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import PrecisionFormat
+from .base import PrecisionFormat, shifted_index
 from .capability import cuda_capability
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -111,17 +111,21 @@ class Fp8Format(PrecisionFormat):
 
     name = "fp8"
     bits = 8
+    supports_padding = True
 
     def is_native(self, device: torch.device) -> bool:
         """fp8 tensor cores: CUDA capability 8.9 (Ada) and up."""
         return cuda_capability(device) >= (8, 9)
 
-    def quantize_weight(self, weight: torch.Tensor) -> Fp8Weight:
-        """bf16 -> fp8 conversion; on CUDA one bandwidth-bound Triton pass (bit-identical to the reference)."""
+    def quantize_weight(self, weight: torch.Tensor, expert_flags: torch.Tensor | None = None) -> Fp8Weight:
+        """bf16 -> fp8 conversion; on CUDA one bandwidth-bound Triton pass (bit-identical to the reference).
+
+        `expert_flags (E,)` (device): on CUDA only flagged experts are converted, the others are left unwritten
+        (callers route no rows to them), so the conversion can be queued before the host knows which."""
         from ..kernels import fp8_triton  # imports this module: load it lazily
 
         if fp8_triton.available(weight.device):
-            data, scale = fp8_triton.gather_quant_rows(weight)
+            data, scale = fp8_triton.gather_quant_rows(weight, expert_flags=expert_flags)
         else:
             data, scale = quantize_rowwise(weight)
         return Fp8Weight(data=data.contiguous(), scale=scale)
@@ -144,15 +148,15 @@ class Fp8Format(PrecisionFormat):
         xq, x_scale = fp8_triton.gather_quant_rows(x) if fp8_triton.available(x.device) else quantize_rowwise(x)
         return _fp8_grouped_mm(xq, x_scale, packed, offs).to(x.dtype)
 
-    def gather_activations(self, hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather_activations(self, hidden, rows, start=None, count=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather + rowwise quantize in one pass (Triton on CUDA): (data e4m3, scale fp32)."""
         from ..kernels import fp8_triton
 
         if fp8_triton.available(hidden.device):
-            return fp8_triton.gather_quant_rows(hidden, rows)
-        return quantize_rowwise(hidden[rows])
+            return fp8_triton.gather_quant_rows(hidden, rows, start, count)
+        return quantize_rowwise(hidden[rows if start is None else shifted_index(rows, start)])
 
-    def expert_mlp_on(self, activations, first, down, offs, gate, fused_swiglu, out_dtype):
+    def expert_mlp_on(self, activations, first, down, offs, gate, fused_swiglu, out_dtype, count=None):
         """The expert MLP on rows already in fp8 (quantized here, or received so over the EP all-to-all).
 
         On sm90 with Triton and plain SwiGLU: fp8 GEMM, SwiGLU fused with the quantization of its output, fp8
@@ -165,7 +169,7 @@ class Fp8Format(PrecisionFormat):
             return torch.empty(0, down.data.shape[1], dtype=out_dtype, device=xq.device)
         h = _fp8_grouped_mm(xq, x_scale, first, offs)
         if fused_swiglu and fp8_triton.available(h.device) and cuda_capability(h.device) >= (9, 0):
-            hq, h_scale = fp8_triton.swiglu_quant_rows(h)
+            hq, h_scale = fp8_triton.swiglu_quant_rows(h, count)
             return _fp8_grouped_mm(hq, h_scale, down, offs).to(out_dtype)
         return self.grouped_linear(gate(h.to(out_dtype)), down, offs).to(out_dtype)
 

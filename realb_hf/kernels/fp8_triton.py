@@ -1,10 +1,14 @@
-"""Triton kernels for the fp8 expert MLP on CUDA: one memory pass per step instead of three or four.
+"""Triton row kernels for the expert MLP on CUDA: one memory pass per step instead of three or four.
 
 - `gather_quant_rows`: pick rows of the token matrix (the dispatch permutation) and quantize them rowwise
   to e4m3 in the same pass, so the bf16 gather copy never exists. With no index it is the bf16 -> fp8
   weight conversion of the on_the_fly mode (one read, one write: memory-bandwidth bound).
-- `swiglu_quant_rows`: SwiGLU of a (S, 2I) gate|up matrix fused with the rowwise quantization of its
-  (S, I) output, computed in fp32 (no bf16 rounding between the two).
+- `swiglu_quant_rows` / `swiglu_rows`: SwiGLU of a (S, 2I) gate|up matrix fused with the rowwise
+  quantization of its (S, I) output, computed in fp32 (no bf16 rounding between the two); or in bf16.
+
+Every kernel can take its row count (and where its rows start in the index) as a device tensor: rows past
+the count are padding that no program touches. That is what lets the mixed-precision forward run without
+reading any count back to the host (`realb_hf.sync_free`).
 
 Both produce exactly what `realb_hf.formats.fp8.quantize_rowwise` defines: scale = max(amax, 1e-12) * (1/448),
 data = clamp(x / scale) in e4m3 with round-to-nearest-even (IEEE division, so CPU and GPU agree bit for bit
@@ -22,10 +26,10 @@ from ..formats.fp8 import AMAX_EPS, FP8_MAX, INV_FP8_MAX
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # CPU-only installs: the reference path in formats/fp8.py is used instead
     triton = None
     tl = None
-
 
 
 def available(device: torch.device) -> bool:
@@ -39,41 +43,74 @@ if triton is not None:
     _EPS = tl.constexpr(AMAX_EPS)
 
     @triton.jit
-    def _quant_rows_kernel(
+    def _store_row(out_ptr, scale_ptr, row, out_stride, cols, x, mask, active, QUANT: tl.constexpr):
+        """Row `x` (fp32) to `out`: quantized rowwise to e4m3 with its scale, or cast to out's dtype."""
+        if QUANT:
+            amax = tl.max(tl.abs(x), axis=0)
+            scale = tl.maximum(amax, _EPS) * _INV_MAX
+            q = tl.clamp(tl.div_rn(x, scale), -_MAX, _MAX)
+            tl.store(out_ptr + row * out_stride + cols, q.to(tl.float8e4nv), mask=mask)
+            tl.store(scale_ptr + row, scale, mask=active)
+        else:
+            tl.store(out_ptr + row * out_stride + cols, x.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _active(row, count_ptr, flag_ptr, group_rows, HAS_COUNT: tl.constexpr, HAS_FLAG: tl.constexpr):
+        """Whether this program's row is real work: below the device-side row count, in a flagged group."""
+        active = row >= 0
+        if HAS_COUNT:
+            active = active & (row < tl.load(count_ptr).to(tl.int64))
+        if HAS_FLAG:
+            active = active & (tl.load(flag_ptr + row // group_rows) != 0)
+        return active
+
+    @triton.jit
+    def _rows_kernel(
         src_ptr,
         idx_ptr,
+        start_ptr,
+        count_ptr,
+        flag_ptr,
         out_ptr,
         scale_ptr,
         K,
         src_stride,
         out_stride,
+        group_rows,
         HAS_IDX: tl.constexpr,
+        HAS_COUNT: tl.constexpr,
+        HAS_FLAG: tl.constexpr,
+        QUANT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
-        src_row = tl.load(idx_ptr + row).to(tl.int64) if HAS_IDX else row
+        active = _active(row, count_ptr, flag_ptr, group_rows, HAS_COUNT, HAS_FLAG)
+        src_row = row
+        if HAS_IDX:
+            first = tl.load(start_ptr).to(tl.int64) if HAS_COUNT else 0
+            src_row = tl.load(idx_ptr + first + row, mask=active, other=0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
-        mask = cols < K
+        mask = (cols < K) & active
         x = tl.load(src_ptr + src_row * src_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=0)
-        scale = tl.maximum(amax, _EPS) * _INV_MAX
-        q = tl.clamp(tl.div_rn(x, scale), -_MAX, _MAX)
-        tl.store(out_ptr + row * out_stride + cols, q.to(tl.float8e4nv), mask=mask)
-        tl.store(scale_ptr + row, scale)
+        _store_row(out_ptr, scale_ptr, row, out_stride, cols, x, mask, active, QUANT)
 
     @triton.jit
-    def _swiglu_quant_kernel(h_ptr, out_ptr, scale_ptr, inter, h_stride, out_stride, BLOCK: tl.constexpr):
+    def _swiglu_kernel(
+        h_ptr, count_ptr, out_ptr, scale_ptr, inter, h_stride, out_stride,
+        HAS_COUNT: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr,
+    ):
         row = tl.program_id(0).to(tl.int64)
+        active = _active(row, count_ptr, count_ptr, 1, HAS_COUNT, False)
         cols = tl.arange(0, BLOCK)
-        mask = cols < inter
+        mask = (cols < inter) & active
         gate = tl.load(h_ptr + row * h_stride + cols, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(h_ptr + row * h_stride + inter + cols, mask=mask, other=0.0).to(tl.float32)
-        act = gate * tl.sigmoid(gate) * up
-        amax = tl.max(tl.abs(act), axis=0)
-        scale = tl.maximum(amax, _EPS) * _INV_MAX
-        q = tl.clamp(tl.div_rn(act, scale), -_MAX, _MAX)
-        tl.store(out_ptr + row * out_stride + cols, q.to(tl.float8e4nv), mask=mask)
-        tl.store(scale_ptr + row, scale)
+        silu = tl.div_rn(gate, 1.0 + libdevice.exp(-gate))  # torch's CUDA silu: x / (1 + expf(-x)), IEEE ops
+        if QUANT:  # fp32 throughout: the quantization sees the unrounded product
+            act = silu * up
+        else:  # as eager `silu(gate) * up` rounds: silu to the activation dtype, then the product
+            act = silu.to(out_ptr.dtype.element_ty).to(tl.float32) * up
+        _store_row(out_ptr, scale_ptr, row, out_stride, cols, act, mask, active, QUANT)
 
 
 def _launch_meta(k: int) -> tuple[int, int]:
@@ -81,36 +118,87 @@ def _launch_meta(k: int) -> tuple[int, int]:
     return block, min(16, max(1, block // 256))
 
 
-def gather_quant_rows(src: torch.Tensor, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`src[index]` (or all of `src`, any leading dims) quantized rowwise: (rows, K) e4m3 and (rows,) fp32."""
+def gather_quant_rows(
+    src: torch.Tensor,
+    index: torch.Tensor | None = None,
+    start: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+    expert_flags: torch.Tensor | None = None,
+    quantize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`src[index]` (or all of `src`, any leading dims) quantized rowwise: (rows, K) e4m3 and (rows,) fp32.
+
+    Device-side bounds, so no caller reads a count back to the host:
+    - `start`, `count` (one-element int tensors): output row i is `src[index[start + i]]` for i < count; rows
+      at and past `count` are padding, left unwritten. The output has `index.numel()` rows either way.
+    - `expert_flags` (weights `(E, N, K)` only): experts whose flag is 0 are skipped (left unwritten), so a
+      conversion can be queued before anyone knows which experts it is for.
+    `quantize=False` gathers in `src`'s dtype instead (scale is None).
+    """
     k = src.shape[-1]
     flat = src.reshape(-1, k)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     rows = index.numel() if index is not None else flat.shape[0]
-    out = torch.empty(rows, k, dtype=torch.float8_e4m3fn, device=src.device)
-    scale = torch.empty(rows, dtype=torch.float32, device=src.device)
+    out = torch.empty(rows, k, dtype=torch.float8_e4m3fn if quantize else src.dtype, device=src.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=src.device) if quantize else None
     if rows:
         block, warps = _launch_meta(k)
-        idx = index if index is not None else scale  # unused when HAS_IDX is False
-        _quant_rows_kernel[(rows,)](
-            flat, idx, out, scale, k, flat.stride(0), out.stride(0), HAS_IDX=index is not None, BLOCK=block,
+        dummy = out  # pointer arguments of disabled features are never read
+        group_rows = src.shape[-2] if expert_flags is not None else 1
+        _rows_kernel[(rows,)](
+            flat,
+            index if index is not None else dummy,
+            start if start is not None else dummy,
+            count if count is not None else dummy,
+            expert_flags if expert_flags is not None else dummy,
+            out,
+            scale if scale is not None else dummy,
+            k,
+            flat.stride(0),
+            out.stride(0),
+            group_rows,
+            HAS_IDX=index is not None,
+            HAS_COUNT=count is not None,
+            HAS_FLAG=expert_flags is not None,
+            QUANT=quantize,
+            BLOCK=block,
             num_warps=warps,
         )
     if index is None:
-        return out.view(src.shape), scale.view(src.shape[:-1])
+        return out.view(src.shape), scale.view(src.shape[:-1]) if scale is not None else None
     return out, scale
 
 
-def swiglu_quant_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, 2I) concatenated gate|up -> SwiGLU output quantized rowwise: (S, I) e4m3 and (S,) fp32."""
+def swiglu_rows(
+    h: torch.Tensor, count: torch.Tensor | None = None, quantize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(S, 2I) concatenated gate|up -> SwiGLU output: quantized rowwise ((S, I) e4m3, (S,) fp32), or in h's
+    dtype with eager rounding (scale None). Rows at and past `count` (device int) are padding, unwritten."""
     rows, two_i = h.shape
     inter = two_i // 2
     if h.stride(-1) != 1:
         h = h.contiguous()
-    out = torch.empty(rows, inter, dtype=torch.float8_e4m3fn, device=h.device)
-    scale = torch.empty(rows, dtype=torch.float32, device=h.device)
+    out = torch.empty(rows, inter, dtype=torch.float8_e4m3fn if quantize else h.dtype, device=h.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=h.device) if quantize else None
     if rows:
         block, warps = _launch_meta(inter)
-        _swiglu_quant_kernel[(rows,)](h, out, scale, inter, h.stride(0), out.stride(0), BLOCK=block, num_warps=warps)
+        _swiglu_kernel[(rows,)](
+            h,
+            count if count is not None else out,
+            out,
+            scale if scale is not None else out,
+            inter,
+            h.stride(0),
+            out.stride(0),
+            HAS_COUNT=count is not None,
+            QUANT=quantize,
+            BLOCK=block,
+            num_warps=warps,
+        )
     return out, scale
+
+
+def swiglu_quant_rows(h: torch.Tensor, count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, 2I) concatenated gate|up -> SwiGLU output quantized rowwise: (S, I) e4m3 and (S,) fp32."""
+    return swiglu_rows(h, count, quantize=True)
