@@ -29,6 +29,12 @@ CHECK = ROOT / "realb_hf" / "bench" / "ep_gpu_check.py"
 FAMILIES = ("qwen3_vl_moe", "deepseek_v3")
 MODES = ("all_reduce", "all_to_all")
 STALL_TIMEOUT_S = 2.0
+EP_PREFILL_VARIANTS = (
+    "realb policy off",
+    "realb rank, on_the_fly",
+    "realb rank, persistent",
+    "fp8 everywhere (all_low, persistent)",
+)
 
 
 def free_port() -> int:
@@ -37,9 +43,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, script: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, script: Path | str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`script`: a file, or a module name (run with torchrun's -m)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
+    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    cmd += [str(script)] if isinstance(script, Path) else ["-m", script]
+    cmd += list(args)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -98,6 +107,22 @@ def test_real_ep_equals_virtual_ep(nproc, sync_free, workdir, tmp_path):
             assert all(b > 0 for b in c["extra_memory_bytes_per_rank"]), c
         if c["mode"] == "all_reduce":
             assert all(not b for b in c["comm_bytes_per_rank"]), c  # ReaLB adds no communication there
+
+
+def test_end_to_end_prefill_benchmark_runs_under_real_ep(tmp_path):
+    """`realb_hf.bench.ep_prefill` on the tiny preset over gloo: every variant timed, ReaLB lowers layers."""
+    out = tmp_path / "prefill.json"
+    args = ["--preset", "tiny", "--layers", "2", "--requests", "4", "--request-tokens", "64", "--repeats", "1"]
+    args += ["--warmup", "1", "--calibration-iters", "2", "--batch-threshold", "0", "--out", str(out)]
+    proc = torchrun(2, "realb_hf.bench.ep_prefill", *args, timeout=240)
+    assert proc.returncode == 0 and out.exists(), _tail(proc)
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 2 and report["batch_tokens"] == 256
+    assert set(report["variants"]) == {"stock bf16 EP", *EP_PREFILL_VARIANTS}
+    assert all(v["ms"] > 0 and v["tokens_per_s"] > 0 for v in report["variants"].values())
+    assert report["variants"]["realb rank, persistent"]["layers_lowered_per_forward"] > 0
+    assert report["variants"]["fp8 everywhere (all_low, persistent)"]["lowered_token_fraction"] == 1.0
+    assert report["variants"]["realb policy off"]["layers_lowered_per_forward"] == 0
 
 
 def test_layout_errors_come_before_any_weight_loads_and_nonfinite_rows(workdir, tmp_path):

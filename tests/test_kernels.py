@@ -92,3 +92,43 @@ def test_combine_kernel_matches_reference(weights_dtype):
     out, ref = weighted_combine(y, pos, w), weighted_combine_reference(y, pos, w)
     assert out.dtype == ref.dtype
     assert torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+@cuda
+@pytest.mark.parametrize("start, count", [(0, 0), (0, 517), (100, 300), (517, 0)])
+def test_count_aware_gather_touches_only_real_rows(start, count):
+    x = torch.randn(300, 2048, device="cuda", dtype=torch.bfloat16)
+    index = torch.randint(0, 300, (517,), device="cuda")
+    start_t, count_t = torch.tensor([start], device="cuda"), torch.tensor([count], device="cuda")
+    data, scale = fp8_triton.gather_quant_rows(x, index, start_t, count_t)
+    ref_data, ref_scale = quantize_rowwise(x[index[start : start + count]])
+    assert torch.equal(scale[:count], ref_scale)
+    assert torch.equal(data[:count].view(torch.uint8), ref_data.view(torch.uint8))
+    plain, none = fp8_triton.gather_quant_rows(x, index, start_t, count_t, quantize=False)
+    assert none is None and torch.equal(plain[:count], x[index[start : start + count]])
+
+
+@cuda
+def test_flagged_weight_conversion_converts_only_flagged_experts():
+    w = torch.randn(6, 96, 256, device="cuda", dtype=torch.bfloat16)
+    flags = torch.tensor([0, 1, 1, 0, 0, 1], device="cuda", dtype=torch.bool)
+    data, scale = fp8_triton.gather_quant_rows(w, expert_flags=flags)
+    ref_data, ref_scale = quantize_rowwise(w)
+    for e in (1, 2, 5):
+        assert torch.equal(scale[e], ref_scale[e]) and torch.equal(data[e].view(torch.uint8), ref_data[e].view(torch.uint8))
+
+
+@cuda
+@pytest.mark.parametrize("count", [0, 100, 257])
+def test_swiglu_kernels_with_a_device_count(count):
+    h = torch.randn(257, 2 * 768, device="cuda", dtype=torch.bfloat16) * 3
+    gate, up = h.chunk(2, dim=-1)
+    eager = torch.nn.functional.silu(gate) * up
+    count_t = torch.tensor([count], device="cuda")
+    act, none = fp8_triton.swiglu_rows(h, count_t, quantize=False)
+    assert none is None
+    assert torch.equal(act[:count], eager[:count])  # rounds exactly as eager silu(gate) * up
+    data, scale = fp8_triton.swiglu_quant_rows(h, count_t)
+    got = data[:count].float() * scale[:count, None]
+    if count:
+        assert ((got - eager[:count].float()).norm() / eager[:count].float().norm()).item() < 0.04

@@ -97,6 +97,7 @@ def test_cuda_layer_queues_without_host_sync(cache):
     """policy realb (decided on the device) through fp8: `set_sync_debug_mode("error")` raises on any sync."""
     module = experts("cuda", num_experts=16, policy="realb", ep_size=4, batch_threshold=0, imbalance_threshold=0.0,
                      modality_threshold=0.0, low_precision="fp8", weight_cache=cache)
+    module.realb_runtime.telemetry.enabled = True
     x, index, weights = routing(512, 16, 4, 64, torch.device("cuda"), 0)
     index = torch.where(index < 8, index % 4, index)  # rank 0 (experts 0-3) overloaded
     with torch.no_grad():

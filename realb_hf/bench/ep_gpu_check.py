@@ -19,7 +19,8 @@ transformers' stock layer, ReaLB with policy off, ReaLB fp8 with the weight conv
 same converting inline, without fp8 dispatch, and with persistent fp8 copies (no conversion); plus the
 conversion alone and a bf16 all-to-all of the dispatch's size; the dynamic policy (decided from the routing, on
 the device where the sync-free path runs); and the oracle bound (stock on routing with the same pairs spread
-evenly over the ranks). CUDA events; the slowest rank's median.
+evenly over the ranks). CUDA events; the slowest rank's median of isolated calls, and the time per call of calls
+queued back to back (how a layer runs inside a model).
 
 Rank 0 prints a table and writes everything (with the gathered ReaLB report of every rank) as JSON to --out.
 The exit code is 1 when an equality check failed.
@@ -376,9 +377,20 @@ class Timer:
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
         local = statistics.median(times)
-        slowest = torch.tensor([local], dtype=torch.float64, device="cuda" if self.cuda else "cpu")
+        # back to back: `iters` calls queued without a sync between them, as layers run inside a model (host
+        # work of a call overlaps the GPU work of the previous one unless the code waits for the GPU)
+        if self.cuda:
+            torch.cuda.synchronize()
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        back_to_back = (time.perf_counter() - t0) * 1e3 / iters
+        slowest = torch.tensor([local, back_to_back], dtype=torch.float64, device="cuda" if self.cuda else "cpu")
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        return {"ms": slowest.item(), "rank_ms": local}
+        return {"ms": slowest[0].item(), "rank_ms": local, "back_to_back_ms": slowest[1].item()}
 
 
 def build_timing_checkpoint(workdir: str, dims: dict, device: torch.device) -> str:
@@ -527,10 +539,13 @@ def run_timing(args, device: torch.device) -> dict:
 def print_timing(timing: dict) -> None:
     if timing.get("device") != "cuda":
         log("(CPU: there is no side stream, both fp8 rows convert inline, and the timings are noise: a smoke test)")
-    log(f"\n{'mode':<11} {'variant':<48} {'slowest rank ms':>15} {'rank0 ms':>9}  precision per rank")
+    log(f"\n{'mode':<11} {'variant':<48} {'slowest rank ms':>15} {'back to back':>12} {'rank0 ms':>9}  precision per rank")
     for row in timing["rows"]:
         precision = row.get("precision_per_rank", "")
-        log(f"{row['mode']:<11} {row['variant']:<48} {row['ms']:>15.3f} {row['rank_ms']:>9.3f}  {precision}")
+        log(
+            f"{row['mode']:<11} {row['variant']:<48} {row['ms']:>15.3f} {row['back_to_back_ms']:>12.3f} "
+            f"{row['rank_ms']:>9.3f}  {precision}"
+        )
     for mode in MODES:
         if mode in timing:
             t = timing[mode]

@@ -43,26 +43,31 @@ if triton is not None:
     _EPS = tl.constexpr(AMAX_EPS)
 
     @triton.jit
-    def _store_row(out_ptr, scale_ptr, row, out_stride, cols, x, mask, active, QUANT: tl.constexpr):
-        """Row `x` (fp32) to `out`: quantized rowwise to e4m3 with its scale, or cast to out's dtype."""
+    def _store_row(out_ptr, scale_ptr, row, out_stride, cols, x, mask, QUANT: tl.constexpr, EXACT: tl.constexpr):
+        """Row `x` (fp32) to `out`: quantized rowwise to e4m3 with its scale, or cast to out's dtype.
+
+        EXACT divides by the scale as `quantize_rowwise` does (bit-identical); otherwise it multiplies by the
+        reciprocal (one division per row instead of one per element: the SwiGLU kernel is compute-bound)."""
         if QUANT:
             amax = tl.max(tl.abs(x), axis=0)
             scale = tl.maximum(amax, _EPS) * _INV_MAX
-            q = tl.clamp(tl.div_rn(x, scale), -_MAX, _MAX)
+            if EXACT:
+                q = tl.div_rn(x, scale)
+            else:
+                q = x * (1.0 / scale)
+            q = tl.clamp(q, -_MAX, _MAX)
             tl.store(out_ptr + row * out_stride + cols, q.to(tl.float8e4nv), mask=mask)
-            tl.store(scale_ptr + row, scale, mask=active)
+            tl.store(scale_ptr + row, scale)
         else:
             tl.store(out_ptr + row * out_stride + cols, x.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _active(row, count_ptr, flag_ptr, group_rows, HAS_COUNT: tl.constexpr, HAS_FLAG: tl.constexpr):
-        """Whether this program's row is real work: below the device-side row count, in a flagged group."""
-        active = row >= 0
+    def _row_count(rows, count_ptr, HAS_COUNT: tl.constexpr):
+        """Rows to process: all `rows`, or the device-side count (so a count of 0 costs one load per program)."""
+        n = rows.to(tl.int64)
         if HAS_COUNT:
-            active = active & (row < tl.load(count_ptr).to(tl.int64))
-        if HAS_FLAG:
-            active = active & (tl.load(flag_ptr + row // group_rows) != 0)
-        return active
+            n = tl.minimum(tl.load(count_ptr).to(tl.int64), n)
+        return n
 
     @triton.jit
     def _rows_kernel(
@@ -73,6 +78,7 @@ if triton is not None:
         flag_ptr,
         out_ptr,
         scale_ptr,
+        rows,
         K,
         src_stride,
         out_stride,
@@ -83,34 +89,62 @@ if triton is not None:
         QUANT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        active = _active(row, count_ptr, flag_ptr, group_rows, HAS_COUNT, HAS_FLAG)
-        src_row = row
-        if HAS_IDX:
-            first = tl.load(start_ptr).to(tl.int64) if HAS_COUNT else 0
-            src_row = tl.load(idx_ptr + first + row, mask=active, other=0).to(tl.int64)
+        # Persistent programs striding over the rows: the grid does not depend on the device-side count.
+        n = _row_count(rows, count_ptr, HAS_COUNT)
+        first = 0
+        if HAS_IDX and HAS_COUNT:
+            first = tl.load(start_ptr).to(tl.int64)
         cols = tl.arange(0, BLOCK)
-        mask = (cols < K) & active
-        x = tl.load(src_ptr + src_row * src_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        _store_row(out_ptr, scale_ptr, row, out_stride, cols, x, mask, active, QUANT)
+        mask = cols < K
+        for row in range(tl.program_id(0).to(tl.int64), n, tl.num_programs(0).to(tl.int64)):
+            work = True
+            if HAS_FLAG:
+                work = tl.load(flag_ptr + row // group_rows) != 0
+            if work:
+                src_row = row
+                if HAS_IDX:
+                    src_row = tl.load(idx_ptr + first + row).to(tl.int64)
+                x = tl.load(src_ptr + src_row * src_stride + cols, mask=mask, other=0.0).to(tl.float32)
+                _store_row(out_ptr, scale_ptr, row, out_stride, cols, x, mask, QUANT, True)
 
     @triton.jit
     def _swiglu_kernel(
-        h_ptr, count_ptr, out_ptr, scale_ptr, inter, h_stride, out_stride,
-        HAS_COUNT: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr,
+        h_ptr,
+        count_ptr,
+        out_ptr,
+        scale_ptr,
+        rows,
+        inter,
+        h_stride,
+        out_stride,
+        HAS_COUNT: tl.constexpr,
+        QUANT: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        active = _active(row, count_ptr, count_ptr, 1, HAS_COUNT, False)
+        n = _row_count(rows, count_ptr, HAS_COUNT)
         cols = tl.arange(0, BLOCK)
-        mask = (cols < inter) & active
-        gate = tl.load(h_ptr + row * h_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(h_ptr + row * h_stride + inter + cols, mask=mask, other=0.0).to(tl.float32)
-        silu = tl.div_rn(gate, 1.0 + libdevice.exp(-gate))  # torch's CUDA silu: x / (1 + expf(-x)), IEEE ops
-        if QUANT:  # fp32 throughout: the quantization sees the unrounded product
-            act = silu * up
-        else:  # as eager `silu(gate) * up` rounds: silu to the activation dtype, then the product
-            act = silu.to(out_ptr.dtype.element_ty).to(tl.float32) * up
-        _store_row(out_ptr, scale_ptr, row, out_stride, cols, act, mask, active, QUANT)
+        mask = cols < inter
+        for row in range(tl.program_id(0).to(tl.int64), n, tl.num_programs(0).to(tl.int64)):
+            gate = tl.load(h_ptr + row * h_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(h_ptr + row * h_stride + inter + cols, mask=mask, other=0.0).to(tl.float32)
+            if QUANT:  # fp32 throughout: the quantization sees the unrounded product
+                act = gate * tl.sigmoid(gate) * up
+            else:  # as eager `silu(gate) * up` rounds: torch's silu x / (1 + expf(-x)) to bf16, then the product
+                silu = tl.div_rn(gate, 1.0 + libdevice.exp(-gate))
+                act = silu.to(out_ptr.dtype.element_ty).to(tl.float32) * up
+            _store_row(out_ptr, scale_ptr, row, out_stride, cols, act, mask, QUANT, False)
+
+
+_PROGRAMS_PER_SM = 16
+_SM_COUNT: dict[int, int] = {}
+
+
+def _grid(rows: int, device: torch.device) -> tuple[int]:
+    """Persistent grid: enough programs to fill the GPU, never more than rows."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return (max(1, min(rows, _SM_COUNT[index] * _PROGRAMS_PER_SM)),)
 
 
 def _launch_meta(k: int) -> tuple[int, int]:
@@ -146,7 +180,7 @@ def gather_quant_rows(
         block, warps = _launch_meta(k)
         dummy = out  # pointer arguments of disabled features are never read
         group_rows = src.shape[-2] if expert_flags is not None else 1
-        _rows_kernel[(rows,)](
+        _rows_kernel[_grid(rows, src.device)](
             flat,
             index if index is not None else dummy,
             start if start is not None else dummy,
@@ -154,6 +188,7 @@ def gather_quant_rows(
             expert_flags if expert_flags is not None else dummy,
             out,
             scale if scale is not None else dummy,
+            rows,
             k,
             flat.stride(0),
             out.stride(0),
@@ -174,7 +209,10 @@ def swiglu_rows(
     h: torch.Tensor, count: torch.Tensor | None = None, quantize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(S, 2I) concatenated gate|up -> SwiGLU output: quantized rowwise ((S, I) e4m3, (S,) fp32), or in h's
-    dtype with eager rounding (scale None). Rows at and past `count` (device int) are padding, unwritten."""
+    dtype with eager rounding (scale None). Rows at and past `count` (device int) are padding, unwritten.
+
+    The quantized output multiplies by the row's reciprocal scale (not bit-identical to `quantize_rowwise` of the
+    product, which divides; the difference is within fp8 rounding)."""
     rows, two_i = h.shape
     inter = two_i // 2
     if h.stride(-1) != 1:
@@ -183,11 +221,12 @@ def swiglu_rows(
     scale = torch.empty(rows, dtype=torch.float32, device=h.device) if quantize else None
     if rows:
         block, warps = _launch_meta(inter)
-        _swiglu_kernel[(rows,)](
+        _swiglu_kernel[_grid(rows, h.device)](
             h,
             count if count is not None else out,
             out,
             scale if scale is not None else out,
+            rows,
             inter,
             h.stride(0),
             out.stride(0),
