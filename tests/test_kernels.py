@@ -95,10 +95,10 @@ def test_combine_kernel_matches_reference(weights_dtype):
 
 
 @cuda
-@pytest.mark.parametrize("start, count", [(0, 0), (0, 517), (100, 300), (517, 0)])
-def test_count_aware_gather_touches_only_real_rows(start, count):
+@pytest.mark.parametrize("start, count, rows", [(0, 0, 517), (0, 517, 517), (100, 300, 517), (517, 0, 517), (0, 1, 1)])
+def test_count_aware_gather_touches_only_real_rows(start, count, rows):
     x = torch.randn(300, 2048, device="cuda", dtype=torch.bfloat16)
-    index = torch.randint(0, 300, (517,), device="cuda")
+    index = torch.randint(0, 300, (rows,), device="cuda")
     start_t, count_t = torch.tensor([start], device="cuda"), torch.tensor([count], device="cuda")
     data, scale = fp8_triton.gather_quant_rows(x, index, start_t, count_t)
     ref_data, ref_scale = quantize_rowwise(x[index[start : start + count]])
@@ -119,9 +119,9 @@ def test_flagged_weight_conversion_converts_only_flagged_experts():
 
 
 @cuda
-@pytest.mark.parametrize("count", [0, 100, 257])
-def test_swiglu_kernels_with_a_device_count(count):
-    h = torch.randn(257, 2 * 768, device="cuda", dtype=torch.bfloat16) * 3
+@pytest.mark.parametrize("count, rows", [(0, 257), (100, 257), (257, 257), (1, 1)])
+def test_swiglu_kernels_with_a_device_count(count, rows):
+    h = torch.randn(rows, 2 * 768, device="cuda", dtype=torch.bfloat16) * 3
     gate, up = h.chunk(2, dim=-1)
     eager = torch.nn.functional.silu(gate) * up
     count_t = torch.tensor([count], device="cuda")

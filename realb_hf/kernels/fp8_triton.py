@@ -69,7 +69,7 @@ if triton is not None:
             n = tl.minimum(tl.load(count_ptr).to(tl.int64), n)
         return n
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows"])  # a row count of 1 would otherwise become a compile-time constant
     def _rows_kernel(
         src_ptr,
         idx_ptr,
@@ -107,7 +107,7 @@ if triton is not None:
                 x = tl.load(src_ptr + src_row * src_stride + cols, mask=mask, other=0.0).to(tl.float32)
                 _store_row(out_ptr, scale_ptr, row, out_stride, cols, x, mask, QUANT, True)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows"])
     def _swiglu_kernel(
         h_ptr,
         count_ptr,
