@@ -70,7 +70,9 @@ REALB_IMPLEMENTATIONS = {
     "all_to_all": "realb_all_to_all",
 }
 _FP8_ROW_EXTRA = 4  # bytes of the fp32 scale sent after each fp8 row
-_MAX_APPLIED = 10_000  # per-rank log entries kept (a bounded window, like Telemetry.max_records)
+_MAX_APPLIED = 10_000
+# Share of the SMs the side-stream weight conversion may fill, so the dispatch beside it keeps most of the GPU.
+SIDE_STREAM_SM_SHARE = 0.25  # per-rank log entries kept (a bounded window, like Telemetry.max_records)
 
 
 class RealbCollectiveError(RuntimeError):
@@ -430,7 +432,7 @@ class WeightPrefetch:
         if side_stream and device.type == "cuda":
             stream = _side_stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream), fp8_triton.background(SIDE_STREAM_SM_SHARE):
                 self._convert(module, plan, flags)
             self._event = torch.cuda.Event()
             self._event.record(stream)

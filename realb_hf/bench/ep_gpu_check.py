@@ -472,9 +472,16 @@ def run_timing(args, device: torch.device) -> dict:
         ]
         settings = [
             ("ReaLB policy off (bf16)", dict(policy="off", rank_precisions=None), {}),
+            # ReaLB's own experts path (device-side decision, no count read-back), nothing lowered: what the path
+            # gains or costs before any precision change
+            (
+                "ReaLB policy realb, nothing lowered",
+                dict(policy="realb", imbalance_threshold=100.0, weight_cache="persistent"),
+                {},
+            ),
             (
                 "ReaLB fp8 rank 0, side stream",
-                dict(policy="static", rank_precisions={0: "low"}),
+                dict(policy="static", rank_precisions={0: "low"}, imbalance_threshold=0.1, weight_cache="on_the_fly"),
                 dict(side_stream=True),
             ),
             ("ReaLB fp8 rank 0, inline conversion", {}, dict(side_stream=False)),

@@ -19,6 +19,9 @@ rows with non-finite inputs to the bf16 path before they get here.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
 from ..formats.fp8 import AMAX_EPS, FP8_MAX, INV_FP8_MAX
@@ -137,14 +140,28 @@ if triton is not None:
 
 _PROGRAMS_PER_SM = 16
 _SM_COUNT: dict[int, int] = {}
+_share = threading.local()  # fraction of the GPU the row kernels may fill (`background`)
 
 
 def _grid(rows: int, device: torch.device) -> tuple[int]:
-    """Persistent grid: enough programs to fill the GPU, never more than rows."""
+    """Persistent grid: enough programs to fill the GPU (or its `background` share), never more than rows."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return (max(1, min(rows, _SM_COUNT[index] * _PROGRAMS_PER_SM)),)
+    programs = int(_SM_COUNT[index] * _PROGRAMS_PER_SM * getattr(_share, "fraction", 1.0))
+    return (max(1, min(rows, programs)),)
+
+
+@contextlib.contextmanager
+def background(fraction: float):
+    """Row kernels launched inside fill at most `fraction` of the GPU's SMs: work queued on a side stream then
+    leaves room for what runs beside it (the token all-to-all's NCCL kernels, the dispatch gathers)."""
+    previous = getattr(_share, "fraction", 1.0)
+    _share.fraction = fraction
+    try:
+        yield
+    finally:
+        _share.fraction = previous
 
 
 def _launch_meta(k: int) -> tuple[int, int]:
