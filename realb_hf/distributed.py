@@ -52,13 +52,12 @@ from transformers.distributed.parallel_utils import replace_layer_number_by_wild
 
 from .experts import RealbExperts, is_fused_experts
 from .formats.fp8 import quantize_rowwise
-from .kernels import fp8_triton
+from .kernels import fp8_triton, routing
 from .policy import (
     RoutingStats,
     decide,
     decide_without_routing,
     decides_on_device,
-    lowered_experts_on_device,
     needs_routing,
 )
 
@@ -517,7 +516,7 @@ class RealbAllReduceEP(AllReduceEP):
             # No host sync: decided on the device (or from the config alone); telemetry and the per-rank log
             # recompute the decision from the counts when they are read.
             if needs_routing(params, num_tokens):
-                low_flags = lowered_experts_on_device(counts_device, num_tokens, params)[local]
+                low_flags = routing.rank_decision(counts_device, num_tokens, params)[local]
             else:
                 decision = decide_without_routing(params, placement.num_global)
                 precisions = _local(decision, placement)

@@ -17,8 +17,8 @@ from transformers.integrations.moe import _default_apply_gate
 
 from . import sync_free
 from .formats import get_format
+from .kernels import routing
 from .kernels.combine import weighted_combine
-from .modality import TEXT
 from .policy import (
     Decision,
     PolicyParams,
@@ -26,7 +26,6 @@ from .policy import (
     decide,
     decide_without_routing,
     decides_on_device,
-    lowered_experts_on_device,
     needs_routing,
 )
 from .runtime import RealbRuntime
@@ -78,13 +77,7 @@ class RealbExperts(torch.nn.Module):
         Ids >= `num_experts` (EP sentinels) are not counted. No host sync, so EP can exchange it as it is.
         """
         num_experts = self.num_experts if num_experts is None else num_experts
-        ids = top_k_index.reshape(-1)
-        bins = torch.where(ids < num_experts, ids, num_experts)  # sentinels land in a spare bin
-        if modality is not None:
-            vision_rows = (modality != TEXT).repeat_interleave(top_k_index.shape[-1])
-            bins = bins + (num_experts + 1) * vision_rows
-        counts = histogram(bins, 2 * (num_experts + 1)).view(2, num_experts + 1)[:, :num_experts]
-        return torch.stack([counts[0] + counts[1], counts[1]])
+        return routing.routing_counts(top_k_index, modality, num_experts)
 
     def realb_routing_stats(self, top_k_index: torch.Tensor, modality: torch.Tensor | None) -> RoutingStats:
         """Token-expert pairs per global expert, and how many of them are vision tokens (one host sync)."""
@@ -111,8 +104,8 @@ class RealbExperts(torch.nn.Module):
             return super().forward(hidden_states, top_k_index, top_k_weights)
         params = runtime.params(hidden_states.device)
         num_tokens = hidden_states.shape[0]
-        routing = needs_routing(params, num_tokens)
-        if not routing:  # the decode-sized fast path: decided by the config alone, cached
+        reads_routing = needs_routing(params, num_tokens)
+        if not reads_routing:  # the decode-sized fast path: decided by the config alone, cached
             decision = decide_without_routing(params, self.num_experts)
             if runtime.telemetry.enabled:  # counts stay on the device until telemetry is read
                 modality = runtime.modality.for_rows(num_tokens, self.realb_pool)
@@ -122,14 +115,14 @@ class RealbExperts(torch.nn.Module):
             if decision.all_high(params.high):
                 return super().forward(hidden_states, top_k_index, top_k_weights)
         sync_free_ok = self._realb_sync_free_ok(hidden_states, params.high, params.low)
-        if routing:
+        if reads_routing:
             modality = runtime.modality.for_rows(num_tokens, self.realb_pool)
             source = runtime.modality.source if modality is not None else "none"
             if sync_free_ok and decides_on_device(params):
                 # Decided on the device; telemetry recomputes the same decision on the host when it is read.
                 counts = self.realb_routing_counts(top_k_index, modality)
                 runtime.telemetry.add_deferred(self.realb_name, counts, num_tokens, None, params, source)
-                low_experts = lowered_experts_on_device(counts, num_tokens, params)
+                low_experts = routing.rank_decision(counts, num_tokens, params)
                 return self._realb_sync_free(
                     hidden_states, top_k_index, top_k_weights, low_experts, params.high, params.low
                 )

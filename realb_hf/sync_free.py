@@ -7,7 +7,8 @@ tokens). Here every precision gets a buffer as long as all the rows, the true ro
 and every kernel skips what lies past its count: the gathers and the SwiGLU read the count, and the grouped
 GEMMs stop at their last offset. Together with `policy.lowered_experts_on_device` (the rank decision as
 tensor ops) and weight conversion that skips unflagged experts on the device, a ReaLB layer queues all its
-work without waiting for the GPU once.
+work without waiting for the GPU once. The bookkeeping around the GEMMs (row keys, group offsets, slot
+positions) is one launch each on CUDA (`kernels.routing`), so the host issues about 20 launches per layer.
 
 Used on CUDA for what it covers: two precisions (the high one and one low one), formats with
 `supports_padding` (bf16, fp8), plain SwiGLU experts without bias or post-expert norm. Elsewhere the host
@@ -19,9 +20,10 @@ from __future__ import annotations
 import torch
 
 from .formats import get_format
+from .kernels import routing
 from .kernels.combine import weighted_combine
 
-HIGH, LOW, ABSENT = 0, 1, 2  # row codes: precision group, or another EP rank's expert
+HIGH, LOW = 0, 1  # row codes (kernels.routing.row_keys): precision group; 2 is another EP rank's expert
 
 
 def covers(module, high: str, low: str, hidden: torch.Tensor) -> bool:
@@ -54,31 +56,24 @@ def mixed_forward(
     """
     num_tokens, top_k = top_k_index.shape
     num_experts = module.num_experts
-    num_rows = num_tokens * top_k
-    ids = top_k_index.reshape(-1)
-    safe_ids = ids.clamp(max=num_experts - 1)
-    code = low_experts[safe_ids].long()
-    finite = torch.isfinite(hidden).all(dim=-1).repeat_interleave(top_k)
-    code = torch.where(finite, code, HIGH)
-    code = torch.where(ids >= num_experts, ABSENT, code)
-
-    from .experts import histogram
-
-    key_sorted, perm = torch.sort(code * num_experts + safe_ids, stable=True)
-    rows = perm // top_k  # token of each sorted row
-    counts = histogram(key_sorted, 3 * num_experts)[: 2 * num_experts].view(2, num_experts)
-    ends = counts.cumsum(dim=1)
-    n_high, n_low = ends[HIGH, -1:], ends[LOW, -1:]  # one-element device tensors
+    finite = torch.isfinite(hidden).all(dim=-1)
+    keys, counts = routing.row_keys(top_k_index, low_experts, finite, num_experts)
+    keys_sorted, perm = torch.sort(keys, stable=True)
+    offs, totals = routing.group_offsets(counts)
+    n_high, n_low = totals[HIGH : HIGH + 1], totals[LOW : LOW + 1]  # one-element device tensors
+    # token of each sorted row; each (token, slot) -> its row: high rows y_high[0:n_high], low rows y_low[0:n_low]
+    # (addressed as num_rows + i in the combine's joint index), other ranks' experts -1
+    rows, position = routing.slot_positions(perm, keys_sorted, totals, num_experts, top_k)
 
     first, down = module._realb_weights()
     fused = module._realb_plain_swiglu()
-    gate = module._realb_gate(safe_ids)  # unused by plain SwiGLU formats (fused), kept for the contract
+    gate = module._realb_gate(None)  # plain SwiGLU without bias: the gate reads no expert ids
     high_fmt, low_fmt = get_format(high), get_format(low)
     y_high = high_fmt.expert_mlp_on(
-        high_fmt.gather_activations(hidden, rows, torch.zeros_like(n_high), n_high),
+        high_fmt.gather_activations(hidden, rows, None, n_high),
         first,
         down,
-        ends[HIGH].int(),
+        offs[HIGH],
         gate,
         fused,
         hidden.dtype,
@@ -87,17 +82,12 @@ def mixed_forward(
     y_low = low_fmt.expert_mlp_on(
         low_fmt.gather_activations(hidden, rows, n_high, n_low),
         *low_weights,
-        ends[LOW].int(),
+        offs[LOW],
         gate,
         fused,
         hidden.dtype,
         n_low,
     )
-    # Each (token, slot) -> its row: high rows are y_high[0:n_high], low rows y_low[0:n_low] (addressed
-    # as num_rows + i in the combine's joint index), other ranks' experts -1.
-    position = torch.empty_like(perm)
-    position[perm] = torch.arange(num_rows, device=hidden.device)
-    position = torch.where(code == HIGH, position, torch.where(code == LOW, position - n_high + num_rows, -1))
     out = weighted_combine(
         y_high, position.view(num_tokens, top_k), top_k_weights.reshape(num_tokens, top_k), y_low=y_low
     )

@@ -53,8 +53,8 @@ class PrecisionFormat(ABC):
         """`hidden[rows]` in the form this format's GEMM consumes: a tuple of tensors with one entry per row
         (so a caller may gather every row once and slice per expert group).
 
-        With `start`/`count` (one-element device tensors, formats with `supports_padding`): row i is
-        `hidden[rows[start + i]]` for i < count; the `len(rows)` output rows past `count` are padding.
+        With `start`/`count` (one-element device tensors, formats with `supports_padding`; start None: 0): row i
+        is `hidden[rows[start + i]]` for i < count; the `len(rows)` output rows past `count` are padding.
         """
         return (hidden[rows if start is None else shifted_index(rows, start)],)
 

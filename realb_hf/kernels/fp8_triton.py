@@ -87,6 +87,7 @@ if triton is not None:
         out_stride,
         group_rows,
         HAS_IDX: tl.constexpr,
+        HAS_START: tl.constexpr,
         HAS_COUNT: tl.constexpr,
         HAS_FLAG: tl.constexpr,
         QUANT: tl.constexpr,
@@ -95,7 +96,7 @@ if triton is not None:
         # Persistent programs striding over the rows: the grid does not depend on the device-side count.
         n = _row_count(rows, count_ptr, HAS_COUNT)
         first = 0
-        if HAS_IDX and HAS_COUNT:
+        if HAS_IDX and HAS_START:
             first = tl.load(start_ptr).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < K
@@ -180,8 +181,8 @@ def gather_quant_rows(
     """`src[index]` (or all of `src`, any leading dims) quantized rowwise: (rows, K) e4m3 and (rows,) fp32.
 
     Device-side bounds, so no caller reads a count back to the host:
-    - `start`, `count` (one-element int tensors): output row i is `src[index[start + i]]` for i < count; rows
-      at and past `count` are padding, left unwritten. The output has `index.numel()` rows either way.
+    - `start`, `count` (one-element int tensors, start None: 0): output row i is `src[index[start + i]]` for
+      i < count; rows at and past `count` are padding, left unwritten. The output has `index.numel()` rows.
     - `expert_flags` (weights `(E, N, K)` only): experts whose flag is 0 are skipped (left unwritten), so a
       conversion can be queued before anyone knows which experts it is for.
     `quantize=False` gathers in `src`'s dtype instead (scale is None).
@@ -211,6 +212,7 @@ def gather_quant_rows(
             out.stride(0),
             group_rows,
             HAS_IDX=index is not None,
+            HAS_START=start is not None,
             HAS_COUNT=count is not None,
             HAS_FLAG=expert_flags is not None,
             QUANT=quantize,
