@@ -68,3 +68,14 @@ def test_row_keys_offsets_and_positions(tokens, top_k, num_experts):
     rows, position = routing.slot_positions(perm, keys_sorted, totals, num_experts, top_k)
     grows, gposition = routing.slot_positions(perm.cuda(), keys_sorted.cuda(), gtotals, num_experts, top_k)
     assert torch.equal(grows.cpu(), rows) and torch.equal(gposition.cpu(), position)
+
+
+@cuda
+def test_counts_of_rows_sorted_by_expert():
+    """What an EP rank receives: rows grouped by expert (the case block histograms exist for)."""
+    ids = torch.sort(torch.randint(0, 33, (50_000,)))[0].view(-1, 1)
+    ref = routing.routing_counts(ids, None, 32)
+    assert torch.equal(routing.routing_counts(ids.cuda(), None, 32).cpu().long(), ref.long())
+    keys, counts = routing.row_keys(ids, torch.rand(32) < 0.5, torch.ones(50_000, dtype=torch.bool), 32)
+    gkeys, gcounts = routing.row_keys(ids.cuda(), (torch.rand(32) < 0.5).cuda(), torch.ones(50_000, dtype=torch.bool).cuda(), 32)
+    assert gcounts.sum().item() == counts.sum().item() == 50_000

@@ -25,16 +25,29 @@ _BLOCK = 1024
 if triton is not None:
 
     @triton.jit
-    def _counts_kernel(ids_ptr, mod_ptr, out_ptr, rows, E, TOP_K: tl.constexpr, HAS_MOD: tl.constexpr, TEXT_CODE: tl.constexpr):
+    def _counts_kernel(
+        ids_ptr,
+        mod_ptr,
+        out_ptr,
+        rows,
+        E,
+        TOP_K: tl.constexpr,
+        HAS_MOD: tl.constexpr,
+        TEXT_CODE: tl.constexpr,
+        BINS: tl.constexpr,
+    ):
+        # A block histogram, then one atomic per bin: rows sorted by expert (what an EP rank receives) would
+        # otherwise send a whole block's atomics to one address.
         offs = tl.program_id(0).to(tl.int64) * 1024 + tl.arange(0, 1024)
         m = offs < rows
         ids = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int64)
         valid = m & (ids < E)
-        ids = tl.where(valid, ids, 0)
-        tl.atomic_add(out_ptr + ids, 1, mask=valid)
+        bins = tl.arange(0, BINS)
+        tl.atomic_add(out_ptr + bins, tl.histogram(tl.where(valid, ids, E).to(tl.int32), BINS), mask=bins < E)
         if HAS_MOD:
             vision = tl.load(mod_ptr + offs // TOP_K, mask=m, other=TEXT_CODE) != TEXT_CODE
-            tl.atomic_add(out_ptr + E + ids, 1, mask=valid & vision)
+            hist = tl.histogram(tl.where(valid & vision, ids, E).to(tl.int32), BINS)
+            tl.atomic_add(out_ptr + E + bins, hist, mask=bins < E)
 
     @triton.jit
     def _rank_decision_kernel(
@@ -59,7 +72,9 @@ if triton is not None:
         tl.store(out_ptr + idx, flags, mask=m)
 
     @triton.jit
-    def _row_keys_kernel(ids_ptr, flags_ptr, finite_ptr, key_ptr, counts_ptr, rows, E, TOP_K: tl.constexpr):
+    def _row_keys_kernel(
+        ids_ptr, flags_ptr, finite_ptr, key_ptr, counts_ptr, rows, E, TOP_K: tl.constexpr, BINS: tl.constexpr
+    ):
         offs = tl.program_id(0).to(tl.int64) * 1024 + tl.arange(0, 1024)
         m = offs < rows
         ids = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int64)
@@ -69,7 +84,8 @@ if triton is not None:
         code = tl.where(ids >= E, 2, tl.where(finite & low, 1, 0)).to(tl.int64)
         key = code * E + safe
         tl.store(key_ptr + offs, key, mask=m)
-        tl.atomic_add(counts_ptr + key, 1, mask=m)
+        bins = tl.arange(0, BINS)  # block histogram, one atomic per bin (see _counts_kernel)
+        tl.atomic_add(counts_ptr + bins, tl.histogram(tl.where(m, key, 3 * E).to(tl.int32), BINS), mask=bins < 3 * E)
 
     @triton.jit
     def _offsets_kernel(counts_ptr, offs_ptr, n_ptr, E, BLOCK: tl.constexpr):
@@ -114,7 +130,15 @@ def routing_counts(
         if ids.numel():
             mod = modality if modality is not None else ids
             _counts_kernel[_grid(ids.numel())](
-                ids, mod, out, ids.numel(), num_experts, TOP_K=top_k, HAS_MOD=modality is not None, TEXT_CODE=TEXT
+                ids,
+                mod,
+                out,
+                ids.numel(),
+                num_experts,
+                TOP_K=top_k,
+                HAS_MOD=modality is not None,
+                TEXT_CODE=TEXT,
+                BINS=triton.next_power_of_2(num_experts + 1),
             )
         return out.view(2, num_experts)
     from ..experts import histogram
@@ -175,7 +199,17 @@ def row_keys(
         keys = torch.empty_like(ids, dtype=torch.int64)
         counts = torch.zeros(3 * num_experts, dtype=torch.int32, device=ids.device)
         if ids.numel():
-            _row_keys_kernel[_grid(ids.numel())](ids, low_experts, finite, keys, counts, ids.numel(), num_experts, TOP_K=top_k)
+            _row_keys_kernel[_grid(ids.numel())](
+                ids,
+                low_experts,
+                finite,
+                keys,
+                counts,
+                ids.numel(),
+                num_experts,
+                TOP_K=top_k,
+                BINS=triton.next_power_of_2(3 * num_experts + 1),
+            )
         return keys, counts.view(3, num_experts)
     from ..experts import histogram
 
