@@ -17,8 +17,10 @@ Latency model (printed with every result):
   The paper hides on-the-fly conversion inside the dispatch; here it is counted in full on the rank
   (`convert_ms` reports its share, so it can be subtracted where the dispatch is long enough to hide it).
 - ReaLB's decision comes from the global routing (`realb_hf.decide` with ep_size=ep), as every real rank
-  computes it. A ReaLB rank's timed call is what realb_hf.distributed runs per layer: global routing counts
-  (one host sync) -> decide -> telemetry record -> `RealbExperts.realb_run_local` on the rank's rows. (If
+  computes it. A ReaLB rank's timed call is what realb_hf.distributed's all-reduce EP runs per layer: on CUDA
+  at rank granularity, global routing counts and the decision on the device (`kernels.routing`) and the
+  sync-free experts path on the rank's rows; otherwise global routing counts (one host sync) -> decide ->
+  telemetry record -> `RealbExperts.realb_run_local` on the rank's rows. (If
   RealbExperts lacks that entry point, the rank module's own forward runs a `policy="static"` per-rank
   config that reproduces the global decision; the result JSON says which in `realb_rank_call`.)
 - oracle_bf16: the same total pairs spread perfectly evenly over ranks and experts, stock bf16: the bound
@@ -41,7 +43,8 @@ import torch
 
 from ..config import RealbConfig
 from ..formats import get_format
-from ..policy import Decision, PolicyParams, RoutingStats, decide, expert_ranges
+from ..kernels import routing
+from ..policy import Decision, PolicyParams, RoutingStats, decide, decides_on_device, expert_ranges
 from ..quantizer import replace_with_realb_experts
 from ..runtime import RealbRuntime
 from ..telemetry import Telemetry, make_record
@@ -550,6 +553,11 @@ def realb_rank_call(
     index, vision, num_experts = workload.top_k_index, workload.modality != 0, workload.num_experts
 
     def call(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if decides_on_device(params) and module._realb_sync_free_ok(x, params.high, params.low):
+            # as the all-reduce EP implementation on CUDA: counts and decision on the device, no host sync
+            counts = routing.routing_counts(index, workload.modality, num_experts)
+            flags = routing.rank_decision(counts, index.shape[0], params)[lo:hi]
+            return module._realb_sync_free(x, ids, weights, flags, params.high, params.low)
         flat = index.reshape(-1)
         counts = torch.bincount(flat, minlength=num_experts)
         vis = torch.bincount(flat[vision.repeat_interleave(index.shape[1])], minlength=num_experts)
