@@ -19,8 +19,9 @@ Latency model (printed with every result):
 - ReaLB's decision comes from the global routing (`realb_hf.decide` with ep_size=ep), as every real rank
   computes it. A ReaLB rank's timed call is what realb_hf.distributed's all-reduce EP runs per layer: on CUDA
   at rank granularity, global routing counts and the decision on the device (`kernels.routing`) and the
-  sync-free experts path on the rank's rows; otherwise global routing counts (one host sync) -> decide ->
-  telemetry record -> `RealbExperts.realb_run_local` on the rank's rows. (If
+  sync-free experts path on the rank's rows; a config-only decision (static, all_low, off) is made without the
+  routing; otherwise (expert granularity) global routing counts (one host sync) -> decide -> telemetry record
+  -> `RealbExperts.realb_run_local` on the rank's rows. (If
   RealbExperts lacks that entry point, the rank module's own forward runs a `policy="static"` per-rank
   config that reproduces the global decision; the result JSON says which in `realb_rank_call`.)
 - oracle_bf16: the same total pairs spread perfectly evenly over ranks and experts, stock bf16: the bound
@@ -44,7 +45,16 @@ import torch
 from ..config import RealbConfig
 from ..formats import get_format
 from ..kernels import routing
-from ..policy import Decision, PolicyParams, RoutingStats, decide, decides_on_device, expert_ranges
+from ..policy import (
+    Decision,
+    PolicyParams,
+    RoutingStats,
+    decide,
+    decide_without_routing,
+    decides_on_device,
+    expert_ranges,
+    needs_routing,
+)
 from ..quantizer import replace_with_realb_experts
 from ..runtime import RealbRuntime
 from ..telemetry import Telemetry, make_record
@@ -558,6 +568,9 @@ def realb_rank_call(
             counts = routing.routing_counts(index, workload.modality, num_experts)
             flags = routing.rank_decision(counts, index.shape[0], params)[lo:hi]
             return module._realb_sync_free(x, ids, weights, flags, params.high, params.low)
+        if not needs_routing(params, index.shape[0]):  # config-only decisions (static, all_low, off): no sync
+            precisions = decide_without_routing(params, num_experts).expert_precision[lo:hi]
+            return module.realb_run_local(x, ids, weights, precisions, params.high)
         flat = index.reshape(-1)
         counts = torch.bincount(flat, minlength=num_experts)
         vis = torch.bincount(flat[vision.repeat_interleave(index.shape[1])], minlength=num_experts)
