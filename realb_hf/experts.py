@@ -326,7 +326,7 @@ class RealbExperts(torch.nn.Module):
         rows = perm // top_k  # token of each sorted row: formats gather (and may quantize) in one pass
         ids_sorted = safe_ids[perm]
         # rows per (format, expert); the sentinel block sits after every format's block.
-        counts = histogram(key_sorted, (len(formats) + 1) * num_experts)
+        counts = routing.histogram(key_sorted, (len(formats) + 1) * num_experts)
         counts = counts[: len(formats) * num_experts].view(len(formats), num_experts)
         counts_host = counts.tolist()
 
@@ -432,14 +432,3 @@ def _offsets(counts_host: list[int], covered: list[int] | None, device: torch.de
         total += c
         ends.append(total)
     return _host_to_device(ends, torch.int32, device)
-
-
-def histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
-    """Counts of the integers 0..bins-1 in `values` (int64), with no host sync.
-
-    `torch.histc` as transformers' grouped_mm path uses it (shared-memory histogram; CUDA bincount reads the
-    input's max back to the host, and scatter_add contends on a few hot bins). Deterministic algorithms need
-    int input on CUDA and float input on CPU.
-    """
-    data = values.int() if values.device.type == "cuda" else values.float()
-    return torch.histc(data, bins=bins, min=0, max=bins - 1).long()

@@ -132,3 +132,15 @@ def test_swiglu_kernels_with_a_device_count(count, rows):
     got = data[:count].float() * scale[:count, None]
     if count:
         assert ((got - eager[:count].float()).norm() / eager[:count].float().norm()).item() < 0.04
+
+
+def test_background_share_caps_the_persistent_grid(monkeypatch):
+    """Side-stream conversions fill a share of the SMs; the share is restored afterwards (no GPU needed)."""
+    monkeypatch.setitem(fp8_triton._SM_COUNT, 0, 132)
+    device = torch.device("cuda", 0)
+    assert fp8_triton._grid(10**6, device) == (132 * fp8_triton._PROGRAMS_PER_SM,)
+    with fp8_triton.background(0.25):
+        assert fp8_triton._grid(10**6, device) == (132 * fp8_triton._PROGRAMS_PER_SM // 4,)
+        assert fp8_triton._grid(5, device) == (5,)
+    assert fp8_triton._grid(0, device) == (1,)
+    assert fp8_triton._grid(10**6, device) == (132 * fp8_triton._PROGRAMS_PER_SM,)

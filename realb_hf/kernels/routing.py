@@ -110,6 +110,17 @@ if triton is not None:
         tl.store(rows_ptr + i, slot // TOP_K, mask=m)
 
 
+def histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """Counts of the integers 0..bins-1 in `values` (int64), with no host sync.
+
+    `torch.histc` as transformers' grouped_mm path uses it (shared-memory histogram; CUDA bincount reads the
+    input's max back to the host, and scatter_add contends on a few hot bins). Deterministic algorithms need
+    int input on CUDA and float input on CPU.
+    """
+    data = values.int() if values.device.type == "cuda" else values.float()
+    return torch.histc(data, bins=bins, min=0, max=bins - 1).long()
+
+
 def _on_gpu(t: torch.Tensor) -> bool:
     return triton is not None and t.device.type == "cuda"
 
@@ -141,8 +152,6 @@ def routing_counts(
                 BINS=triton.next_power_of_2(num_experts + 1),
             )
         return out.view(2, num_experts)
-    from ..experts import histogram
-
     bins = torch.where(ids < num_experts, ids, num_experts)  # sentinels land in a spare bin
     if modality is not None:
         bins = bins + (num_experts + 1) * (modality != TEXT).repeat_interleave(top_k)
@@ -211,8 +220,6 @@ def row_keys(
                 BINS=triton.next_power_of_2(3 * num_experts + 1),
             )
         return keys, counts.view(3, num_experts)
-    from ..experts import histogram
-
     safe = ids.clamp(max=num_experts - 1)
     code = low_experts[safe].long()
     code = torch.where(finite.repeat_interleave(top_k), code, 0)
