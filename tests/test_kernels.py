@@ -144,3 +144,10 @@ def test_background_share_caps_the_persistent_grid(monkeypatch):
         assert fp8_triton._grid(5, device) == (5,)
     assert fp8_triton._grid(0, device) == (1,)
     assert fp8_triton._grid(10**6, device) == (132 * fp8_triton._PROGRAMS_PER_SM,)
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
+def test_background_share_outside_0_1_is_refused(fraction):
+    with pytest.raises(ValueError, match="must be in"):
+        with fp8_triton.background(fraction):
+            pass

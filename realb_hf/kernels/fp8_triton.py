@@ -157,6 +157,8 @@ def _grid(rows: int, device: torch.device) -> tuple[int]:
 def background(fraction: float):
     """Row kernels launched inside fill at most `fraction` of the GPU's SMs: work queued on a side stream then
     leaves room for what runs beside it (the token all-to-all's NCCL kernels, the dispatch gathers)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"background fraction must be in (0, 1] (a share of the GPU's SMs), got {fraction!r}")
     previous = getattr(_share, "fraction", 1.0)
     _share.fraction = fraction
     try:
