@@ -725,8 +725,11 @@ class RealbAutoEP(EPImplementation):
         return self.all_to_all(hidden_states, top_k_index, top_k_weights)
 
 
-def _entry(forward, module, decision, precisions, rows, fp8_dispatch, converted) -> dict:
+def _entry(forward, module, decision, precisions, rows, fp8_dispatch, converted, high) -> dict:
+    """One per-rank log entry; `converted` -1 (a flagged conversion) counts this rank's lowered experts."""
     kinds = set(precisions)
+    if converted < 0:
+        converted = sum(p != high for p in precisions)
     return {
         "forward": forward,
         "layer": module.realb_name,
@@ -740,9 +743,8 @@ def _entry(forward, module, decision, precisions, rows, fp8_dispatch, converted)
 
 def _log(state, runtime, module, decision, precisions, rows, fp8_dispatch, ready) -> None:
     converted = ready.converted if ready is not None else 0
-    if converted < 0:  # flagged conversion: every lowered local expert
-        converted = sum(p != runtime.config.high_precision for p in precisions)
-    state.log(_entry(runtime.telemetry.forwards, module, decision, precisions, rows, fp8_dispatch, converted))
+    high = runtime.config.high_precision
+    state.log(_entry(runtime.telemetry.forwards, module, decision, precisions, rows, fp8_dispatch, converted, high))
 
 
 def _entry_from_counts(forward, module, counts, num_tokens, params, placement, converted) -> dict:
@@ -750,8 +752,8 @@ def _entry_from_counts(forward, module, counts, num_tokens, params, placement, c
     tokens, vision = counts.tolist()
     stats, decision = _decide_global([tokens, vision], num_tokens, params)
     local = slice(placement.first, placement.first + placement.num_local)
-    converted = converted if converted >= 0 else sum(p != params.high for p in decision.expert_precision[local])
-    return _entry(forward, module, decision, _local(decision, placement), sum(tokens[local]), False, converted)
+    precisions = _local(decision, placement)
+    return _entry(forward, module, decision, precisions, sum(tokens[local]), False, converted, params.high)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------
