@@ -175,6 +175,19 @@ def cmd_layer(args: argparse.Namespace, argv: list[str] | None) -> int:
         ep_sizes=tuple(args.ep),
         variants=tuple(args.variants),
         ep_form=args.ep_form,
+        input_sets=args.input_sets,
+        **_shared_settings(args),
+    )
+    workloads = _layer_workloads(args, preset)
+    if workloads and workloads[0][1].tokens < args.batch_threshold:
+        print(f"note: {workloads[0][1].tokens} tokens < --batch-threshold {args.batch_threshold}: ReaLB lowers nothing")
+    result = run_layer_bench(workloads, settings)
+    return _finish(result, args, argv, f"layer-{preset.name}")
+
+
+def _shared_settings(args: argparse.Namespace) -> dict:
+    """The settings every benchmark kind takes from the common arguments (ReaLB knobs, timing, device)."""
+    return dict(
         low_precision=args.low_precision,
         modality_threshold=args.modality_threshold,
         batch_threshold=args.batch_threshold,
@@ -182,17 +195,11 @@ def cmd_layer(args: argparse.Namespace, argv: list[str] | None) -> int:
         low_cost_ratio=args.low_cost_ratio,
         warmup=args.warmup,
         repeats=args.repeats,
-        input_sets=args.input_sets,
         seed=args.seed,
         dtype=args.dtype,
         device=args.device,
         progress=not args.no_progress,
     )
-    workloads = _layer_workloads(args, preset)
-    if workloads and workloads[0][1].tokens < args.batch_threshold:
-        print(f"note: {workloads[0][1].tokens} tokens < --batch-threshold {args.batch_threshold}: ReaLB lowers nothing")
-    result = run_layer_bench(workloads, settings)
-    return _finish(result, args, argv, f"layer-{preset.name}")
 
 
 def cmd_model(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -211,17 +218,7 @@ def cmd_model(args: argparse.Namespace, argv: list[str] | None) -> int:
         ep=args.ep,
         trace=args.trace,
         variants=tuple(args.variants),
-        low_precision=args.low_precision,
-        modality_threshold=args.modality_threshold,
-        batch_threshold=args.batch_threshold,
-        imbalance_threshold=args.imbalance_threshold,
-        low_cost_ratio=args.low_cost_ratio,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        seed=args.seed,
-        dtype=args.dtype,
-        device=args.device,
-        progress=not args.no_progress,
+        **_shared_settings(args),
     )
     result = run_model_bench(settings)
     return _finish(result, args, argv, f"model-{args.preset}")
