@@ -393,21 +393,30 @@ def glm4v_moe_image_batch(
 ) -> TinyBatch:
     """One image of `grid` patches per row; Qwen-VL-style flattened patches, M-RoPE from mm_token_type_ids."""
     vision = (config or tiny_glm4v_moe_config()).vision_config
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    return _flat_patch_batch(vision.spatial_merge_size, patch_dim, batch, seed, grid, text_tokens)
+
+
+def _flat_patch_batch(
+    merge: int, patch_dim: int, batch: int, seed: int, grid: tuple[int, int], text_tokens: int, moe_types: bool = False
+) -> TinyBatch:
+    """Rows with one image of `grid` flattened patches (merged `merge` x `merge`), M-RoPE from mm_token_type_ids;
+    `moe_types` adds ERNIE's `moe_mm_token_type_ids` (image start/end tokens count as vision too)."""
     gen = torch.Generator().manual_seed(seed)
     h, w = grid
-    image_tokens = h * w // vision.spatial_merge_size**2
-    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    image_tokens = h * w // merge**2
     input_ids, types = _rows_with_image(gen, batch, image_tokens, VISION_START_ID, VISION_END_ID, text_tokens)
-    return TinyBatch(
-        kwargs=dict(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            pixel_values=torch.randn(batch * h * w, patch_dim, generator=gen),
-            image_grid_thw=torch.tensor([[1, h, w]] * batch),
-            mm_token_type_ids=types,
-        ),
-        num_image_tokens=batch * image_tokens,
+    kwargs = dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        pixel_values=torch.randn(batch * h * w, patch_dim, generator=gen),
+        image_grid_thw=torch.tensor([[1, h, w]] * batch),
+        mm_token_type_ids=types,
     )
+    if moe_types:
+        kwargs["moe_mm_token_type_ids"] = types.clone()
+        kwargs["moe_mm_token_type_ids"][(input_ids == VISION_START_ID) | (input_ids == VISION_END_ID)] = 1
+    return TinyBatch(kwargs=kwargs, num_image_tokens=batch * image_tokens)
 
 
 def ernie4_5_vl_moe_image_batch(
@@ -419,24 +428,8 @@ def ernie4_5_vl_moe_image_batch(
     start/end tokens as vision, and routes those rows to the vision expert pool.
     """
     vision = (config or tiny_ernie4_5_vl_moe_config()).vision_config
-    gen = torch.Generator().manual_seed(seed)
-    h, w = grid
-    image_tokens = h * w // vision.spatial_merge_size**2
     patch_dim = vision.in_channels * vision.patch_size**2
-    input_ids, types = _rows_with_image(gen, batch, image_tokens, VISION_START_ID, VISION_END_ID, text_tokens)
-    moe_types = types.clone()
-    moe_types[(input_ids == VISION_START_ID) | (input_ids == VISION_END_ID)] = 1
-    return TinyBatch(
-        kwargs=dict(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            pixel_values=torch.randn(batch * h * w, patch_dim, generator=gen),
-            image_grid_thw=torch.tensor([[1, h, w]] * batch),
-            mm_token_type_ids=types,
-            moe_mm_token_type_ids=moe_types,
-        ),
-        num_image_tokens=batch * image_tokens,
-    )
+    return _flat_patch_batch(vision.spatial_merge_size, patch_dim, batch, seed, grid, text_tokens, moe_types=True)
 
 
 def kimi_k25_image_batch(
