@@ -8,7 +8,7 @@ and every kernel skips what lies past its count: the gathers and the SwiGLU read
 GEMMs stop at their last offset. Together with `policy.lowered_experts_on_device` (the rank decision as
 tensor ops) and weight conversion that skips unflagged experts on the device, a ReaLB layer queues all its
 work without waiting for the GPU once. The bookkeeping around the GEMMs (row keys, group offsets, slot
-positions) is one launch each on CUDA (`kernels.routing`), so the host issues about 20 launches per layer.
+positions) is one launch each on CUDA (`kernels.routing`) instead of several torch ops each.
 
 Used on CUDA for what it covers: two precisions (the high one and one low one), formats with
 `supports_padding` (bf16, fp8), plain SwiGLU experts without bias or post-expert norm. Elsewhere the host
