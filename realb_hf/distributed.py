@@ -507,16 +507,18 @@ class RealbAllReduceEP(AllReduceEP):
         modality = runtime.modality.for_rows(hidden_states.shape[0], module.realb_pool)
         source = runtime.modality.source if modality is not None else "none"
         num_tokens = hidden_states.shape[0]
-        counts_device = module.realb_routing_counts(top_k_index, modality, placement.num_global)
         local = slice(placement.first, placement.first + placement.num_local)
         low_flags = stats = decision = None
-        if module._realb_sync_free_ok(hidden_states, params.high, params.low) and (
-            decides_on_device(params) or not needs_routing(params, num_tokens)
-        ):
+        sync_free = module._realb_sync_free_ok(hidden_states, params.high, params.low)
+        if sync_free and decides_on_device(params) and needs_routing(params, num_tokens):
+            counts_device, global_flags = routing.counts_and_flags(top_k_index, modality, placement.num_global, params)
+        else:
+            counts_device = module.realb_routing_counts(top_k_index, modality, placement.num_global)
+        if sync_free and (decides_on_device(params) or not needs_routing(params, num_tokens)):
             # No host sync: decided on the device (or from the config alone); telemetry and the per-rank log
             # recompute the decision from the counts when they are read.
             if needs_routing(params, num_tokens):
-                low_flags = routing.rank_decision(counts_device, num_tokens, params)[local]
+                low_flags = global_flags[local]
             else:
                 decision = decide_without_routing(params, placement.num_global)
                 precisions = _local(decision, placement)

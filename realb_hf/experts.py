@@ -120,9 +120,8 @@ class RealbExperts(torch.nn.Module):
             source = runtime.modality.source if modality is not None else "none"
             if sync_free_ok and decides_on_device(params):
                 # Decided on the device; telemetry recomputes the same decision on the host when it is read.
-                counts = self.realb_routing_counts(top_k_index, modality)
+                counts, low_experts = routing.counts_and_flags(top_k_index, modality, self.num_experts, params)
                 runtime.telemetry.add_deferred(self.realb_name, counts, num_tokens, None, params, source)
-                low_experts = routing.rank_decision(counts, num_tokens, params)
                 return self._realb_sync_free(
                     hidden_states, top_k_index, top_k_weights, low_experts, params.high, params.low
                 )

@@ -1,6 +1,6 @@
 """ReaLB's decision: routing of one MoE layer for one batch -> a precision for every EP rank (or expert).
 
-Pure functions of plain numbers: no model, no randomness (`lowered_experts_on_device` is the same rank decision
+Pure functions of plain numbers: no model, no randomness (`lowered_experts_on_device` is the same decision
 as tensor ops, so a GPU can decide without reading the counts back). Every rank of a real EP group sees
 the same routing counts, so every rank computes the same decision without talking to the others.
 
@@ -211,45 +211,63 @@ def _decide_experts(
     target = max((t for r, t in enumerate(tokens) if r not in hot), default=0)
     saving = 1.0 - params.cost_ratio
     any_lowered = False
-    for r in sorted(hot, key=lambda r: (-tokens[r], r)):
-        cost = float(tokens[r])
+    for r in hot:
+        lowered_pairs = 0  # an exact integer, so the device decision computes the very same floats from it
         candidates = [
             e
             for e in ranges[r]
             if stats.expert_tokens[e] and stats.expert_vision[e] / stats.expert_tokens[e] >= params.modality_threshold
         ]
         for e in sorted(candidates, key=lambda e: (-stats.expert_tokens[e], e)):
-            if cost <= target:
+            if tokens[r] - saving * lowered_pairs <= target:
                 break
             precision[e] = params.low
-            cost -= stats.expert_tokens[e] * saving
+            lowered_pairs += stats.expert_tokens[e]
             any_lowered = True
     return _decision(precision, params, REASON_LOWERED if any_lowered else REASON_BALANCED)
 
 
 def decides_on_device(params: PolicyParams) -> bool:
-    """Whether `lowered_experts_on_device` implements this policy (the dynamic one at rank granularity)."""
-    return params.policy == "realb" and params.granularity == "rank"
+    """Whether `lowered_experts_on_device` implements this policy (the dynamic one, either granularity)."""
+    return params.policy == "realb"
 
 
 def lowered_experts_on_device(counts: torch.Tensor, num_tokens: int, params: PolicyParams) -> torch.Tensor:
-    """`decide`'s rank-granularity choice as device tensor ops: `counts (2, E)` (token-expert pairs per expert,
-    vision ones) -> `(E,)` bool, True where the expert runs in `params.low`. No host sync.
+    """`decide`'s choice as device tensor ops: `counts (2, E)` (token-expert pairs per expert, vision ones) ->
+    `(E,)` bool, True where the expert runs in `params.low`. No host sync.
 
-    Same arithmetic as `decide` (float64, same order of operations), so both give the same decision for the same
-    counts; tests hold them equal. Telemetry recomputes the decision on the host with `decide` from the counts.
+    Same arithmetic as `decide` (exact integer sums, float64, same operations), so both give the same decision
+    for the same counts; tests hold them equal. Telemetry recomputes the decision on the host with `decide`.
     """
     if not decides_on_device(params):
-        raise ValueError(f"no device-side decision for policy={params.policy!r}, granularity={params.granularity!r}")
+        raise ValueError(f"no device-side decision for policy={params.policy!r}")
     num_experts = counts.shape[-1]
     expert_ranges(num_experts, params.ep_size)  # validates ep_size
     if num_tokens < params.batch_threshold:
         return torch.zeros(num_experts, dtype=torch.bool, device=counts.device)
-    per_rank = counts.view(2, params.ep_size, -1).sum(-1).double()  # (2, ranks): pairs, vision pairs
-    tokens, vision = per_rank[0], per_rank[1]
+    per_expert = counts.view(2, params.ep_size, -1).long()  # (2, ranks, experts of a rank)
+    tokens, vision = per_expert.sum(-1).double()  # per rank: pairs, vision pairs
     hot = tokens > tokens.sum() / params.ep_size * (1.0 + params.imbalance_threshold)
+    if params.granularity == "expert":
+        return _lowered_experts_of_hot_ranks(per_expert, tokens, hot, params).reshape(-1)
     share = torch.where(tokens > 0, vision / tokens.clamp(min=1), torch.zeros_like(tokens))
     eligible = hot & (share >= params.modality_threshold)
     floor = torch.where(eligible, tokens * params.cost_ratio, tokens).max()
     lowered = eligible & (tokens > floor)
     return lowered.repeat_interleave(num_experts // params.ep_size)
+
+
+def _lowered_experts_of_hot_ranks(
+    per_expert: torch.Tensor, tokens: torch.Tensor, hot: torch.Tensor, params: PolicyParams
+) -> torch.Tensor:
+    """`_decide_experts` as tensor ops: (ranks, experts of a rank) bool. The one-at-a-time loop is a prefix of
+    each rank's candidates sorted by pairs (descending, stable), cut where the remaining cost reaches the target."""
+    pairs, vision = per_expert[0], per_expert[1]
+    target = torch.where(hot, torch.zeros_like(tokens), tokens).max()
+    share = vision.double() / pairs.double().clamp(min=1)
+    candidate = hot[:, None] & (pairs > 0) & (share >= params.modality_threshold)
+    key, order = torch.sort(torch.where(candidate, pairs, -1), dim=1, descending=True, stable=True)
+    taken = key.clamp(min=0)
+    before = taken.cumsum(1) - taken  # pairs already lowered when each candidate comes up (exact integers)
+    lower = (key > 0) & (tokens[:, None] - (1.0 - params.cost_ratio) * before.double() > target)
+    return torch.zeros_like(lower).scatter(1, order, lower)

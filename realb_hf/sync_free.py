@@ -7,8 +7,9 @@ tokens). Here every precision gets a buffer as long as all the rows, the true ro
 and every kernel skips what lies past its count: the gathers and the SwiGLU read the count, and the grouped
 GEMMs stop at their last offset. Together with `policy.lowered_experts_on_device` (the rank decision as
 tensor ops) and weight conversion that skips unflagged experts on the device, a ReaLB layer queues all its
-work without waiting for the GPU once. The bookkeeping around the GEMMs (row keys, group offsets, slot
-positions) is one launch each on CUDA (`kernels.routing`) instead of several torch ops each.
+work without waiting for the GPU once. The bookkeeping around the GEMMs (a stable counting sort of the rows
+by precision and expert, group offsets, slot positions, the finite check) is two launches on CUDA
+(`kernels.routing.sort_rows`), and both groups' rows are gathered (and the low ones quantized) in one more.
 
 Used on CUDA for what it covers: two precisions (the high one and one low one), formats with
 `supports_padding` (bf16, fp8), plain SwiGLU experts without bias or post-expert norm. Elsewhere the host
@@ -20,10 +21,10 @@ from __future__ import annotations
 import torch
 
 from .formats import get_format
-from .kernels import routing
+from .kernels import fp8_triton, routing
 from .kernels.combine import weighted_combine
 
-HIGH, LOW = 0, 1  # row codes (kernels.routing.row_keys): precision group; 2 is another EP rank's expert
+HIGH, LOW = 0, 1  # row codes (kernels.routing.sort_rows): precision group; 2 is another EP rank's expert
 
 
 def covers(module, high: str, low: str, hidden: torch.Tensor) -> bool:
@@ -56,39 +57,32 @@ def mixed_forward(
     """
     num_tokens, top_k = top_k_index.shape
     num_experts = module.num_experts
-    finite = torch.isfinite(hidden).all(dim=-1)
-    keys, counts = routing.row_keys(top_k_index, low_experts, finite, num_experts)
-    keys_sorted, perm = torch.sort(keys, stable=True)
-    offs, totals = routing.group_offsets(counts)
+    rows, position, offs, totals = routing.sort_rows(top_k_index, low_experts, hidden, num_experts)
     n_high, n_low = totals[HIGH : HIGH + 1], totals[LOW : LOW + 1]  # one-element device tensors
-    # token of each sorted row; each (token, slot) -> its row: high rows y_high[0:n_high], low rows y_low[0:n_low]
-    # (addressed as num_rows + i in the combine's joint index), other ranks' experts -1
-    rows, position = routing.slot_positions(perm, keys_sorted, totals, num_experts, top_k)
 
     first, down = module._realb_weights()
     fused = module._realb_plain_swiglu()
     gate = module._realb_gate(None)  # plain SwiGLU without bias: the gate reads no expert ids
     high_fmt, low_fmt = get_format(high), get_format(low)
-    y_high = high_fmt.expert_mlp_on(
-        high_fmt.gather_activations(hidden, rows, None, n_high),
-        first,
-        down,
-        offs[HIGH],
-        gate,
-        fused,
-        hidden.dtype,
-        n_high,
-    )
-    y_low = low_fmt.expert_mlp_on(
-        low_fmt.gather_activations(hidden, rows, n_high, n_low),
-        *low_weights,
-        offs[LOW],
-        gate,
-        fused,
-        hidden.dtype,
-        n_low,
-    )
+    acts_high, acts_low = _gather_both(high_fmt, low_fmt, hidden, rows, totals)
+    y_high = high_fmt.expert_mlp_on(acts_high, first, down, offs[HIGH], gate, fused, hidden.dtype, n_high)
+    y_low = low_fmt.expert_mlp_on(acts_low, *low_weights, offs[LOW], gate, fused, hidden.dtype, n_low)
     out = weighted_combine(
         y_high, position.view(num_tokens, top_k), top_k_weights.reshape(num_tokens, top_k), y_low=y_low
     )
     return out.to(hidden.dtype)
+
+
+def _gather_both(high_fmt, low_fmt, hidden: torch.Tensor, rows: torch.Tensor, totals: torch.Tensor) -> tuple:
+    """Both groups' rows in the form each format's GEMM consumes: one launch on CUDA (bf16 copies or fp8
+    rowwise quantization, `kernels.fp8_triton.gather_split_rows`), else each format's own gather."""
+    if fp8_triton.available(hidden.device) and {high_fmt.name, low_fmt.name} <= _SPLIT_GATHER:
+        a, b = fp8_triton.gather_split_rows(hidden, rows, totals, (high_fmt.name == "fp8", low_fmt.name == "fp8"))
+        return (a if high_fmt.name == "fp8" else a[:1]), (b if low_fmt.name == "fp8" else b[:1])
+    return (
+        high_fmt.gather_activations(hidden, rows, None, totals[HIGH : HIGH + 1]),
+        low_fmt.gather_activations(hidden, rows, totals[HIGH : HIGH + 1], totals[LOW : LOW + 1]),
+    )
+
+
+_SPLIT_GATHER = {"bf16", "fp8"}  # what `gather_split_rows` writes: copies in the input dtype, or rowwise e4m3

@@ -186,6 +186,22 @@ def test_telemetry_keeps_a_bounded_window():
     assert [r.forward for r in telemetry.records] == [2, 3, 4] and telemetry.dropped == 2
 
 
+def test_deferred_telemetry_is_read_back_before_it_piles_up(monkeypatch):
+    """Counts left on the device are read back every MAX_PENDING layer calls, even if nobody reads telemetry."""
+    from realb_hf import telemetry as telemetry_module
+    from realb_hf.policy import PolicyParams, decide_without_routing
+
+    monkeypatch.setattr(telemetry_module, "MAX_PENDING", 10)
+    telemetry = realb_hf.Telemetry(max_records=15)
+    params = PolicyParams(policy="off", ep_size=2)
+    decision = decide_without_routing(params, 4)
+    for _ in range(33):
+        telemetry.add_deferred("l", torch.tensor([[3, 1, 0, 2], [1, 1, 0, 0]]), 4, decision, params, "none")
+        assert len(telemetry._pending) <= 10
+    assert len(telemetry.records) == 15 and telemetry.dropped == 18  # nothing lost without being counted
+    assert telemetry.records[-1].tokens_per_rank == [4, 2]
+
+
 def test_modality_falls_back_to_placeholder_ids(qwen_dir, qwen_batch):
     model = load_qwen(qwen_dir, ep_size=2)
     kwargs = {k: v for k, v in qwen_batch.kwargs.items() if k != "mm_token_type_ids"}

@@ -109,6 +109,22 @@ def test_count_aware_gather_touches_only_real_rows(start, count, rows):
 
 
 @cuda
+@pytest.mark.parametrize("quantize", [(False, True), (True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("n_a, n_b, rows", [(0, 0, 517), (200, 317, 517), (517, 0, 517), (0, 400, 517), (1, 0, 1)])
+def test_split_gather_equals_two_gathers(quantize, n_a, n_b, rows):
+    x = torch.randn(300, 2048, device="cuda", dtype=torch.bfloat16)
+    index = torch.randint(0, 300, (rows,), device="cuda")
+    totals = torch.tensor([n_a, n_b], device="cuda", dtype=torch.int32)
+    got = fp8_triton.gather_split_rows(x, index, totals, quantize)
+    for (data, scale), quant, lo, n in zip(got, quantize, (0, n_a), (n_a, n_b)):
+        ref, ref_scale = fp8_triton.gather_quant_rows(x, index[lo : lo + n], quantize=quant)
+        assert data.shape[0] == rows and (scale is None) == (not quant)
+        assert torch.equal(data[:n].view(torch.uint8), ref.view(torch.uint8))
+        if quant:
+            assert torch.equal(scale[:n], ref_scale)
+
+
+@cuda
 def test_flagged_weight_conversion_converts_only_flagged_experts():
     w = torch.randn(6, 96, 256, device="cuda", dtype=torch.bfloat16)
     flags = torch.tensor([0, 1, 1, 0, 0, 1], device="cuda", dtype=torch.bool)

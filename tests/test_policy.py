@@ -178,22 +178,24 @@ def _host_choice(s: RoutingStats, params: PolicyParams) -> list[bool]:
 
 
 @pytest.mark.parametrize("case", [VISION_HOT, TEXT_HOT, stats([(0, 0)] * 8), stats([(100, 100)] * 8)])
-def test_device_decision_equals_host_decision_on_hand_built_cases(case):
+@pytest.mark.parametrize("granularity", ["rank", "expert"])
+def test_device_decision_equals_host_decision_on_hand_built_cases(case, granularity):
     for ep in (1, 2, 4, 8):
-        params = PolicyParams(policy="realb", low="fp8", ep_size=ep, batch_threshold=2048)
+        params = PolicyParams(policy="realb", low="fp8", ep_size=ep, batch_threshold=2048, granularity=granularity)
         assert _device_choice(case, params) == _host_choice(case, params), ep
     small = stats(list(zip(case.expert_tokens, case.expert_vision)), num_tokens=10)
     assert not any(_device_choice(small, PARAMS))
 
 
-def test_device_decision_equals_host_decision_on_random_routing():
+@pytest.mark.parametrize("granularity", ["rank", "expert"])
+def test_device_decision_equals_host_decision_on_random_routing(granularity):
     import random
 
     rng = random.Random(0)
-    lowered_cases = 0
+    lowered_cases = partial_ranks = 0
     for trial in range(400):
         ep = rng.choice([1, 2, 4, 8])
-        per_rank = rng.choice([1, 2, 4])
+        per_rank = rng.choice([1, 2, 4, 9])
         tokens = [rng.choice([0, rng.randint(0, 50), rng.randint(0, 2000)]) for _ in range(ep * per_rank)]
         hot = rng.randrange(ep)
         for e in range(hot * per_rank, (hot + 1) * per_rank):
@@ -207,20 +209,33 @@ def test_device_decision_equals_host_decision_on_random_routing():
             modality_threshold=rng.choice([0.0, 0.5, 0.7, 1.0]),
             imbalance_threshold=rng.choice([0.0, 0.1, 0.5]),
             low_cost_ratio=rng.choice([None, 0.5, 0.78, 1.0]),
+            granularity=granularity,
         )
         host = _host_choice(s, params)
         assert _device_choice(s, params) == host, (trial, s, params)
         lowered_cases += any(host)
+        partial_ranks += "mixed" in decide(s, params).rank_precision
     assert lowered_cases > 50  # the sample exercises lowering, not only "nothing to do"
+    assert granularity == "rank" or partial_ranks > 20  # and experts of one rank split between precisions
 
 
-def test_device_decision_covers_only_rank_granularity():
+def test_expert_granularity_lowers_the_hottest_vision_experts_first():
+    # rank 0: experts 0..3 (vision 900, text 800, vision 600, vision 600); rank 1 holds 1000 text pairs
+    s = stats([(900, 900), (800, 0), (600, 600), (600, 600), (250, 0), (250, 0), (250, 0), (250, 0)], num_tokens=4096)
+    params = PolicyParams(policy="realb", granularity="expert", ep_size=2, low_cost_ratio=0.5)
+    # 2900 pairs -> 2450 after expert 0 -> 2150 after expert 2 (first of the tie) -> 1850 after expert 3
+    assert _host_choice(s, params) == [True, False, True, True, False, False, False, False]
+    assert _device_choice(s, params) == _host_choice(s, params)
+    assert decide(s, params).rank_precision == ("mixed", "bf16")
+
+
+def test_device_decision_covers_only_the_dynamic_policy():
     import torch
 
     from realb_hf.policy import decides_on_device, lowered_experts_on_device
 
-    assert decides_on_device(PARAMS)
-    for other in (PolicyParams(policy="realb", granularity="expert"), PolicyParams(policy="static")):
+    assert decides_on_device(PARAMS) and decides_on_device(PolicyParams(policy="realb", granularity="expert"))
+    for other in (PolicyParams(policy="static"), PolicyParams(policy="all_low"), PolicyParams(policy="off")):
         assert not decides_on_device(other)
         with pytest.raises(ValueError, match="no device-side decision"):
             lowered_experts_on_device(torch.zeros(2, 8, dtype=torch.long), 4096, other)

@@ -29,7 +29,8 @@ def test_routing_counts(with_modality, tokens, top_k, num_experts):
 
 
 @cuda
-def test_rank_decision_equals_the_policy_on_random_counts():
+@pytest.mark.parametrize("granularity", ["rank", "expert"])
+def test_decision_equals_the_policy_on_random_counts(granularity):
     rng = random.Random(0)
     lowered = 0
     for trial in range(300):
@@ -37,47 +38,82 @@ def test_rank_decision_equals_the_policy_on_random_counts():
         per = rng.choice([1, 3, 16, 18, 32])
         tokens = torch.tensor([rng.choice([0, rng.randint(0, 3000)]) for _ in range(ep * per)])
         tokens[: per * rng.randint(0, 1)] *= rng.choice([1, 3])
-        vision = (tokens.double() * torch.tensor([rng.random() for _ in range(ep * per)])).long()
+        vision_share = [rng.choice([rng.random(), 1.0, 0.9]) for _ in range(ep * per)]
+        vision = (tokens.double() * torch.tensor(vision_share)).long()
         counts = torch.stack([tokens, vision])
         params = PolicyParams(
             ep_size=ep,
             modality_threshold=rng.choice([0.0, 0.5, 0.7]),
             imbalance_threshold=rng.choice([0.0, 0.1, 0.3]),
             low_cost_ratio=rng.choice([None, 0.5, 0.78]),
+            granularity=granularity,
         )
         ref = lowered_experts_on_device(counts, 4096, params)
-        got = routing.rank_decision(counts.cuda(), 4096, params).cpu()
+        got = routing.lowered_flags(counts.cuda(), 4096, params).cpu()
         assert torch.equal(got, ref), (trial, counts, params)
         lowered += bool(ref.any())
     assert lowered > 30
 
 
+def skewed_routing(rng: random.Random, tokens: int, top_k: int, num_experts: int, ep: int):
+    """Ids with rank 0's experts over-picked, and a modality per token (some vision-heavy ranks)."""
+    gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    ids = torch.randint(0, num_experts, (tokens, top_k), generator=gen)
+    hot = torch.rand(tokens, top_k, generator=gen) < rng.choice([0.0, 0.3, 0.6])
+    ids = torch.where(hot, ids % (num_experts // ep), ids)
+    modality = (torch.rand(tokens, generator=gen) < rng.choice([0.2, 0.7, 0.95])).to(torch.int8)
+    return ids, modality
+
+
 @cuda
-@pytest.mark.parametrize("tokens, top_k, num_experts", [(0, 8, 32), (1, 1, 4), (2000, 8, 32), (501, 6, 18)])
-def test_row_keys_offsets_and_positions(tokens, top_k, num_experts):
+@pytest.mark.parametrize("granularity", ["rank", "expert"])
+def test_counts_and_flags_in_one_launch(granularity):
+    rng = random.Random(1)
+    lowered = 0
+    for trial in range(60):
+        ep = rng.choice([1, 2, 4, 8])
+        num_experts = ep * rng.choice([2, 8, 32])
+        tokens = rng.choice([1, 700, 5000])
+        ids, modality = skewed_routing(rng, tokens, rng.choice([2, 8]), num_experts, ep)
+        params = PolicyParams(
+            ep_size=ep, granularity=granularity, batch_threshold=rng.choice([0, 2048]),
+            imbalance_threshold=rng.choice([0.0, 0.1]), modality_threshold=rng.choice([0.5, 0.7]),
+        )
+        ref_counts, ref_flags = routing.counts_and_flags(ids, modality, num_experts, params)
+        counts, flags = routing.counts_and_flags(ids.cuda(), modality.cuda(), num_experts, params)
+        assert torch.equal(counts.cpu().long(), ref_counts.long()), trial
+        assert torch.equal(flags.cpu(), ref_flags), (trial, params)
+        lowered += bool(ref_flags.any())
+    assert lowered > 10
+
+
+def assert_same_sort(got: routing.SortedRows, ref: routing.SortedRows) -> None:
+    for name, g, r in zip(ref._fields, got, ref):
+        assert torch.equal(g.cpu().long(), r.long()), name
+
+
+@cuda
+@pytest.mark.parametrize(
+    "tokens, top_k, num_experts", [(0, 8, 32), (1, 1, 4), (2000, 8, 32), (501, 6, 18), (9000, 8, 128), (40_000, 2, 8)]
+)
+def test_sort_rows(tokens, top_k, num_experts):
+    """Counting sort on the GPU == stable torch.sort on the CPU: rows, positions, offsets, totals."""
     ids = ids_with_sentinels(tokens, top_k, num_experts, 1)
     low = torch.rand(num_experts) < 0.5
-    finite = torch.rand(tokens) < 0.9
-    keys, counts = routing.row_keys(ids, low, finite, num_experts)
-    gkeys, gcounts = routing.row_keys(ids.cuda(), low.cuda(), finite.cuda(), num_experts)
-    assert torch.equal(gkeys.cpu(), keys) and torch.equal(gcounts.cpu().long(), counts.long())
-    offs, totals = routing.group_offsets(counts)
-    goffs, gtotals = routing.group_offsets(gcounts)
-    assert torch.equal(goffs.cpu(), offs) and torch.equal(gtotals.cpu().long(), totals.long())
-    keys_sorted, perm = torch.sort(keys, stable=True)
-    rows, position = routing.slot_positions(perm, keys_sorted, totals, num_experts, top_k)
-    grows, gposition = routing.slot_positions(perm.cuda(), keys_sorted.cuda(), gtotals, num_experts, top_k)
-    assert torch.equal(grows.cpu(), rows) and torch.equal(gposition.cpu(), position)
+    hidden = torch.randn(tokens, 96).bfloat16()
+    if tokens > 10:
+        hidden[3, 5], hidden[9, 0] = float("inf"), float("nan")  # these tokens' rows run high
+    ref = routing.sort_rows(ids, low, hidden, num_experts)
+    for _ in range(3):  # the last-block hand-off must hold on every run, not once
+        assert_same_sort(routing.sort_rows(ids.cuda(), low.cuda(), hidden.cuda(), num_experts), ref)
 
 
 @cuda
-def test_counts_of_rows_sorted_by_expert():
-    """What an EP rank receives: rows grouped by expert (the case block histograms exist for)."""
+def test_sort_rows_of_rows_grouped_by_expert():
+    """What an EP rank receives: rows grouped by expert (whole blocks of one key)."""
     ids = torch.sort(torch.randint(0, 33, (50_000,)))[0].view(-1, 1)
     ref = routing.routing_counts(ids, None, 32)
     assert torch.equal(routing.routing_counts(ids.cuda(), None, 32).cpu().long(), ref.long())
     low = torch.rand(32) < 0.5
-    finite = torch.ones(50_000, dtype=torch.bool)
-    keys, counts = routing.row_keys(ids, low, finite, 32)
-    gkeys, gcounts = routing.row_keys(ids.cuda(), low.cuda(), finite.cuda(), 32)
-    assert torch.equal(gkeys.cpu(), keys) and torch.equal(gcounts.cpu().long(), counts.long())
+    hidden = torch.randn(50_000, 16).bfloat16()
+    assert_same_sort(routing.sort_rows(ids.cuda(), low.cuda(), hidden.cuda(), 32), routing.sort_rows(ids, low, hidden, 32))

@@ -68,9 +68,13 @@ def test_covers_only_plain_swiglu_experts_in_padding_formats():
     assert not sync_free.covers(mod, "bf16", "fp8", x)
 
 
-def test_model_with_device_decisions_matches_host_decisions(qwen_dir, qwen_batch, monkeypatch):
+@pytest.mark.parametrize("granularity", ["rank", "expert"])
+def test_model_with_device_decisions_matches_host_decisions(qwen_dir, qwen_batch, monkeypatch, granularity):
     """The whole tiny model, decisions made by `lowered_experts_on_device`: same logits and telemetry."""
-    config = dict(policy="realb", ep_size=4, batch_threshold=0, modality_threshold=0.0, imbalance_threshold=0.0)
+    config = dict(
+        policy="realb", ep_size=4, batch_threshold=0, modality_threshold=0.0, imbalance_threshold=0.0,
+        granularity=granularity, low_cost_ratio=0.2,  # lowering one expert can be enough: ranks split
+    )
     host_model = load_qwen(qwen_dir, **config)
     with torch.no_grad():
         host_logits = host_model(**qwen_batch.kwargs).logits
@@ -87,16 +91,19 @@ def test_model_with_device_decisions_matches_host_decisions(qwen_dir, qwen_batch
     host_records = realb_hf.get_telemetry(host_model).records
     free_records = realb_hf.get_telemetry(free_model).records
     assert any(r.lowered_experts for r in host_records)
+    if granularity == "expert":
+        assert any("mixed" in r.precision_per_rank for r in host_records)
     assert free_records == host_records
     assert_same(free_logits, host_logits)
 
 
 @cuda
+@pytest.mark.parametrize("granularity", ["rank", "expert"])
 @pytest.mark.parametrize("cache", ["persistent", "on_the_fly"])
-def test_cuda_layer_queues_without_host_sync(cache):
+def test_cuda_layer_queues_without_host_sync(cache, granularity):
     """policy realb (decided on the device) through fp8: `set_sync_debug_mode("error")` raises on any sync."""
     module = experts("cuda", num_experts=16, policy="realb", ep_size=4, batch_threshold=0, imbalance_threshold=0.0,
-                     modality_threshold=0.0, low_precision="fp8", weight_cache=cache)
+                     modality_threshold=0.0, low_precision="fp8", weight_cache=cache, granularity=granularity)
     module.realb_runtime.telemetry.enabled = True
     x, index, weights = routing(512, 16, 4, 64, torch.device("cuda"), 0)
     index = torch.where(index < 8, index % 4, index)  # rank 0 (experts 0-3) overloaded

@@ -108,7 +108,9 @@ def graph_ms(module, args, repeats: int = 50) -> float | None:
     return time_ms(lambda: graph.replay(), [()], warmup=3, repeats=repeats)
 
 
-def run(preset: str, tokens_list: list[int], device: torch.device, seed: int = 0, graphs: bool = False) -> dict:
+def run(
+    preset: str, tokens_list: list[int], device: torch.device, seed: int = 0, graphs: bool = False, repeats: int = 30
+) -> dict:
     dims = PRESETS[preset]
     stock = build_experts(dims["hidden"], dims["inter"], dims["local_experts"], device)
     variants = {
@@ -135,7 +137,7 @@ def run(preset: str, tokens_list: list[int], device: torch.device, seed: int = 0
             for name, module in variants.items():
                 out = module(*inputs[0]).float()
                 err = ((out - reference).norm() / reference.norm()).item()
-                ms = time_ms(module, inputs)
+                ms = time_ms(module, inputs, repeats=repeats)
                 base = base or ms
                 row = dict(tokens=tokens, rows=tokens * dims["top_k"], variant=name, ms=ms, speedup=base / ms, rel_err=err)
                 if graphs and device.type == "cuda":
@@ -152,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 2048, 8192])
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--graphs", action="store_true", help="also time each variant as a CUDA graph replay")
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per variant (the median is reported)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = run(args.preset, args.tokens, device, graphs=args.graphs)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    result = run(args.preset, args.tokens, device, graphs=args.graphs, repeats=args.repeats)
     result.update(
         device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__,

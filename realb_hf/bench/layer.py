@@ -565,8 +565,7 @@ def realb_rank_call(
     def call(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if decides_on_device(params) and module._realb_sync_free_ok(x, params.high, params.low):
             # as the all-reduce EP implementation on CUDA: counts and decision on the device, no host sync
-            counts = routing.routing_counts(index, workload.modality, num_experts)
-            flags = routing.rank_decision(counts, index.shape[0], params)[lo:hi]
+            flags = routing.counts_and_flags(index, workload.modality, num_experts, params)[1][lo:hi]
             return module._realb_sync_free(x, ids, weights, flags, params.high, params.low)
         if not needs_routing(params, index.shape[0]):  # config-only decisions (static, all_low, off): no sync
             precisions = decide_without_routing(params, num_experts).expert_precision[lo:hi]

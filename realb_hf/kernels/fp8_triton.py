@@ -139,6 +139,38 @@ if triton is not None:
             _store_row(out_ptr, scale_ptr, row, out_stride, cols, act, mask, QUANT, False)
 
 
+    @triton.jit(do_not_specialize=["rows"])
+    def _split_rows_kernel(
+        src_ptr,
+        idx_ptr,
+        totals_ptr,
+        a_ptr,
+        a_scale_ptr,
+        b_ptr,
+        b_scale_ptr,
+        rows,
+        K,
+        src_stride,
+        a_stride,
+        b_stride,
+        QUANT_A: tl.constexpr,
+        QUANT_B: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # `_rows_kernel` for two groups in one launch: sorted rows [0, n_a) to `a`, [n_a, n_a + n_b) to `b`.
+        n_a = tl.load(totals_ptr).to(tl.int64)
+        n = tl.minimum(n_a + tl.load(totals_ptr + 1).to(tl.int64), rows.to(tl.int64))
+        cols = tl.arange(0, BLOCK)
+        mask = cols < K
+        for row in range(tl.program_id(0).to(tl.int64), n, tl.num_programs(0).to(tl.int64)):
+            src_row = tl.load(idx_ptr + row).to(tl.int64)
+            x = tl.load(src_ptr + src_row * src_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            if row < n_a:
+                _store_row(a_ptr, a_scale_ptr, row, a_stride, cols, x, mask, QUANT_A, True)
+            else:
+                _store_row(b_ptr, b_scale_ptr, row - n_a, b_stride, cols, x, mask, QUANT_B, True)
+
+
 _PROGRAMS_PER_SM = 16
 _SM_COUNT: dict[int, int] = {}
 _share = threading.local()  # fraction of the GPU the row kernels may fill (`background`)
@@ -224,6 +256,45 @@ def gather_quant_rows(
     if index is None:
         return out.view(src.shape), scale.view(src.shape[:-1]) if scale is not None else None
     return out, scale
+
+
+def gather_split_rows(
+    src: torch.Tensor, index: torch.Tensor, totals: torch.Tensor, quantize: tuple[bool, bool]
+) -> tuple[tuple[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]:
+    """`gather_quant_rows` of two consecutive groups in one launch: rows `index[0:n_a]` and `index[n_a:n_a + n_b]`
+    (`totals` = (n_a, n_b), on the device) of `src (S, K)`, each group quantized or not. Each output has
+    `index.numel()` rows; rows past the group's count are padding, left unwritten."""
+    k = src.shape[-1]
+    if src.stride(-1) != 1:
+        src = src.contiguous()
+    rows = index.numel()
+    outs = []
+    for quant in quantize:
+        data = torch.empty(rows, k, dtype=torch.float8_e4m3fn if quant else src.dtype, device=src.device)
+        scale = torch.empty(rows, dtype=torch.float32, device=src.device) if quant else None
+        outs.append((data, scale))
+    if rows:
+        (a, a_scale), (b, b_scale) = outs
+        block, warps = _launch_meta(k)
+        _split_rows_kernel[_grid(rows, src.device)](
+            src,
+            index,
+            totals,
+            a,
+            a_scale if a_scale is not None else a,
+            b,
+            b_scale if b_scale is not None else b,
+            rows,
+            k,
+            src.stride(0),
+            a.stride(0),
+            b.stride(0),
+            QUANT_A=quantize[0],
+            QUANT_B=quantize[1],
+            BLOCK=block,
+            num_warps=warps,
+        )
+    return outs[0], outs[1]
 
 
 def swiglu_rows(

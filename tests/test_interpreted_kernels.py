@@ -1,0 +1,117 @@
+"""The routing kernels run through Triton's interpreter on the CPU and equal their torch references exactly.
+
+The interpreter runs one program at a time, so this checks the kernels' arithmetic and indexing (the counting
+sort, the last-block hand-off, the decision), not their concurrency: `test_routing_kernels.py` does that on a GPU.
+It needs `TRITON_INTERPRET=1` before triton is imported, so the checks run in a child process.
+"""
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+def test_routing_kernels_equal_their_references_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "checked" in done.stdout
+
+
+def _allow_scalar_loop_bounds() -> None:
+    """Triton 3.6's interpreter passes scalar arguments as one-element arrays, which `range` cannot take as a
+    bound; compiled kernels take them. Make `__index__` read the element."""
+    import numpy as np
+    import triton.runtime.interpreter as interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+def _check_sort_rows() -> int:
+    import torch
+
+    from realb_hf.kernels import routing
+
+    # (tokens, top_k, experts); the last block scans the others 2 at a time, so 5 blocks take it 3 steps
+    cases = [(1, 1, 4), (300, 8, 32), (501, 6, 18), (0, 8, 8), (2500, 2, 8)]
+    for seed, (tokens, top_k, num_experts) in enumerate(cases):
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, num_experts + 1, (tokens, top_k), generator=gen)  # num_experts: another rank's
+        low = torch.rand(num_experts, generator=gen) < 0.5
+        hidden = torch.randn(tokens, 40, generator=gen).bfloat16()
+        if tokens > 5:
+            hidden[3, 7], hidden[4, 0] = float("inf"), float("nan")
+        ref = routing.sort_rows(ids, low, hidden, num_experts)
+        got = routing._sort_rows_triton(ids.reshape(-1), top_k, low, hidden, num_experts, block_tile=2)
+        for name, g, r in zip(ref._fields, got, ref):
+            assert torch.equal(g.long(), r.long()), (tokens, top_k, num_experts, name)
+    return len(cases)
+
+
+def _check_decisions() -> int:
+    import torch
+    import triton
+
+    from realb_hf.kernels import routing
+    from realb_hf.policy import PolicyParams, lowered_experts_on_device
+
+    rng = random.Random(0)
+    for trial in range(120):
+        ep, per = rng.choice([1, 2, 4, 8]), rng.choice([1, 3, 16, 18])
+        tokens = torch.tensor([rng.choice([0, rng.randint(0, 3000)]) for _ in range(ep * per)])
+        tokens[: per * rng.randint(0, 1)] *= rng.choice([1, 3])
+        share = torch.tensor([rng.choice([rng.random(), 1.0, 0.9]) for _ in range(ep * per)])
+        counts = torch.stack([tokens, (tokens.double() * share).long()]).int()
+        params = PolicyParams(
+            ep_size=ep,
+            granularity=rng.choice(["rank", "expert"]),
+            modality_threshold=rng.choice([0.0, 0.5, 0.7]),
+            imbalance_threshold=rng.choice([0.0, 0.1, 0.3]),
+            low_cost_ratio=rng.choice([None, 0.5, 0.78]),
+        )
+        prm = routing._decision_params(params, torch.device("cpu"))
+        out = torch.empty(ep * per, dtype=torch.int8)
+        routing._decision_kernel[(1,)](
+            counts, prm, out, ep * per, ep, per,
+            EP_BLOCK=triton.next_power_of_2(ep), PER_BLOCK=triton.next_power_of_2(per),
+            EXPERT=params.granularity == "expert",
+        )
+        assert torch.equal(out.bool(), lowered_experts_on_device(counts, 4096, params)), (trial, counts, params)
+    return 120
+
+
+def _check_counts_and_flags() -> int:
+    import torch
+
+    from realb_hf.kernels import routing
+    from realb_hf.policy import PolicyParams
+
+    rng = random.Random(1)
+    for trial in range(12):
+        ep = rng.choice([2, 4])
+        num_experts, top_k, tokens = ep * 4, 2, rng.choice([300, 1500])  # 1500 tokens: 3 blocks of rows
+        gen = torch.Generator().manual_seed(trial)
+        ids = torch.randint(0, num_experts, (tokens, top_k), generator=gen)
+        ids = torch.where(torch.rand(tokens, top_k, generator=gen) < 0.5, ids % 4, ids)  # rank 0 hot
+        modality = (torch.rand(tokens, generator=gen) < 0.8).to(torch.int8)
+        params = PolicyParams(ep_size=ep, granularity=rng.choice(["rank", "expert"]), batch_threshold=0)
+        ref_counts, ref_flags = routing.counts_and_flags(ids, modality, num_experts, params)
+        counts, flags = routing._counts_triton(ids.reshape(-1), top_k, modality, num_experts, params)
+        assert torch.equal(counts.long(), ref_counts.long()) and torch.equal(flags, ref_flags), (trial, params)
+    return 12
+
+
+if __name__ == "__main__":
+    _allow_scalar_loop_bounds()
+    sorts, decisions, both = _check_sort_rows(), _check_decisions(), _check_counts_and_flags()
+    print(f"checked {sorts} sorts, {decisions} decisions and {both} counts with their decision")
