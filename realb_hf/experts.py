@@ -11,6 +11,8 @@ routing and calls `realb_run_local` / `realb_run_local_fp8` with this rank's loc
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers.activations import SiLUActivation
 from transformers.integrations.moe import _default_apply_gate
@@ -107,11 +109,12 @@ class RealbExperts(torch.nn.Module):
         reads_routing = needs_routing(params, num_tokens)
         if not reads_routing:  # the decode-sized fast path: decided by the config alone, cached
             decision = decide_without_routing(params, self.num_experts)
-            if runtime.telemetry.enabled:  # counts stay on the device until telemetry is read
+            if runtime.telemetry.enabled:  # counted when telemetry is read: no launch on the decode path
                 modality = runtime.modality.for_rows(num_tokens, self.realb_pool)
                 source = runtime.modality.source if modality is not None else "none"
-                counts = self.realb_routing_counts(top_k_index, modality)
-                runtime.telemetry.add_deferred(self.realb_name, counts, num_tokens, decision, params, source)
+                counts = functools.partial(self.realb_routing_counts, top_k_index, modality)
+                held = top_k_index.numel() * top_k_index.element_size()
+                runtime.telemetry.add_deferred(self.realb_name, counts, num_tokens, decision, params, source, held)
             if decision.all_high(params.high):
                 return super().forward(hidden_states, top_k_index, top_k_weights)
         sync_free_ok = self._realb_sync_free_ok(hidden_states, params.high, params.low)

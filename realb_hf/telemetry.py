@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .policy import (
     Decision,
     PolicyParams,
@@ -71,15 +73,19 @@ def make_record(
 # Deferred records held on the device before they are read back in one go (one host sync per this many layer
 # calls: about 85 forwards of a 48-layer model); bounds their memory when nobody reads the telemetry.
 MAX_PENDING = 4096
+MAX_PENDING_BYTES = 64 << 20  # routing kept alive for deferred counting (decode-sized batches)
 
 
 @dataclass
 class Telemetry:
     """Records of one model; `enabled=False` keeps decisions running but stores nothing.
 
-    Layers whose decision did not need the routing counts on the host (policy off/static/all_low, or a batch
-    under the threshold) hand in their counts as a device tensor; they are read (one sync) only when the
-    records are, so telemetry adds no host sync to the serving path.
+    Layers whose decision did not need the routing counts on the host hand in their counts as a device tensor
+    (decided on the device) or, when nothing needed them at all (policy off/static/all_low, or a batch under the
+    threshold), the routing itself, counted only when the records are read. All of them are read back with one
+    host sync, when the records are read (or when too many wait), so telemetry adds no host sync and, on
+    decode-sized batches, no launch to the serving path. The routing is assumed not to be written in place after
+    the layer (no transformers MoE block does).
     """
 
     enabled: bool = True
@@ -89,6 +95,7 @@ class Telemetry:
     extra_memory_bytes: int = 0  # persistent low-precision weight copies
     _records: list[LayerRecord] = field(default_factory=list, repr=False)
     _pending: list[tuple] = field(default_factory=list, repr=False)
+    _pending_bytes: int = field(default=0, repr=False)
 
     @property
     def records(self) -> list[LayerRecord]:
@@ -112,18 +119,30 @@ class Telemetry:
         decision: Decision | None,
         params: PolicyParams,
         modality_source: str,
+        held_bytes: int = 0,
     ) -> None:
-        """Like `add`, from `counts` = (2, experts) tokens / vision tokens still on the device. `decision` None:
-        it was made on the device (`policy.lowered_experts_on_device`); `decide` recomputes it from the counts."""
-        if self.enabled:
-            if len(self._pending) >= MAX_PENDING:  # a server that never reads telemetry must not grow without end
-                self._flush()
-            self._pending.append((self.forwards, layer, counts, num_tokens, decision, params, modality_source))
+        """Like `add`, from `counts` = (2, experts) tokens / vision tokens still on the device, or a function that
+        computes them when the records are read (`held_bytes`: the memory it keeps alive until then). `decision`
+        None: it was made on the device (`policy.lowered_experts_on_device`); `decide` recomputes it."""
+        if not self.enabled:
+            return
+        # a server that never reads telemetry must not grow without end: read back now and then
+        if len(self._pending) >= MAX_PENDING or self._pending_bytes + held_bytes > MAX_PENDING_BYTES:
+            self._flush()
+        self._pending.append((self.forwards, layer, counts, num_tokens, decision, params, modality_source))
+        self._pending_bytes += held_bytes
 
     def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        for forward, layer, counts, num_tokens, decision, params, source in pending:
-            tokens, vision = counts.tolist()
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        if not pending:
+            return
+        counts = [entry[2]() if callable(entry[2]) else entry[2] for entry in pending]
+        flat = torch.cat([c.reshape(-1).to(c.device, torch.int64) for c in counts]).tolist()  # one host sync
+        start = 0
+        for (forward, layer, _, num_tokens, decision, params, source), c in zip(pending, counts):
+            experts = c.shape[-1]
+            tokens, vision = flat[start : start + experts], flat[start + experts : start + 2 * experts]
+            start += 2 * experts
             stats = RoutingStats(tuple(tokens), tuple(vision), num_tokens)
             if decision is None:
                 decision = decide(stats, params)
@@ -139,6 +158,7 @@ class Telemetry:
     def reset(self) -> None:
         self._records.clear()
         self._pending.clear()
+        self._pending_bytes = 0
         self.forwards = 0
         self.dropped = 0
 

@@ -263,3 +263,25 @@ def test_cli_model_tiny(tmp_path):
     data = json.loads((tmp_path / "model-tiny.json").read_text())
     assert set(data["variants"]) == {"stock_bf16", "realb_rank_otf"}
     assert data["variants"]["realb_rank_otf"]["lowered_fraction"] > 0
+
+
+def test_hot_rank_and_decode_overhead_clis_on_cpu(tmp_path, monkeypatch):
+    """Both hot-rank scripts run end to end on tiny sizes and write their JSON; bad counts are refused."""
+    from realb_hf.bench import decode_overhead, hot_rank
+
+    monkeypatch.setitem(hot_rank.PRESETS, "tiny-test", dict(hidden=64, inter=32, local_experts=4, top_k=2))
+    out = tmp_path / "hot.json"
+    assert hot_rank.main(["--preset", "tiny-test", "--tokens", "16", "--repeats", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {r["variant"] for r in rows} >= {"stock bf16 (grouped_mm)", "realb fp8 persistent (fused kernels)"}
+    out = tmp_path / "decode.json"
+    args = ["--preset", "tiny-test", "--tokens", "8", "--blocks", "2", "--repeats", "2", "--out", str(out)]
+    assert decode_overhead.main(args) == 0
+    result = json.loads(out.read_text())
+    assert len(result["results"]) == 4 and all(len(r["block_ms"]) == 2 for r in result["results"])
+    assert next(r for r in result["results"] if r["variant"] == "stock bf16")["vs_stock"] == 1.0
+    for bad in (["--blocks", "0"], ["--tokens", "0"]):
+        with pytest.raises(SystemExit):
+            decode_overhead.main(["--preset", "tiny-test", *bad])
+    with pytest.raises(SystemExit):
+        hot_rank.main(["--preset", "tiny-test", "--repeats", "0"])

@@ -202,6 +202,26 @@ def test_deferred_telemetry_is_read_back_before_it_piles_up(monkeypatch):
     assert telemetry.records[-1].tokens_per_rank == [4, 2]
 
 
+def test_decode_size_telemetry_counts_when_read(qwen_dir, qwen_batch, monkeypatch):
+    """Below the batch threshold the routing is counted when telemetry is read, with the same records as a
+    model that counts at once; a small memory cap makes it read back early, still losing nothing."""
+    from realb_hf import telemetry as telemetry_module
+
+    eager = load_qwen(qwen_dir, ep_size=2, batch_threshold=0, imbalance_threshold=1e9)  # counts at once, never lowers
+    lazy = load_qwen(qwen_dir, ep_size=2, batch_threshold=10**6)
+    monkeypatch.setattr(telemetry_module, "MAX_PENDING_BYTES", 1)
+    with torch.no_grad():
+        for _ in range(2):
+            eager(**qwen_batch.kwargs)
+            lazy(**qwen_batch.kwargs)
+    a, b = realb_hf.get_telemetry(eager).records, realb_hf.get_telemetry(lazy).records
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert (x.tokens_per_rank, x.vision_share_per_rank, x.precision_per_rank) == (
+            y.tokens_per_rank, y.vision_share_per_rank, y.precision_per_rank
+        )
+
+
 def test_modality_falls_back_to_placeholder_ids(qwen_dir, qwen_batch):
     model = load_qwen(qwen_dir, ep_size=2)
     kwargs = {k: v for k, v in qwen_batch.kwargs.items() if k != "mm_token_type_ids"}

@@ -5,8 +5,11 @@
 - `layer`: one MoE experts layer of a real model under virtual EP (`run_layer_bench`).
 - `model`: end-to-end prefill of a whole model (`run_model_bench`).
 - `report`: environment record, markdown, JSON/plot files.
+- `hot_rank`, `decode_overhead`: one EP rank's experts forward, stock vs ReaLB (a straggler's prefill; a decode
+  batch where nothing is lowered).
+- `ep_gpu_check`, `ep_prefill`: real expert parallelism under torchrun (equality and layer timing; end-to-end prefill).
 
-Command line: `python -m realb_hf.bench {layer,model,trace-info} --help`.
+Command line: `python -m realb_hf.bench {layer,model,trace-info} --help`, `python -m realb_hf.bench.<script> --help`.
 """
 
 from .trace import Trace, TraceRecorder, record_trace, replay_routing

@@ -538,8 +538,10 @@ def _convert_fn(module: torch.nn.Module, fmt_name: str, experts: list[int]) -> C
 
 
 RANK_CALL_RUN_LOCAL = (
-    "global routing counts (one host sync) -> realb_hf.decide -> telemetry record -> "
-    "RealbExperts.realb_run_local on the rank's rows, as realb_hf.distributed's EP implementations do"
+    "on CUDA, the dynamic policy: global routing counts and the decision in one launch on the device, then the "
+    "rank's sync-free experts forward (as the all-reduce EP implementation does); config-only policies: the "
+    "cached decision, no routing read; otherwise global counts (one host sync) -> realb_hf.decide -> "
+    "RealbExperts.realb_run_local on the rank's rows"
 )
 RANK_CALL_STATIC = "RealbExperts.forward with a per-rank policy='static' config reproducing the global decision"
 

@@ -1,0 +1,89 @@
+"""What ReaLB costs a decode-sized batch, where it lowers nothing: stock vs ReaLB experts, timed interleaved.
+
+Below `batch_threshold` ReaLB decides from the config alone and calls the stock forward; what remains is Python
+around that call and, with telemetry on, keeping the routing to count later. An isolated call of this size is
+bound by the host, whose speed drifts over seconds, so the variants are timed in alternating blocks and the
+median of the blocks is reported.
+
+    python -m realb_hf.bench.decode_overhead --tokens 64 256 --out out/decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+
+import torch
+
+from .hot_rank import PRESETS, build_experts, realb_variant, routing, time_ms
+
+
+def variants(stock: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    with_telemetry = realb_variant(stock)
+    with_telemetry.realb_runtime.telemetry.enabled = True
+    return {
+        "stock bf16": stock,
+        "realb policy=off": realb_variant(stock, policy="off"),
+        "realb default config, telemetry off": realb_variant(stock),
+        "realb default config, telemetry on": with_telemetry,
+    }
+
+
+def run(preset: str, tokens_list: list[int], device: torch.device, blocks: int, repeats: int) -> list[dict]:
+    dims = PRESETS[preset]
+    modules = variants(build_experts(dims["hidden"], dims["inter"], dims["local_experts"], device))
+    rows = []
+    with torch.no_grad():
+        for tokens in tokens_list:
+            inputs = [routing(tokens, dims["local_experts"], dims["top_k"], dims["hidden"], device, s) for s in range(3)]
+            times: dict[str, list[float]] = {name: [] for name in modules}
+            for _ in range(blocks):
+                for name, module in modules.items():
+                    times[name].append(time_ms(module, inputs, repeats=repeats))
+            base = statistics.median(times["stock bf16"])
+            for name, block_ms in times.items():
+                ms = statistics.median(block_ms)
+                rows.append(dict(tokens=tokens, variant=name, ms=ms, vs_stock=base / ms, block_ms=block_ms))
+                print(f"{tokens:>5} tok  {name:<38} {ms:7.3f} ms  {base / ms:6.3f}x", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="qwen3-vl-30b-a3b")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--blocks", type=int, default=10, help="alternating blocks per variant")
+    parser.add_argument("--repeats", type=int, default=40, help="timed calls per block")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    for name in ("blocks", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if any(t < 1 for t in args.tokens):
+        parser.error(f"--tokens must all be at least 1, got {args.tokens}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = run(args.preset, args.tokens, device, args.blocks, args.repeats)
+    result = dict(
+        preset=args.preset,
+        results=rows,
+        device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        torch=torch.__version__,
+        date=datetime.date.today().isoformat(),
+        command=" ".join([sys.executable, "-m", "realb_hf.bench.decode_overhead", *(argv or sys.argv[1:])]),
+    )
+    print("\n| tokens | variant | ms (median of blocks) | vs stock |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tokens']} | {r['variant']} | {r['ms']:.3f} | {r['vs_stock']:.3f}x |")
+    print(f"\n{result['device']}, torch {result['torch']}, {result['date']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
