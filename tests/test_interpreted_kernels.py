@@ -81,7 +81,7 @@ def _check_decisions() -> int:
         )
         prm = routing._decision_params(params, torch.device("cpu"))
         out = torch.empty(ep * per, dtype=torch.int8)
-        routing._decision_kernel[(1,)](
+        routing._decide[(1,)](
             counts, prm, out, ep * per, ep, per,
             EP_BLOCK=triton.next_power_of_2(ep), PER_BLOCK=triton.next_power_of_2(per),
             EXPERT=params.granularity == "expert",

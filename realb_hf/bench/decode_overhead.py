@@ -11,15 +11,12 @@ median of the blocks is reported.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
 import sys
 
 import torch
 
-from .hot_rank import PRESETS, build_experts, realb_variant, routing, time_ms
+from .hot_rank import PRESETS, build_experts, finish, realb_variant, routing, time_ms
 
 
 def variants(stock: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -67,21 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--tokens must all be at least 1, got {args.tokens}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = run(args.preset, args.tokens, device, args.blocks, args.repeats)
-    result = dict(
-        preset=args.preset,
-        results=rows,
-        device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        torch=torch.__version__,
-        date=datetime.date.today().isoformat(),
-        command=" ".join([sys.executable, "-m", "realb_hf.bench.decode_overhead", *(argv or sys.argv[1:])]),
-    )
-    print("\n| tokens | variant | ms (median of blocks) | vs stock |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['tokens']} | {r['variant']} | {r['ms']:.3f} | {r['vs_stock']:.3f}x |")
-    print(f"\n{result['device']}, torch {result['torch']}, {result['date']}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    lines = [f"| {r['tokens']} | {r['variant']} | {r['ms']:.3f} | {r['vs_stock']:.3f}x |" for r in rows]
+    header = "| tokens | variant | ms (median of blocks) | vs stock |\n|---|---|---|---|"
+    finish(dict(preset=args.preset, results=rows), device, "realb_hf.bench.decode_overhead", argv, header, lines, args.out)
     return 0
 
 

@@ -148,6 +148,24 @@ def run(
     return dict(preset=preset, dims=dims, results=rows)
 
 
+def finish(
+    result: dict, device: torch.device, module: str, argv: list[str] | None, header: str, lines: list[str], out: str | None
+) -> None:
+    """Stamp `result` with the card, versions, date and command; print the markdown table; write the JSON."""
+    result.update(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        torch=torch.__version__,
+        date=datetime.date.today().isoformat(),
+        command=" ".join([sys.executable, "-m", module, *(argv if argv is not None else sys.argv[1:])]),
+    )
+    print("\n" + header)
+    print("\n".join(lines))
+    print(f"\n{result['device']}, torch {result['torch']}, {result['date']}")
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="qwen3-vl-30b-a3b")
@@ -160,20 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     result = run(args.preset, args.tokens, device, graphs=args.graphs, repeats=args.repeats)
-    result.update(
-        device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        torch=torch.__version__,
-        date=datetime.date.today().isoformat(),
-        command=" ".join([sys.executable, "-m", "realb_hf.bench.hot_rank", *(argv or sys.argv[1:])]),
-    )
-    print("\n| tokens | variant | ms | speedup vs stock | rel. error | CUDA graph ms |\n|---|---|---|---|---|---|")
+    lines = []
     for r in result["results"]:
         graph = "-" if "graph_ms" not in r else "not capturable" if r["graph_ms"] is None else f"{r['graph_ms']:.3f}"
-        print(f"| {r['tokens']} | {r['variant']} | {r['ms']:.3f} | {r['speedup']:.2f}x | {r['rel_err']:.4f} | {graph} |")
-    print(f"\n{result['device']}, torch {result['torch']}, {result['date']}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        lines.append(f"| {r['tokens']} | {r['variant']} | {r['ms']:.3f} | {r['speedup']:.2f}x | {r['rel_err']:.4f} | {graph} |")
+    header = "| tokens | variant | ms | speedup vs stock | rel. error | CUDA graph ms |\n|---|---|---|---|---|---|"
+    finish(result, device, "realb_hf.bench.hot_rank", argv, header, lines, args.out)
     return 0
 
 

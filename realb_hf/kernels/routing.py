@@ -67,20 +67,6 @@ if triton is not None:
                 _decide(out_ptr, prm_ptr, flags_ptr, E, EP, PER, EP_BLOCK, PER_BLOCK, EXPERT)
 
     @triton.jit
-    def _decision_kernel(
-        counts_ptr,
-        prm_ptr,
-        out_ptr,
-        E,
-        EP,
-        PER,
-        EP_BLOCK: tl.constexpr,
-        PER_BLOCK: tl.constexpr,
-        EXPERT: tl.constexpr,
-    ):
-        _decide(counts_ptr, prm_ptr, out_ptr, E, EP, PER, EP_BLOCK, PER_BLOCK, EXPERT)
-
-    @triton.jit
     def _decide(
         counts_ptr,
         prm_ptr,
@@ -92,7 +78,8 @@ if triton is not None:
         PER_BLOCK: tl.constexpr,
         EXPERT: tl.constexpr,
     ):
-        """`policy.lowered_experts_on_device` for `counts (2, E)` -> `out (E,)` int8, in one program."""
+        """`policy.lowered_experts_on_device` for `counts (2, E)` -> `out (E,)` int8, in one program (launched on
+        its own, or called by `_counts_kernel`'s last block)."""
         r = tl.arange(0, EP_BLOCK)[:, None]
         j = tl.arange(0, PER_BLOCK)[None, :]
         m = (r < EP) & (j < PER)
@@ -335,7 +322,7 @@ def lowered_flags(counts: torch.Tensor, num_tokens: int, params) -> torch.Tensor
     prm = _decision_params(params, counts.device)
     out = torch.empty(num_experts, dtype=torch.int8, device=counts.device)
     per = num_experts // params.ep_size
-    _decision_kernel[(1,)](
+    _decide[(1,)](
         counts.contiguous(),
         prm,
         out,
