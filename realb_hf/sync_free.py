@@ -5,7 +5,7 @@ host to slice the groups and size the GEMMs. On a GPU that read empties the laun
 the ~15 launches that follow are issued (measured: 2.0 ms of host-visible time for 1.2 ms of GPU work at 8k
 tokens). Here every precision gets a buffer as long as all the rows, the true row counts stay on the device,
 and every kernel skips what lies past its count: the gathers and the SwiGLU read the count, and the grouped
-GEMMs stop at their last offset. Together with `policy.lowered_experts_on_device` (the rank decision as
+GEMMs stop at their last offset. Together with `policy.lowered_experts_on_device` (the decision as
 tensor ops) and weight conversion that skips unflagged experts on the device, a ReaLB layer queues all its
 work without waiting for the GPU once. The bookkeeping around the GEMMs (a stable counting sort of the rows
 by precision and expert, group offsets, slot positions, the finite check) is two launches on CUDA
@@ -25,6 +25,7 @@ from .kernels import fp8_triton, routing
 from .kernels.combine import weighted_combine
 
 HIGH, LOW = 0, 1  # row codes (kernels.routing.sort_rows): precision group; 2 is another EP rank's expert
+_SPLIT_GATHER = {"bf16", "fp8"}  # what `gather_split_rows` writes: copies in the input dtype, or rowwise e4m3
 
 
 def covers(module, high: str, low: str, hidden: torch.Tensor) -> bool:
@@ -84,5 +85,3 @@ def _gather_both(high_fmt, low_fmt, hidden: torch.Tensor, rows: torch.Tensor, to
         low_fmt.gather_activations(hidden, rows, totals[HIGH : HIGH + 1], totals[LOW : LOW + 1]),
     )
 
-
-_SPLIT_GATHER = {"bf16", "fp8"}  # what `gather_split_rows` writes: copies in the input dtype, or rowwise e4m3

@@ -1,12 +1,15 @@
-"""The routing bookkeeping of a ReaLB layer as a handful of kernels: counts, the decision, row keys,
-group offsets and slot positions.
+"""The routing bookkeeping of a ReaLB layer in three launches: routing counts with the decision
+(`counts_and_flags`), then a stable counting sort of the rows by (precision, expert) (`sort_rows`: keys, group
+offsets and where every row goes).
 
-Done with torch ops each of these is 5-20 small launches, and the host time to issue them exceeded the layer's
-GPU work: on H200 (2026-11-28, `python -m realb_hf.bench.hot_rank --graphs`, the device-decided layer with
-nothing lowered at 256 tokens) an isolated call took 2.7 ms against 0.34 ms of GPU time (CUDA-graph replay)
-with the torch-op version. On CUDA each step here is one
-Triton launch; elsewhere (and as the reference the GPU tests compare against) the same step in torch ops.
-Every function is exact integer or float64 arithmetic: both paths give identical results.
+Done with torch ops each step is 5-20 small launches (`torch.sort` alone costs 120-180 µs of host time), and the
+host time to issue them exceeded the layer's GPU work: on H200 (2026-11-28) an isolated fp8 call at 8k tokens
+issued its launches in 1.6 ms for ~1.1 ms of GPU work; with these kernels (and one gather launch for both
+precisions) in 0.8 ms (docs/benchmarks.md). Steps
+that need every block's counts (the decision, group offsets, per-block starts) run in the last block to finish
+(an atomic counter), not in a launch of their own. On CUDA these are Triton kernels; elsewhere (and as the
+reference the GPU tests and the interpreter test compare against) the same steps in torch ops. Every function is
+exact integer or float64 arithmetic: both paths give identical results.
 """
 
 from __future__ import annotations
