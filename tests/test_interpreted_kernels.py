@@ -28,7 +28,9 @@ def _allow_scalar_loop_bounds() -> None:
     import numpy as np
     import triton.runtime.interpreter as interpreter
 
-    original = interpreter._patch_lang_tensor
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None:  # a later Triton reorganised its interpreter; it may take scalar bounds as they are
+        return
 
     def patched(tensor, scope):
         original(tensor, scope)
