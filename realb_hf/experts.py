@@ -11,8 +11,6 @@ routing and calls `realb_run_local` / `realb_run_local_fp8` with this rank's loc
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from transformers.activations import SiLUActivation
 from transformers.integrations.moe import _default_apply_gate
@@ -31,7 +29,7 @@ from .policy import (
     needs_routing,
 )
 from .runtime import RealbRuntime
-from .telemetry import make_record
+from .telemetry import DeferredRouting, make_record
 
 _SWAPPED: dict[type, type] = {}
 
@@ -112,9 +110,8 @@ class RealbExperts(torch.nn.Module):
             if runtime.telemetry.enabled:  # counted when telemetry is read: no launch on the decode path
                 modality = runtime.modality.for_rows(num_tokens, self.realb_pool)
                 source = runtime.modality.source if modality is not None else "none"
-                counts = functools.partial(self.realb_routing_counts, top_k_index, modality)
-                held = top_k_index.numel() * top_k_index.element_size()
-                runtime.telemetry.add_deferred(self.realb_name, counts, num_tokens, decision, params, source, held)
+                counts = DeferredRouting(top_k_index, modality, self.num_experts)
+                runtime.telemetry.add_deferred(self.realb_name, counts, num_tokens, decision, params, source)
             if decision.all_high(params.high):
                 return super().forward(hidden_states, top_k_index, top_k_weights)
         sync_free_ok = self._realb_sync_free_ok(hidden_states, params.high, params.low)

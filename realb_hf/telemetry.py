@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .kernels import routing
 from .policy import (
     Decision,
     PolicyParams,
@@ -70,6 +71,21 @@ def make_record(
     )
 
 
+@dataclass(frozen=True)
+class DeferredRouting:
+    """One layer call's routing, kept to be counted when the records are read (decode-sized batches, where
+    nothing else needs the counts: counting then costs no launch on the serving path). Assumes the routing is
+    not written in place after the layer, which no transformers MoE block does."""
+
+    top_k_index: torch.Tensor
+    modality: torch.Tensor | None
+    num_experts: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.top_k_index.numel() * self.top_k_index.element_size()
+
+
 # Deferred records held on the device before they are read back in one go (one host sync per this many layer
 # calls: about 85 forwards of a 48-layer model); bounds their memory when nobody reads the telemetry.
 MAX_PENDING = 4096
@@ -84,8 +100,8 @@ class Telemetry:
     (decided on the device) or, when nothing needed them at all (policy off/static/all_low, or a batch under the
     threshold), the routing itself, counted only when the records are read. All of them are read back with one
     host sync, when the records are read (or when too many wait), so telemetry adds no host sync and, on
-    decode-sized batches, no launch to the serving path. The routing is assumed not to be written in place after
-    the layer (no transformers MoE block does).
+    decode-sized batches, no launch to the serving path; deferred routing of many calls is counted in a few
+    launches when read.
     """
 
     enabled: bool = True
@@ -119,11 +135,11 @@ class Telemetry:
         decision: Decision | None,
         params: PolicyParams,
         modality_source: str,
-        held_bytes: int = 0,
     ) -> None:
-        """Like `add`, from `counts` = (2, experts) tokens / vision tokens still on the device, or a function that
-        computes them when the records are read (`held_bytes`: the memory it keeps alive until then). `decision`
-        None: it was made on the device (`policy.lowered_experts_on_device`); `decide` recomputes it."""
+        """Like `add`, from `counts` = (2, experts) tokens / vision tokens still on the device, or the
+        `DeferredRouting` to count when the records are read. `decision` None: it was made on the device
+        (`policy.lowered_experts_on_device`); `decide` recomputes it."""
+        held_bytes = counts.nbytes if isinstance(counts, DeferredRouting) else 0
         if not self.enabled:
             return
         # a server that never reads telemetry must not grow without end: read back now and then
@@ -136,7 +152,18 @@ class Telemetry:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         if not pending:
             return
-        counts = [entry[2]() if callable(entry[2]) else entry[2] for entry in pending]
+        counts: list[Any] = [entry[2] for entry in pending]
+        groups: dict[tuple, list[int]] = {}  # deferred routing, counted together per (experts, top-k, device)
+        for i, c in enumerate(counts):
+            if isinstance(c, DeferredRouting):
+                groups.setdefault((c.num_experts, c.top_k_index.shape[-1], c.top_k_index.device), []).append(i)
+        for (num_experts, _, _), members in groups.items():
+            refs = [counts[i] for i in members]
+            many = routing.routing_counts_many(
+                [r.top_k_index for r in refs], [r.modality for r in refs], num_experts
+            )
+            for i, c in zip(members, many):
+                counts[i] = c
         flat = torch.cat([c.reshape(-1).to(c.device, torch.int64) for c in counts]).tolist()  # one host sync
         start = 0
         for (forward, layer, _, num_tokens, decision, params, source), c in zip(pending, counts):

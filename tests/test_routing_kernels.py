@@ -117,3 +117,18 @@ def test_sort_rows_of_rows_grouped_by_expert():
     low = torch.rand(32) < 0.5
     hidden = torch.randn(50_000, 16).bfloat16()
     assert_same_sort(routing.sort_rows(ids.cuda(), low.cuda(), hidden.cuda(), 32), routing.sort_rows(ids, low, hidden, 32))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_routing_counts_many_equals_one_call_at_a_time(device):
+    """Deferred telemetry counts many layer calls together: same counts as `routing_counts` call by call."""
+    rng = random.Random(3)
+    indices, modalities = [], []
+    for trial in range(40):
+        tokens = rng.choice([1, 5, 300])
+        ids = torch.randint(0, 17, (tokens, 4))  # 16 experts; 16 is another rank's
+        indices.append(ids.to(device))
+        modalities.append(None if trial % 3 == 0 else torch.randint(0, 3, (tokens,), dtype=torch.int8).to(device))
+    many = routing.routing_counts_many(indices, modalities, 16)
+    for got, ids, mod in zip(many, indices, modalities):
+        assert torch.equal(got.cpu().long(), routing.routing_counts(ids.cpu(), None if mod is None else mod.cpu(), 16).long())

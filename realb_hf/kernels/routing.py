@@ -264,6 +264,31 @@ def routing_counts(
     return torch.stack([counts[0] + counts[1], counts[1]])
 
 
+def routing_counts_many(
+    indices: list[torch.Tensor], modalities: list[torch.Tensor | None], num_experts: int
+) -> torch.Tensor:
+    """`routing_counts` of many layer calls at once, `(N, 2, num_experts)`: a handful of launches whatever N (one
+    concatenation, one segment map, one bincount), so deferred telemetry costs little when it is read.
+    All indices share `num_experts`, top-k and device."""
+    top_k = indices[0].shape[-1]
+    device = indices[0].device
+    ids = torch.cat([i.reshape(-1) for i in indices])
+    tokens = [i.shape[0] for i in indices]
+    longest = max(tokens)
+    text = torch.full((longest,), TEXT, dtype=torch.int8, device=device)
+    mods = torch.cat([(m if m is not None else text[:n]).to(torch.int8) for m, n in zip(modalities, tokens)])
+    vision = (mods != TEXT).repeat_interleave(top_k)
+    lengths = torch.tensor(tokens, device=device) * top_k
+    segment = torch.repeat_interleave(torch.arange(len(indices), device=device), lengths, output_size=ids.numel())
+    width = 2 * (num_experts + 1)  # per call: [pairs by expert, spare bin for sentinels, vision pairs, spare]
+    bins = segment * width + torch.where(ids < num_experts, ids, num_experts) + (num_experts + 1) * vision
+    # bincount, not `histogram`: exact for any number of bins (histc bins through float32); its host sync is
+    # harmless here, the caller reads the counts back right after
+    counts = torch.bincount(bins, minlength=len(indices) * width)
+    counts = counts.view(len(indices), 2, num_experts + 1)[:, :, :num_experts]
+    return torch.stack([counts[:, 0] + counts[:, 1], counts[:, 1]], dim=1)
+
+
 def counts_and_flags(
     top_k_index: torch.Tensor, modality: torch.Tensor | None, num_experts: int, params
 ) -> tuple[torch.Tensor, torch.Tensor]:
