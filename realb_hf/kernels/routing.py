@@ -4,8 +4,8 @@ offsets and where every row goes).
 
 Done with torch ops each step is 5-20 small launches (`torch.sort` alone costs 120-180 µs of host time), and the
 host time to issue them exceeded the layer's GPU work: on H200 (2026-11-28) an isolated fp8 call at 8k tokens
-issued its launches in 1.6 ms for ~1.1 ms of GPU work; with these kernels (and one gather launch for both
-precisions) in 0.8 ms (docs/benchmarks.md). Steps
+issued its launches in 1.6 ms for ~1.1 ms of GPU work, 0.6 ms of it this bookkeeping; these kernels issue it in
+~0.2 ms (docs/benchmarks.md). Steps
 that need every block's counts (the decision, group offsets, per-block starts) run in the last block to finish
 (an atomic counter), not in a launch of their own. On CUDA these are Triton kernels; elsewhere (and as the
 reference the GPU tests and the interpreter test compare against) the same steps in torch ops. Every function is
