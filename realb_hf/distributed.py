@@ -510,14 +510,15 @@ class RealbAllReduceEP(AllReduceEP):
         local = slice(placement.first, placement.first + placement.num_local)
         low_flags = stats = decision = None
         sync_free = module._realb_sync_free_ok(hidden_states, params.high, params.low)
-        if sync_free and decides_on_device(params) and needs_routing(params, num_tokens):
+        reads_routing = needs_routing(params, num_tokens)
+        if sync_free and reads_routing and decides_on_device(params):
             counts_device, global_flags = routing.counts_and_flags(top_k_index, modality, placement.num_global, params)
         else:
             counts_device = module.realb_routing_counts(top_k_index, modality, placement.num_global)
-        if sync_free and (decides_on_device(params) or not needs_routing(params, num_tokens)):
+        if sync_free and (decides_on_device(params) or not reads_routing):
             # No host sync: decided on the device (or from the config alone); telemetry and the per-rank log
             # recompute the decision from the counts when they are read.
-            if needs_routing(params, num_tokens):
+            if reads_routing:
                 low_flags = global_flags[local]
             else:
                 decision = decide_without_routing(params, placement.num_global)
@@ -752,7 +753,7 @@ def _log(state, runtime, module, decision, precisions, rows, fp8_dispatch, ready
 def _entry_from_counts(forward, module, counts, num_tokens, params, placement, converted) -> dict:
     """The log entry of a layer decided on the device, from its counts (read back now)."""
     tokens, vision = counts.tolist()
-    stats, decision = _decide_global([tokens, vision], num_tokens, params)
+    _, decision = _decide_global([tokens, vision], num_tokens, params)
     local = slice(placement.first, placement.first + placement.num_local)
     precisions = _local(decision, placement)
     return _entry(forward, module, decision, precisions, sum(tokens[local]), False, converted, params.high)

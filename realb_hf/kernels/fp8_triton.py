@@ -138,7 +138,6 @@ if triton is not None:
                 act = silu.to(out_ptr.dtype.element_ty).to(tl.float32) * up
             _store_row(out_ptr, scale_ptr, row, out_stride, cols, act, mask, QUANT, False)
 
-
     @triton.jit(do_not_specialize=["rows"])
     def _split_rows_kernel(
         src_ptr,

@@ -234,7 +234,8 @@ def histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
 
     `torch.histc` as transformers' grouped_mm path uses it (shared-memory histogram; CUDA bincount reads the
     input's max back to the host, and scatter_add contends on a few hot bins). Deterministic algorithms need
-    int input on CUDA and float input on CPU.
+    int input on CUDA and float input on CPU. histc maps values to bins in float32, which is exact for the few
+    hundred to few thousand bins used here but not for millions (`routing_counts_many` uses bincount).
     """
     data = values.int() if values.device.type == "cuda" else values.float()
     return torch.histc(data, bins=bins, min=0, max=bins - 1).long()
