@@ -126,8 +126,11 @@ class EpState:
             del self._applied[: len(self._applied) - _MAX_APPLIED]
 
     def log_deferred(self, resolve, *args) -> None:
-        """`log(resolve(*args))` once `applied` is read: `args` may hold device tensors (no host sync now)."""
+        """`log(resolve(*args))` once `applied` is read: `args` may hold device tensors (no host sync now).
+        Beyond the window `applied` keeps, the oldest are dropped unresolved (a server that never reads it)."""
         self._pending.append((resolve, *args))
+        if len(self._pending) >= 2 * _MAX_APPLIED:
+            del self._pending[:-_MAX_APPLIED]
 
     def count(self, kind: str, nbytes: int) -> None:
         self.comm[kind] = self.comm.get(kind, 0) + int(nbytes)

@@ -106,13 +106,13 @@ class RealbExperts(torch.nn.Module):
         num_tokens = hidden_states.shape[0]
         reads_routing = needs_routing(params, num_tokens)
         if not reads_routing:  # the decode-sized fast path: decided by the config alone, cached
-            decision = decide_without_routing(params, self.num_experts)
-            if runtime.telemetry.enabled:  # counted when telemetry is read: no launch on the decode path
+            decision, all_high = self._realb_config_decision(params)
+            if runtime.telemetry.enabled:  # counted later, many calls at once: no launch on the decode path
                 modality = runtime.modality.for_rows(num_tokens, self.realb_pool)
                 source = runtime.modality.source if modality is not None else "none"
                 counts = DeferredRouting(top_k_index, modality, self.num_experts)
                 runtime.telemetry.add_deferred(self.realb_name, counts, num_tokens, decision, params, source)
-            if decision.all_high(params.high):
+            if all_high:
                 return super().forward(hidden_states, top_k_index, top_k_weights)
         sync_free_ok = self._realb_sync_free_ok(hidden_states, params.high, params.low)
         if reads_routing:
@@ -135,6 +135,15 @@ class RealbExperts(torch.nn.Module):
         return self._realb_mixed_forward(
             hidden_states, top_k_index, top_k_weights, decision.expert_precision, params.high
         )
+
+    def _realb_config_decision(self, params: PolicyParams) -> tuple[Decision, bool]:
+        """`decide_without_routing` and whether it keeps every expert high, cached for `params` (the runtime
+        caches its params object until reconfigured), so a decode step's layer call costs two lookups."""
+        cached = self.__dict__.get("_realb_config_cache")
+        if cached is None or cached[0] is not params:
+            decision = decide_without_routing(params, self.num_experts)
+            cached = self._realb_config_cache = (params, decision, decision.all_high(params.high))
+        return cached[1], cached[2]
 
     # ---- the sync-free path (CUDA) -----------------------------------------------------------------
 

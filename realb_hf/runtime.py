@@ -23,7 +23,7 @@ class RealbRuntime:
     modality: ModalityTracker = field(default_factory=ModalityTracker)
     telemetry: Telemetry = field(default_factory=Telemetry)
     ep: Any = None  # realb_hf.distributed.EpState under real expert parallelism (None: one process, virtual EP)
-    _params: dict[str, PolicyParams] = field(default_factory=dict, repr=False)
+    _params: dict[torch.device, PolicyParams] = field(default_factory=dict, repr=False)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, config: RealbConfig) -> RealbRuntime:
@@ -31,11 +31,11 @@ class RealbRuntime:
         return cls(config=config, modality=ModalityTracker(image_id, video_id))
 
     def params(self, device: torch.device) -> PolicyParams:
-        """Policy parameters with "auto" resolved for the device the experts run on (cached per device type)."""
-        key = f"{device.type}:{device.index}"
-        if key not in self._params:
+        """Policy parameters with "auto" resolved for the device the experts run on (cached per device until reconfigured)."""
+        params = self._params.get(device)  # torch.device hashes by type and index
+        if params is None:
             c = self.config
-            self._params[key] = PolicyParams(
+            params = self._params[device] = PolicyParams(
                 policy=c.policy,
                 high=c.high_precision,
                 low=resolve_low_precision(c.low_precision, device),
@@ -47,7 +47,7 @@ class RealbRuntime:
                 low_cost_ratio=c.low_cost_ratio,
                 rank_precisions=tuple((c.rank_precisions or {}).items()),
             )
-        return self._params[key]
+        return params
 
     def reconfigure(self, **changes) -> None:
         """Change runtime knobs of a loaded model (e.g. from the demo); validated like the constructor."""

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -71,11 +71,10 @@ def make_record(
     )
 
 
-@dataclass(frozen=True)
-class DeferredRouting:
-    """One layer call's routing, kept to be counted when the records are read (decode-sized batches, where
-    nothing else needs the counts: counting then costs no launch on the serving path). Assumes the routing is
-    not written in place after the layer, which no transformers MoE block does."""
+class DeferredRouting(NamedTuple):
+    """One layer call's routing, kept to be counted later (decode-sized batches, where nothing else needs the
+    counts: counting then costs no launch on the serving path). Assumes the routing is not written in place
+    after the layer, which no transformers MoE block does."""
 
     top_k_index: torch.Tensor
     modality: torch.Tensor | None
@@ -83,13 +82,35 @@ class DeferredRouting:
 
     @property
     def nbytes(self) -> int:
-        return self.top_k_index.numel() * self.top_k_index.element_size()
+        return self.top_k_index.nbytes
 
 
-# Deferred records held on the device before they are read back in one go (one host sync per this many layer
-# calls: about 85 forwards of a 48-layer model); bounds their memory when nobody reads the telemetry.
+# Layer calls whose counts wait on the device before they are counted and sent to the host together (no host
+# sync; about 85 forwards of a 48-layer model); bounds the device memory they hold when nobody reads telemetry.
 MAX_PENDING = 4096
 MAX_PENDING_BYTES = 64 << 20  # routing kept alive for deferred counting (decode-sized batches)
+
+
+def _to_host(counts: list[torch.Tensor]) -> tuple[torch.Tensor, Any]:
+    """The counts (all on one device) as one flat int32 host tensor; from CUDA an asynchronous copy into pinned
+    memory, with the event that marks it done."""
+    flat = torch.cat([c.reshape(-1) for c in counts]).to(torch.int32)
+    if flat.device.type != "cuda":
+        return flat, None
+    host = torch.empty(flat.shape, dtype=torch.int32, pin_memory=True)
+    host.copy_(flat, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(flat.device))
+    return host, event
+
+
+@dataclass
+class _Shipped:
+    """Layer calls whose counts are on their way to the host (one flat int32 copy per device): the records are
+    built only when read, so a server that never reads telemetry pays no Python per layer call for them."""
+
+    entries: list[tuple]  # (forward, layer, num_tokens, decision, params, source, chunk, offset, experts)
+    chunks: list[tuple[torch.Tensor, Any]]  # (host counts, CUDA event marking the copy done, or None)
 
 
 @dataclass
@@ -98,10 +119,9 @@ class Telemetry:
 
     Layers whose decision did not need the routing counts on the host hand in their counts as a device tensor
     (decided on the device) or, when nothing needed them at all (policy off/static/all_low, or a batch under the
-    threshold), the routing itself, counted only when the records are read. All of them are read back with one
-    host sync, when the records are read (or when too many wait), so telemetry adds no host sync and, on
-    decode-sized batches, no launch to the serving path; deferred routing of many calls is counted in a few
-    launches when read.
+    threshold), the routing itself. Every `MAX_PENDING` calls they are counted on the device in a few launches
+    and copied to the host without a sync; records are built when read. So telemetry adds no host sync and, on
+    decode-sized batches, no launch and almost no Python to the serving path.
     """
 
     enabled: bool = True
@@ -112,6 +132,7 @@ class Telemetry:
     _records: list[LayerRecord] = field(default_factory=list, repr=False)
     _pending: list[tuple] = field(default_factory=list, repr=False)
     _pending_bytes: int = field(default=0, repr=False)
+    _shipped: list[_Shipped] = field(default_factory=list, repr=False)
 
     @property
     def records(self) -> list[LayerRecord]:
@@ -137,43 +158,83 @@ class Telemetry:
         modality_source: str,
     ) -> None:
         """Like `add`, from `counts` = (2, experts) tokens / vision tokens still on the device, or the
-        `DeferredRouting` to count when the records are read. `decision` None: it was made on the device
-        (`policy.lowered_experts_on_device`); `decide` recomputes it."""
-        held_bytes = counts.nbytes if isinstance(counts, DeferredRouting) else 0
+        `DeferredRouting` to count later. `decision` None: it was made on the device
+        (`policy.lowered_experts_on_device`); `decide` recomputes it when the record is built."""
         if not self.enabled:
             return
-        # a server that never reads telemetry must not grow without end: read back now and then
-        if len(self._pending) >= MAX_PENDING or self._pending_bytes + held_bytes > MAX_PENDING_BYTES:
-            self._flush()
+        held = counts.nbytes if type(counts) is DeferredRouting else 0
+        if len(self._pending) >= MAX_PENDING or self._pending_bytes + held > MAX_PENDING_BYTES:
+            self._ship()
         self._pending.append((self.forwards, layer, counts, num_tokens, decision, params, modality_source))
-        self._pending_bytes += held_bytes
+        self._pending_bytes += held
 
-    def _flush(self) -> None:
+    def _ship(self) -> None:
+        """Count the pending calls' deferred routing and start copying all their counts to the host (no sync)."""
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         if not pending:
             return
         counts: list[Any] = [entry[2] for entry in pending]
         groups: dict[tuple, list[int]] = {}  # deferred routing, counted together per (experts, top-k, device)
         for i, c in enumerate(counts):
-            if isinstance(c, DeferredRouting):
+            if type(c) is DeferredRouting:
                 groups.setdefault((c.num_experts, c.top_k_index.shape[-1], c.top_k_index.device), []).append(i)
         for (num_experts, _, _), members in groups.items():
             refs = [counts[i] for i in members]
-            many = routing.routing_counts_many(
-                [r.top_k_index for r in refs], [r.modality for r in refs], num_experts
-            )
+            many = routing.routing_counts_many([r.top_k_index for r in refs], [r.modality for r in refs], num_experts)
             for i, c in zip(members, many):
                 counts[i] = c
-        flat = torch.cat([c.reshape(-1).to(c.device, torch.int64) for c in counts]).tolist()  # one host sync
-        start = 0
-        for (forward, layer, _, num_tokens, decision, params, source), c in zip(pending, counts):
-            experts = c.shape[-1]
-            tokens, vision = flat[start : start + experts], flat[start + experts : start + 2 * experts]
-            start += 2 * experts
-            stats = RoutingStats(tuple(tokens), tuple(vision), num_tokens)
-            if decision is None:
-                decision = decide(stats, params)
-            self._append(make_record(forward, layer, stats, decision, params, source))
+        by_device: dict[torch.device, list[int]] = {}
+        for i, c in enumerate(counts):
+            by_device.setdefault(c.device, []).append(i)
+        chunks, entries = [], [None] * len(pending)
+        for chunk, members in enumerate(by_device.values()):
+            offset = 0
+            for i in members:
+                forward, layer, _, num_tokens, decision, params, source = pending[i]
+                experts = counts[i].shape[-1]
+                entries[i] = (forward, layer, num_tokens, decision, params, source, chunk, offset, experts)
+                offset += 2 * experts
+            chunks.append(_to_host([counts[i] for i in members]))
+        self._shipped.append(_Shipped(entries, chunks))
+        self._trim()
+
+    def _flush(self) -> None:
+        """Build the records of every call handed in so far (waits for their counts: one host sync)."""
+        self._ship()
+        shipped, self._shipped = self._shipped, []
+        for batch in shipped:
+            values = []
+            for host, event in batch.chunks:
+                if event is not None:
+                    event.synchronize()
+                values.append(host.tolist())
+            for forward, layer, num_tokens, decision, params, source, chunk, offset, experts in batch.entries:
+                flat = values[chunk]
+                tokens, vision = flat[offset : offset + experts], flat[offset + experts : offset + 2 * experts]
+                stats = RoutingStats(tuple(tokens), tuple(vision), num_tokens)
+                if decision is None:
+                    decision = decide(stats, params)
+                self._append(make_record(forward, layer, stats, decision, params, source))
+
+    def _trim(self) -> None:
+        """Drop the oldest records and shipped calls beyond `max_records` (before building their records)."""
+        if self.max_records is None:
+            return
+        excess = len(self._records) + sum(len(b.entries) for b in self._shipped) - self.max_records
+        if excess <= 0:
+            return
+        drop = min(excess, len(self._records))
+        del self._records[:drop]
+        self.dropped += drop
+        excess -= drop
+        while excess > 0:
+            oldest = self._shipped[0]
+            drop = min(excess, len(oldest.entries))
+            del oldest.entries[:drop]
+            if not oldest.entries:
+                self._shipped.pop(0)
+            self.dropped += drop
+            excess -= drop
 
     def _append(self, record: LayerRecord) -> None:
         self._records.append(record)
@@ -185,6 +246,7 @@ class Telemetry:
     def reset(self) -> None:
         self._records.clear()
         self._pending.clear()
+        self._shipped.clear()
         self._pending_bytes = 0
         self.forwards = 0
         self.dropped = 0

@@ -267,6 +267,7 @@ def test_cli_model_tiny(tmp_path):
 
 def test_hot_rank_and_decode_overhead_clis_on_cpu(tmp_path, monkeypatch):
     """Both hot-rank scripts run end to end on tiny sizes and write their JSON; bad counts are refused."""
+    from realb_hf import telemetry as telemetry_module
     from realb_hf.bench import decode_overhead, hot_rank
 
     monkeypatch.setitem(hot_rank.PRESETS, "tiny-test", dict(hidden=64, inter=32, local_experts=4, top_k=2))
@@ -275,12 +276,14 @@ def test_hot_rank_and_decode_overhead_clis_on_cpu(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())["results"]
     assert {r["variant"] for r in rows} >= {"stock bf16 (grouped_mm)", "realb fp8 persistent (fused kernels)"}
     out = tmp_path / "decode.json"
-    args = ["--preset", "tiny-test", "--tokens", "8", "--blocks", "2", "--repeats", "2", "--out", str(out)]
-    assert decode_overhead.main(args) == 0
-    result = json.loads(out.read_text())
-    assert len(result["results"]) == 4 and all(len(r["block_ms"]) == 2 for r in result["results"])
-    assert next(r for r in result["results"] if r["variant"] == "stock bf16")["vs_stock"] == 1.0
-    for bad in (["--blocks", "0"], ["--tokens", "0"]):
+    monkeypatch.setattr(telemetry_module, "MAX_PENDING", 4)  # the sustained run crosses it: records get shipped
+    args = ["--preset", "tiny-test", "--tokens", "8", "--blocks", "2", "--repeats", "2", "--sustained", "9"]
+    assert decode_overhead.main([*args, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in result] == ["interleaved"] * 4 + ["sustained"] * 4
+    assert all(len(r["samples_ms"]) == 2 and r["ms"] > 0 for r in result)
+    assert [r["vs_stock"] for r in result if r["variant"] == "stock bf16"] == [1.0, 1.0]
+    for bad in (["--blocks", "0"], ["--tokens", "0"], ["--sustained", "-1"]):
         with pytest.raises(SystemExit):
             decode_overhead.main(["--preset", "tiny-test", *bad])
     with pytest.raises(SystemExit):

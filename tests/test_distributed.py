@@ -289,3 +289,15 @@ def _worker(scenario: str, workdir: str, out: str) -> None:
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:4])
+
+
+def test_ep_log_of_device_decisions_stays_bounded(monkeypatch):
+    """A server that never reads `applied` keeps only the window it would show, not every layer call."""
+    from realb_hf import distributed
+
+    monkeypatch.setattr(distributed, "_MAX_APPLIED", 5)
+    state = distributed.EpState(rank=0, size=2, global_rank=0, implementation="all_reduce")
+    for i in range(33):
+        state.log_deferred(lambda i: {"call": i}, i)
+        assert len(state._pending) < 10
+    assert [entry["call"] for entry in state.applied] == [28, 29, 30, 31, 32]

@@ -202,6 +202,31 @@ def test_deferred_telemetry_is_read_back_before_it_piles_up(monkeypatch):
     assert telemetry.records[-1].tokens_per_rank == [4, 2]
 
 
+def test_shipped_telemetry_builds_records_only_when_read(monkeypatch):
+    """Past MAX_PENDING calls the counts go to the host without building records (no Python per call on the
+    serving path); reading builds them, and only the ones `max_records` keeps."""
+    from realb_hf import telemetry as telemetry_module
+    from realb_hf.policy import PolicyParams, decide_without_routing
+    from realb_hf.telemetry import DeferredRouting
+
+    built = []
+    make_record = telemetry_module.make_record
+    monkeypatch.setattr(telemetry_module, "MAX_PENDING", 10)
+    monkeypatch.setattr(telemetry_module, "make_record", lambda *a: built.append(a) or make_record(*a))
+    telemetry = realb_hf.Telemetry(max_records=15)
+    params = PolicyParams(policy="off", ep_size=2)
+    decision = decide_without_routing(params, 4)
+    for i in range(33):
+        telemetry.next_forward()
+        routing = torch.tensor([[i % 4], [0]])  # two tokens, top-1: one on expert i % 4, one on expert 0
+        telemetry.add_deferred("l", DeferredRouting(routing, None, 4), 2, decision, params, "none")
+    assert not built and len(telemetry._pending) == 3 and telemetry._shipped
+    records = telemetry.records
+    assert len(built) == 15 and telemetry.dropped == 18
+    assert [r.forward for r in records] == list(range(19, 34))
+    assert [r.tokens_per_rank for r in records[:4]] == [[1, 1], [1, 1], [2, 0], [2, 0]]  # experts 2, 3, 0, 1
+
+
 def test_decode_size_telemetry_counts_when_read(qwen_dir, qwen_batch, monkeypatch):
     """Below the batch threshold the routing is counted when telemetry is read, with the same records as a
     model that counts at once; a small memory cap makes it read back early, still losing nothing."""

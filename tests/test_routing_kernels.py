@@ -120,15 +120,33 @@ def test_sort_rows_of_rows_grouped_by_expert():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
-def test_routing_counts_many_equals_one_call_at_a_time(device):
+@pytest.mark.parametrize("sizes", [[1, 5, 300], [7]], ids=["mixed sizes", "one size"])
+@pytest.mark.parametrize("with_modality", [True, False])
+def test_routing_counts_many_equals_one_call_at_a_time(device, sizes, with_modality):
     """Deferred telemetry counts many layer calls together: same counts as `routing_counts` call by call."""
     rng = random.Random(3)
     indices, modalities = [], []
     for trial in range(40):
-        tokens = rng.choice([1, 5, 300])
+        tokens = rng.choice(sizes)
         ids = torch.randint(0, 17, (tokens, 4))  # 16 experts; 16 is another rank's
         indices.append(ids.to(device))
-        modalities.append(None if trial % 3 == 0 else torch.randint(0, 3, (tokens,), dtype=torch.int8).to(device))
+        mod = torch.randint(0, 3, (tokens,), dtype=torch.int8).to(device)
+        modalities.append(mod if with_modality and trial % 3 else None)
     many = routing.routing_counts_many(indices, modalities, 16)
     for got, ids, mod in zip(many, indices, modalities):
         assert torch.equal(got.cpu().long(), routing.routing_counts(ids.cpu(), None if mod is None else mod.cpu(), 16).long())
+
+
+@cuda
+def test_routing_counts_many_does_not_sync():
+    """Telemetry counts deferred routing when MAX_PENDING calls wait, in the serving path: no host sync."""
+    indices = [torch.randint(0, 17, (n, 4), device="cuda") for n in (3, 3, 9)]
+    modalities = [None, torch.ones(3, dtype=torch.int8, device="cuda"), None]
+    routing.routing_counts_many(indices, modalities, 16)  # warm-up (first use may allocate pinned memory)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        routing.routing_counts_many(indices, modalities, 16)
+        routing.routing_counts_many(indices[:2], modalities[:2], 16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -235,7 +235,7 @@ def histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
     `torch.histc` as transformers' grouped_mm path uses it (shared-memory histogram; CUDA bincount reads the
     input's max back to the host, and scatter_add contends on a few hot bins). Deterministic algorithms need
     int input on CUDA and float input on CPU. histc maps values to bins in float32, which is exact for the few
-    hundred to few thousand bins used here but not for millions (`routing_counts_many` uses bincount).
+    hundred to few thousand bins used here but not for millions (`routing_counts_many` scatter-adds).
     """
     data = values.int() if values.device.type == "cuda" else values.float()
     return torch.histc(data, bins=bins, min=0, max=bins - 1).long()
@@ -269,24 +269,35 @@ def routing_counts_many(
     indices: list[torch.Tensor], modalities: list[torch.Tensor | None], num_experts: int
 ) -> torch.Tensor:
     """`routing_counts` of many layer calls at once, `(N, 2, num_experts)`: a handful of launches whatever N (one
-    concatenation, one segment map, one bincount), so deferred telemetry costs little when it is read.
+    concatenation, one segment map, one scatter-add) and no host sync, so deferred telemetry costs little.
     All indices share `num_experts`, top-k and device."""
     top_k = indices[0].shape[-1]
     device = indices[0].device
-    ids = torch.cat([i.reshape(-1) for i in indices])
-    tokens = [i.shape[0] for i in indices]
-    longest = max(tokens)
-    text = torch.full((longest,), TEXT, dtype=torch.int8, device=device)
-    mods = torch.cat([(m if m is not None else text[:n]).to(torch.int8) for m, n in zip(modalities, tokens)])
-    vision = (mods != TEXT).repeat_interleave(top_k)
-    lengths = torch.tensor(tokens, device=device) * top_k
-    segment = torch.repeat_interleave(torch.arange(len(indices), device=device), lengths, output_size=ids.numel())
+    n = len(indices)
     width = 2 * (num_experts + 1)  # per call: [pairs by expert, spare bin for sentinels, vision pairs, spare]
-    bins = segment * width + torch.where(ids < num_experts, ids, num_experts) + (num_experts + 1) * vision
-    # bincount, not `histogram`: exact for any number of bins (histc bins through float32); its host sync is
-    # harmless here, the caller reads the counts back right after
-    counts = torch.bincount(bins, minlength=len(indices) * width)
-    counts = counts.view(len(indices), 2, num_experts + 1)[:, :, :num_experts]
+    ids = torch.cat([i.reshape(-1) for i in indices]).clamp(max=num_experts).int()  # sentinels -> the spare bin
+    tokens = [i.shape[0] for i in indices]
+    if len(set(tokens)) == 1:  # decode steps: every call the same size, so each call's bins are one row
+        bins = ids.view(n, -1).add_(torch.arange(0, n * width, width, device=device, dtype=torch.int32)[:, None])
+    else:
+        lengths = torch.tensor(tokens) * top_k
+        if device.type == "cuda":  # a pinned source makes the copy asynchronous (no host sync)
+            lengths = lengths.pin_memory()
+        segment = torch.repeat_interleave(
+            torch.arange(n, device=device, dtype=torch.int32), lengths.to(device, non_blocking=True),
+            output_size=ids.numel(),
+        )
+        bins = ids.add_(segment * width)
+    bins = bins.reshape(-1)
+    if any(m is not None for m in modalities):
+        text = torch.full((max(tokens),), TEXT, dtype=torch.int8, device=device)
+        mods = torch.cat([(m if m is not None else text[:t]).to(torch.int8) for m, t in zip(modalities, tokens)])
+        bins = bins.add_((mods != TEXT).int().repeat_interleave(top_k) * (num_experts + 1))
+    # scatter-add, not `histogram` (histc bins through float32: not exact for millions of bins) nor bincount
+    # (on CUDA it reads the input's max back to the host)
+    counts = torch.zeros(n * width, dtype=torch.int64, device=device)
+    counts.index_add_(0, bins, torch.ones(1, dtype=torch.int64, device=device).expand(bins.numel()))
+    counts = counts.view(n, 2, num_experts + 1)[:, :, :num_experts]
     return torch.stack([counts[:, 0] + counts[:, 1], counts[:, 1]], dim=1)
 
 
