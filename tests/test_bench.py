@@ -280,9 +280,9 @@ def test_hot_rank_and_decode_overhead_clis_on_cpu(tmp_path, monkeypatch):
     args = ["--preset", "tiny-test", "--tokens", "8", "--blocks", "2", "--repeats", "2", "--sustained", "9"]
     assert decode_overhead.main([*args, "--out", str(out)]) == 0
     result = json.loads(out.read_text())["results"]
-    assert [r["mode"] for r in result] == ["interleaved"] * 4 + ["sustained"] * 4
-    assert all(len(r["samples_ms"]) == 2 and r["ms"] > 0 for r in result)
-    assert [r["vs_stock"] for r in result if r["variant"] == "stock bf16"] == [1.0, 1.0]
+    assert [r["mode"] for r in result] == ["interleaved"] * 5 + ["sustained"] * 5 + ["host only"] * 5
+    assert all(len(r["samples_ms"]) == (2 if r["mode"] == "interleaved" else 4) and r["ms"] > 0 for r in result)
+    assert [r["vs_stock"] for r in result if r["variant"] == "stock bf16"] == [1.0, 1.0, 1.0]
     for bad in (["--blocks", "0"], ["--tokens", "0"], ["--sustained", "-1"]):
         with pytest.raises(SystemExit):
             decode_overhead.main(["--preset", "tiny-test", *bad])

@@ -4,7 +4,8 @@ Below `batch_threshold` ReaLB decides from the config alone and calls the stock 
 around that call and, with telemetry on, keeping the routing to count later. An isolated call of this size is
 bound by the host, whose speed drifts over seconds, so the variants are timed in alternating blocks and the
 median of the blocks is reported. A second, sustained measurement runs each variant for many calls back to back
-(past `telemetry.MAX_PENDING`, so the periodic counting and copy of the deferred routing is inside the time).
+(past `telemetry.MAX_PENDING`, so the periodic counting and copy of the deferred routing is inside the time),
+and a third repeats it with the stock experts computation replaced by a no-op, which leaves only host Python.
 
     python -m realb_hf.bench.decode_overhead --tokens 64 256 --out out/decode.json
 """
@@ -12,9 +13,11 @@ median of the blocks is reported. A second, sustained measurement runs each vari
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -25,8 +28,10 @@ from .hot_rank import PRESETS, build_experts, finish, realb_variant, routing, ti
 def variants(stock: torch.nn.Module) -> dict[str, torch.nn.Module]:
     with_telemetry = realb_variant(stock)
     with_telemetry.realb_runtime.telemetry.enabled = True
+    control = copy.deepcopy(stock)  # a second stock module: its ratio shows the measurement's own noise
     return {
         "stock bf16": stock,
+        "stock bf16 (second copy, noise control)": control,
         "realb policy=off": realb_variant(stock, policy="off"),
         "realb default config, telemetry off": realb_variant(stock),
         "realb default config, telemetry on": with_telemetry,
@@ -46,8 +51,38 @@ def sustained_ms(module: torch.nn.Module, inputs: list, calls: int) -> float:
     return (time.perf_counter() - start) * 1e3 / calls
 
 
+def host_only(modules: dict, inputs: list, calls: int, rounds: int) -> dict[str, list[float]]:
+    """The sustained measurement with the stock experts computation replaced by a no-op: what is left is the
+    host time of each variant's own Python (ReaLB's decision and telemetry, the stock implementation dispatch)."""
+    stock_class = type(modules["stock bf16"])
+    forward = stock_class.forward
+    stock_class.forward = lambda self, hidden_states, top_k_index, top_k_weights: hidden_states
+    try:
+        return alternating(modules, rounds, partial(sustained_ms, inputs=inputs, calls=calls))
+    finally:
+        stock_class.forward = forward
+
+
+def alternating(modules: dict, blocks: int, measure) -> dict[str, list[float]]:
+    """`measure(module)` of every variant in each of `blocks` blocks; the order starts one further each block,
+    so no variant always runs first after a switch."""
+    times: dict[str, list[float]] = {name: [] for name in modules}
+    order = list(modules)
+    for block in range(blocks):
+        shift = block % len(order)
+        for name in order[shift:] + order[:shift]:
+            times[name].append(measure(modules[name]))
+    return times
+
+
 def run(
-    preset: str, tokens_list: list[int], device: torch.device, blocks: int, repeats: int, sustained: int
+    preset: str,
+    tokens_list: list[int],
+    device: torch.device,
+    blocks: int,
+    repeats: int,
+    sustained: int,
+    sustained_rounds: int = 4,
 ) -> list[dict]:
     dims = PRESETS[preset]
     modules = variants(build_experts(dims["hidden"], dims["inter"], dims["local_experts"], device))
@@ -55,23 +90,21 @@ def run(
     with torch.no_grad():
         for tokens in tokens_list:
             inputs = [routing(tokens, dims["local_experts"], dims["top_k"], dims["hidden"], device, s) for s in range(3)]
-            times: dict[str, list[float]] = {name: [] for name in modules}
-            for _ in range(blocks):
-                for name, module in modules.items():
-                    times[name].append(time_ms(module, inputs, repeats=repeats))
-            measured = {"interleaved": times}
+            measured = {"interleaved": alternating(modules, blocks, partial(time_ms, inputs=inputs, repeats=repeats))}
             if sustained:
-                rounds: dict[str, list[float]] = {name: [] for name in modules}
-                for _ in range(2):  # two rounds, alternating, against host drift
-                    for name, module in modules.items():
-                        rounds[name].append(sustained_ms(module, inputs, sustained))
-                measured["sustained"] = rounds
+                sustained_call = partial(sustained_ms, inputs=inputs, calls=sustained)
+                measured["sustained"] = alternating(modules, sustained_rounds, sustained_call)
+                measured["host only"] = host_only(modules, inputs, sustained, sustained_rounds)
             for mode, per_variant in measured.items():
                 base = statistics.median(per_variant["stock bf16"])
                 for name, samples in per_variant.items():
                     ms = statistics.median(samples)
-                    rows.append(dict(tokens=tokens, mode=mode, variant=name, ms=ms, vs_stock=base / ms, samples_ms=samples))
-                    print(f"{tokens:>5} tok  {mode:<11} {name:<38} {ms:7.3f} ms  {base / ms:6.3f}x", flush=True)
+                    extra_us = (ms - base) * 1e3
+                    rows.append(
+                        dict(tokens=tokens, mode=mode, variant=name, ms=ms, vs_stock=base / ms,
+                             extra_us_vs_stock=extra_us, samples_ms=samples)
+                    )  # fmt: skip
+                    print(f"{tokens:>5} tok  {mode:<11} {name:<40} {ms:8.4f} ms  {base / ms:6.3f}x  {extra_us:+6.1f} us")
     return rows
 
 
@@ -82,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=10, help="alternating blocks per variant")
     parser.add_argument("--repeats", type=int, default=40, help="timed calls per block")
     parser.add_argument(
-        "--sustained", type=int, default=3 * MAX_PENDING,
-        help="back-to-back calls per variant in the sustained measurement (0: skip it)",
+        "--sustained", type=int, default=MAX_PENDING + 1000,
+        help="back-to-back calls per variant and round in the sustained measurement (4 rounds; 0: skip it)",
     )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -96,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--tokens must all be at least 1, got {args.tokens}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = run(args.preset, args.tokens, device, args.blocks, args.repeats, args.sustained)
-    lines = [f"| {r['tokens']} | {r['mode']} | {r['variant']} | {r['ms']:.3f} | {r['vs_stock']:.3f}x |" for r in rows]
-    header = "| tokens | mode | variant | ms per call (median) | vs stock |\n|---|---|---|---|---|"
+    lines = [
+        f"| {r['tokens']} | {r['mode']} | {r['variant']} | {r['ms']:.4f} | {r['vs_stock']:.3f}x | {r['extra_us_vs_stock']:+.1f} |"
+        for r in rows
+    ]
+    header = "| tokens | mode | variant | ms per call (median) | vs stock | extra µs per call |\n|---|---|---|---|---|---|"
     finish(dict(preset=args.preset, results=rows), device, "realb_hf.bench.decode_overhead", argv, header, lines, args.out)
     return 0
 
