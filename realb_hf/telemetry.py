@@ -91,10 +91,10 @@ MAX_PENDING = 4096
 MAX_PENDING_BYTES = 64 << 20  # routing kept alive for deferred counting (decode-sized batches)
 
 
-def _to_host(counts: list[torch.Tensor]) -> tuple[torch.Tensor, Any]:
-    """The counts (all on one device) as one flat int32 host tensor; from CUDA an asynchronous copy into pinned
-    memory, with the event that marks it done."""
-    flat = torch.cat([c.reshape(-1) for c in counts]).to(torch.int32)
+def _to_host(counts: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """`counts` as one flat int32 host tensor; from CUDA an asynchronous copy into pinned memory, with the event
+    that marks it done."""
+    flat = counts.reshape(-1).to(torch.int32)
     if flat.device.type != "cuda":
         return flat, None
     host = torch.empty(flat.shape, dtype=torch.int32, pin_memory=True)
@@ -110,7 +110,7 @@ class _Shipped:
     built only when read, so a server that never reads telemetry pays no Python per layer call for them."""
 
     entries: list[tuple]  # (forward, layer, num_tokens, decision, params, source, chunk, offset, experts)
-    chunks: list[tuple[torch.Tensor, Any]]  # (host counts, CUDA event marking the copy done, or None)
+    chunks: list[tuple[torch.Tensor, Any]]  # per group: (host counts, CUDA event marking the copy done, or None)
 
 
 @dataclass
@@ -173,28 +173,27 @@ class Telemetry:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         if not pending:
             return
-        counts: list[Any] = [entry[2] for entry in pending]
-        groups: dict[tuple, list[int]] = {}  # deferred routing, counted together per (experts, top-k, device)
-        for i, c in enumerate(counts):
+        # one chunk per group: deferred routing counted together per (experts, top-k, device), device counts
+        # concatenated per device; no per-call tensor op, so shipping 4096 decode calls costs a few launches
+        groups: dict[tuple, list[int]] = {}
+        for i, entry in enumerate(pending):
+            c = entry[2]
             if type(c) is DeferredRouting:
-                groups.setdefault((c.num_experts, c.top_k_index.shape[-1], c.top_k_index.device), []).append(i)
-        for (num_experts, _, _), members in groups.items():
-            refs = [counts[i] for i in members]
-            many = routing.routing_counts_many([r.top_k_index for r in refs], [r.modality for r in refs], num_experts)
-            for i, c in zip(members, many):
-                counts[i] = c
-        by_device: dict[torch.device, list[int]] = {}
-        for i, c in enumerate(counts):
-            by_device.setdefault(c.device, []).append(i)
+                key = (c.num_experts, c.top_k_index.shape[-1], c.top_k_index.device)
+            else:
+                key = (c.shape[-1], 0, c.device)
+            groups.setdefault(key, []).append(i)
         chunks, entries = [], [None] * len(pending)
-        for chunk, members in enumerate(by_device.values()):
-            offset = 0
-            for i in members:
+        for chunk, ((experts, top_k, _), members) in enumerate(groups.items()):
+            held = [pending[i][2] for i in members]
+            if top_k:
+                counts = routing.routing_counts_many([r.top_k_index for r in held], [r.modality for r in held], experts)
+            else:
+                counts = torch.stack(held)
+            chunks.append(_to_host(counts))
+            for j, i in enumerate(members):
                 forward, layer, _, num_tokens, decision, params, source = pending[i]
-                experts = counts[i].shape[-1]
-                entries[i] = (forward, layer, num_tokens, decision, params, source, chunk, offset, experts)
-                offset += 2 * experts
-            chunks.append(_to_host([counts[i] for i in members]))
+                entries[i] = (forward, layer, num_tokens, decision, params, source, chunk, 2 * experts * j, experts)
         self._shipped.append(_Shipped(entries, chunks))
         self._trim()
 

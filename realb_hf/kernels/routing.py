@@ -275,7 +275,7 @@ def routing_counts_many(
     device = indices[0].device
     n = len(indices)
     width = 2 * (num_experts + 1)  # per call: [pairs by expert, spare bin for sentinels, vision pairs, spare]
-    ids = torch.cat([i.reshape(-1) for i in indices]).clamp(max=num_experts).int()  # sentinels -> the spare bin
+    ids = torch.cat(indices).view(-1).clamp(max=num_experts).int()  # sentinels -> the spare bin
     tokens = [i.shape[0] for i in indices]
     if len(set(tokens)) == 1:  # decode steps: every call the same size, so each call's bins are one row
         bins = ids.view(n, -1).add_(torch.arange(0, n * width, width, device=device, dtype=torch.int32)[:, None])
