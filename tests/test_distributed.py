@@ -123,6 +123,14 @@ def test_end_to_end_prefill_benchmark_runs_under_real_ep(tmp_path):
     assert report["variants"]["realb rank, persistent"]["layers_lowered_per_forward"] > 0
     assert report["variants"]["fp8 everywhere (all_low, persistent)"]["lowered_token_fraction"] == 1.0
     assert report["variants"]["realb policy off"]["layers_lowered_per_forward"] == 0
+    # a fixed bias (no calibration) still reports the skew it gives; the variants run in the order asked
+    args += ["--router-bias", "0.5", "--variants", "realb rank, persistent", "realb policy off"]
+    proc = torchrun(2, "realb_hf.bench.ep_prefill", *args, timeout=240)
+    assert proc.returncode == 0, _tail(proc)
+    report = json.loads(out.read_text())
+    assert report["router_bias"] == 0.5 and report["mean_max_over_mean"] >= 1.0
+    assert list(report["variants"]) == ["stock bf16 EP", "realb rank, persistent", "realb policy off"]
+    assert all(v["back_to_back_ms"] > 0 for v in report["variants"].values())
 
 
 def test_layout_errors_come_before_any_weight_loads_and_nonfinite_rows(workdir, tmp_path):
