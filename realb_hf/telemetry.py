@@ -106,8 +106,9 @@ def _to_host(counts: torch.Tensor) -> tuple[torch.Tensor, Any]:
 
 @dataclass
 class _Shipped:
-    """Layer calls whose counts are on their way to the host (one flat int32 copy per device): the records are
-    built only when read, so a server that never reads telemetry pays no Python per layer call for them."""
+    """Layer calls whose counts are on their way to the host (one flat int32 copy per group of calls): the records
+    are built only when read, so a server that never reads telemetry pays no Python per layer call for them. Until
+    then each call holds 8 bytes per expert of host memory (pinned from CUDA), at most `max_records` calls."""
 
     entries: list[tuple]  # (forward, layer, num_tokens, decision, params, source, chunk, offset, experts)
     chunks: list[tuple[torch.Tensor, Any]]  # per group: (host counts, CUDA event marking the copy done, or None)

@@ -120,7 +120,9 @@ def test_sort_rows_of_rows_grouped_by_expert():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
-@pytest.mark.parametrize("sizes", [[1, 5, 300], [7]], ids=["mixed sizes", "one size"])
+@pytest.mark.parametrize(
+    "sizes", [[1, 5, 300], [7], [0], [0, 5]], ids=["mixed sizes", "one size", "empty calls", "some empty"]
+)
 @pytest.mark.parametrize("with_modality", [True, False])
 def test_routing_counts_many_equals_one_call_at_a_time(device, sizes, with_modality):
     """Deferred telemetry counts many layer calls together: same counts as `routing_counts` call by call."""

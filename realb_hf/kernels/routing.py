@@ -278,7 +278,7 @@ def routing_counts_many(
     ids = torch.cat(indices).view(-1).clamp(max=num_experts).int()  # sentinels -> the spare bin
     tokens = [i.shape[0] for i in indices]
     if len(set(tokens)) == 1:  # decode steps: every call the same size, so each call's bins are one row
-        bins = ids.view(n, -1).add_(torch.arange(0, n * width, width, device=device, dtype=torch.int32)[:, None])
+        bins = ids.view(n, tokens[0] * top_k).add_(torch.arange(0, n * width, width, device=device, dtype=torch.int32)[:, None])
     else:
         lengths = torch.tensor(tokens) * top_k
         if device.type == "cuda":  # a pinned source makes the copy asynchronous (no host sync)
