@@ -53,6 +53,7 @@ from transformers.distributed.parallel_utils import replace_layer_number_by_wild
 from .experts import RealbExperts, is_fused_experts
 from .formats.fp8 import quantize_rowwise
 from .kernels import fp8_triton, routing
+from .kernels.combine import weighted_combine
 from .policy import (
     RoutingStats,
     decide,
@@ -372,6 +373,13 @@ def set_collective_timeout(model, seconds: float) -> None:
         runtime.ep.timeout_s = float(seconds)
 
 
+def _section(name: str):
+    """A profiler label for one stage of a layer (`realb_hf.bench.profiling` reads them); free when no profiler runs."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function("realb::" + name)
+    return contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def _collective(what: str, module: RealbExperts):
     try:
@@ -603,72 +611,102 @@ class RealbAllToAllEP(AllToAllEP):
         check_finite = state.fp8_dispatch and no_grad
 
         # 1. The count exchange: every rank's (tokens, vision tokens) per global expert, rows, non-finite flag.
-        counts = module.realb_routing_counts(top_k_index, modality, num_global).reshape(-1)
-        nonfinite = (~torch.isfinite(hidden_states)).any().reshape(1) if check_finite else counts.new_zeros(1)
-        mine = torch.cat([counts, counts.new_tensor([hidden_states.size(0)]), nonfinite.to(counts.dtype)])
-        gathered = torch.empty(ep_size * mine.numel(), dtype=mine.dtype, device=device)
-        with _collective("all_gather of the routing counts", module):
-            _all_gather(gathered, mine, ep_group)
-            table = gathered.view(ep_size, -1).cpu()  # the layer's one host sync, as in AllToAllEP
+        with _section("count_exchange"):
+            counts = module.realb_routing_counts(top_k_index, modality, num_global).reshape(-1)
+            nonfinite = (~torch.isfinite(hidden_states)).any().reshape(1) if check_finite else counts.new_zeros(1)
+            # (a host scalar through `new_tensor` would be a pageable copy: a stream stall before the exchange)
+            rows_here = torch.full((1,), hidden_states.size(0), dtype=counts.dtype, device=device)
+            mine = torch.cat([counts, rows_here, nonfinite.to(counts.dtype)])
+            gathered = torch.empty(ep_size * mine.numel(), dtype=mine.dtype, device=device)
+            with _collective("all_gather of the routing counts", module):
+                _all_gather(gathered, mine, ep_group)
+                table = gathered.view(ep_size, -1).cpu()  # the layer's one host sync, as in AllToAllEP
         state.count("count_exchange", gathered.numel() * gathered.element_size())
-        totals = table.sum(0).tolist()
-        stats, decision = _decide_global(
-            [totals[:num_global], totals[num_global : 2 * num_global]], totals[2 * num_global], params
-        )
-        any_nonfinite = totals[2 * num_global + 1] > 0
-        precisions = _local(decision, placement)
-        lo, hi = placement.first, placement.first + num_local
-        recv_table = table[:, lo:hi]  # rows each source sends to each of this rank's experts
-        local_counts = recv_table.sum(0).tolist()
-        # queued before the dispatch: flagged experts (all slots, for the sync-free path) or those with rows
-        if set(precisions) == {params.high, params.low} and module._realb_sync_free_ok(
-            hidden_states, params.high, params.low
-        ):
-            flags = module._realb_low_flags(precisions, params.high, device)
-            ready = _prefetch_flagged(module, params.low, flags, state)
-        else:
-            ready = _prefetch(module, precisions, local_counts, params.high, state)
+        with _section("decide"):
+            totals = table.sum(0).tolist()
+            stats, decision = _decide_global(
+                [totals[:num_global], totals[num_global : 2 * num_global]], totals[2 * num_global], params
+            )
+            any_nonfinite = totals[2 * num_global + 1] > 0
+            precisions = _local(decision, placement)
+            lo, hi = placement.first, placement.first + num_local
+            recv_table = table[:, lo:hi]  # rows each source sends to each of this rank's experts
+            local_counts = recv_table.sum(0).tolist()
+            # queued before the dispatch: flagged experts (all slots, for the sync-free path) or those with rows
+            if set(precisions) == {params.high, params.low} and module._realb_sync_free_ok(
+                hidden_states, params.high, params.low
+            ):
+                flags = module._realb_low_flags(precisions, params.high, device)
+                ready = _prefetch_flagged(module, params.low, flags, state)
+            else:
+                ready = _prefetch(module, precisions, local_counts, params.high, state)
 
         # 2. The dispatch: (token, expert) pairs sorted by expert are grouped by destination rank.
-        send_sizes = table[placement.rank, :num_global].view(ep_size, num_local).sum(1).tolist()
-        recv_sizes = recv_table.sum(1).tolist()
-        fp8_ranks = [p == "fp8" for p in decision.rank_precision]
-        use_fp8 = state.fp8_dispatch and no_grad and not any_nonfinite and any(fp8_ranks)
-        expert_ids = top_k_index.reshape(-1)
-        order = torch.argsort(expert_ids, stable=True)
-        rows = order // top_k
-        fp8_in = None
-        if use_fp8:
-            recv_tokens, fp8_in = self._exchange_mixed(
-                hidden_states, rows, send_sizes, recv_sizes, fp8_ranks, placement.rank, ep_group, module, state
-            )
-        else:
-            recv_tokens = self._exchange_high(hidden_states[rows], send_sizes, recv_sizes, ep_group, module, state)
-        recv_ids = torch.arange(num_local, device=device).repeat(ep_size)
-        recv_ids = recv_ids.repeat_interleave(recv_table.reshape(-1).to(device), output_size=sum(recv_sizes))
+        with _section("dispatch"):
+            send_sizes = table[placement.rank, :num_global].view(ep_size, num_local).sum(1).tolist()
+            recv_sizes = recv_table.sum(1).tolist()
+            fp8_ranks = [p == "fp8" for p in decision.rank_precision]
+            use_fp8 = state.fp8_dispatch and no_grad and not any_nonfinite and any(fp8_ranks)
+            expert_ids = top_k_index.reshape(-1)
+            order = torch.argsort(expert_ids, stable=True)
+            rows = order // top_k
+            fp8_in = None
+            if use_fp8:
+                recv_tokens, fp8_in = self._exchange_mixed(
+                    hidden_states, rows, send_sizes, recv_sizes, fp8_ranks, placement.rank, ep_group, module, state
+                )
+            else:
+                recv_tokens = self._exchange_high(hidden_states[rows], send_sizes, recv_sizes, ep_group, module, state)
+            # the counts from the device copy of the table: copying the host one would wait for the dispatch
+            recv_counts = gathered.view(ep_size, -1)[:, lo:hi].reshape(-1)
+            recv_ids = torch.arange(num_local, device=device).repeat(ep_size)
+            recv_ids = recv_ids.repeat_interleave(recv_counts, output_size=sum(recv_sizes))
 
         # 3. This rank's experts, at the decided precision (top-1, unit weights: routing weights apply on the sender).
-        hidden_dim = hidden_states.size(-1)
-        if sum(recv_sizes) == 0:
-            expert_output = hidden_states.new_zeros(0, hidden_dim)
-        elif fp8_in is not None:
-            expert_output = module.realb_run_local_fp8(
-                *fp8_in, recv_ids, hidden_states.dtype, ready, counts_host=local_counts
-            )
-        else:
-            ones = torch.ones(recv_ids.shape[0], 1, dtype=recv_tokens.dtype, device=device)
-            expert_output = module.realb_run_local(
-                recv_tokens, recv_ids.unsqueeze(-1), ones, precisions, params.high, ready
-            )
+        with _section("experts"):
+            hidden_dim = hidden_states.size(-1)
+            if sum(recv_sizes) == 0:
+                expert_output = hidden_states.new_zeros(0, hidden_dim)
+            elif fp8_in is not None:
+                expert_output = module.realb_run_local_fp8(
+                    *fp8_in, recv_ids, hidden_states.dtype, ready, counts_host=local_counts
+                )
+            else:
+                ones = torch.ones(recv_ids.shape[0], 1, dtype=recv_tokens.dtype, device=device)
+                expert_output = module.realb_run_local(
+                    recv_tokens, recv_ids.unsqueeze(-1), ones, precisions, params.high, ready
+                )
 
         # 4. The combine: transformers' own (reverse all-to-all, weighted sum, TP all-gather).
         result_state = _AllToAllState(top_k_weights, order, send_sizes, recv_sizes, num_tokens)
         state.count("combine", expert_output.numel() * expert_output.element_size())
-        with _collective("all_to_all of the expert outputs (combine)", module):
+        with _section("combine"), _collective("all_to_all of the expert outputs (combine)", module):
             output = self._combine_tokens(expert_output, result_state)
         module.realb_record(stats, decision, params, source)
         _log(state, runtime, module, decision, precisions, sum(recv_sizes), fp8_in is not None, ready)
         return output
+
+    def _combine_tokens(self, expert_output, state):
+        """transformers' combine, with the un-permute, the routing weights and the top-k sum in one pass
+        (`kernels.combine.weighted_combine`, which rounds as the stock combine does) when no gradient flows."""
+        if torch.is_grad_enabled() and (expert_output.requires_grad or state.top_k_weights.requires_grad):
+            return super()._combine_tokens(expert_output, state)
+        recv_out = torch.empty(
+            sum(state.send_sizes), expert_output.size(-1), dtype=expert_output.dtype, device=expert_output.device
+        )
+        dist.all_to_all_single(
+            recv_out, expert_output.contiguous(), state.send_sizes, state.recv_sizes, group=self.ep_mesh.get_group()
+        )
+        position = routing.inverse_permutation(state.order).view(state.top_k_weights.shape)
+        output = weighted_combine(recv_out, position, state.top_k_weights)
+        if self.tp_mesh.size() == 1:
+            return output
+        from torch.distributed.tensor import DTensor, Shard
+
+        # Shard(0) -> Replicate: one all-gather of the row slices, as transformers' combine ends
+        hidden_dim = output.size(-1)
+        shape, stride = (state.num_tokens, hidden_dim), (hidden_dim, 1)
+        return DTensor.from_local(output, self.tp_mesh, [Shard(0)], shape=shape, stride=stride).full_tensor()
 
     def _exchange_high(self, send_tokens, send_sizes, recv_sizes, ep_group, module, state):
         from torch.distributed._functional_collectives import all_to_all_single_autograd
@@ -683,26 +721,27 @@ class RealbAllToAllEP(AllToAllEP):
         """One byte all-to-all: rows for fp8 ranks as e4m3 + fp32 scale, the others in the model dtype."""
         hidden_dim, dtype = hidden.size(-1), hidden.dtype
         high_row = hidden_dim * hidden.element_size()
-        fp8_row = hidden_dim + _FP8_ROW_EXTRA
-        pieces, send_bytes, start = [], [], 0
-        for d, size in enumerate(send_sizes):
-            chunk = rows[start : start + size]
-            start += size
-            if fp8_ranks[d]:
+        # padded to whole 4-byte words, so that every piece of the send buffer starts aligned for any model dtype
+        fp8_row = -(-(hidden_dim + _FP8_ROW_EXTRA) // 4) * 4
+        send_bytes = [size * (fp8_row if low else high_row) for size, low in zip(send_sizes, fp8_ranks)]
+        # every piece written in place into the one send buffer (no concatenation pass)
+        send = torch.empty(sum(send_bytes), dtype=torch.uint8, device=hidden.device)
+        start = offset = 0
+        for size, low, nbytes in zip(send_sizes, fp8_ranks, send_bytes):
+            chunk, piece = rows[start : start + size], send[offset : offset + nbytes]
+            start, offset = start + size, offset + nbytes
+            if low:
                 # the grouping gather and the rowwise quantization in one pass (Triton on CUDA)
                 if fp8_triton.available(hidden.device):
                     xq, scale = fp8_triton.gather_quant_rows(hidden, chunk)
                 else:
                     xq, scale = quantize_rowwise(hidden[chunk])
-                packed = torch.cat([xq.view(torch.uint8), scale.view(torch.uint8).view(-1, _FP8_ROW_EXTRA)], dim=1)
-                send_bytes.append(size * fp8_row)
-                state.count("dispatch_fp8", size * fp8_row)
+                piece = piece.view(size, fp8_row)
+                piece[:, :hidden_dim].copy_(xq.view(torch.uint8))
+                piece[:, hidden_dim : hidden_dim + _FP8_ROW_EXTRA].copy_(scale.view(torch.uint8).view(-1, _FP8_ROW_EXTRA))
             else:
-                packed = hidden[chunk].contiguous().view(torch.uint8)
-                send_bytes.append(size * high_row)
-                state.count("dispatch_high", size * high_row)
-            pieces.append(packed.reshape(-1))
-        send = torch.cat(pieces) if pieces else hidden.new_empty(0, dtype=torch.uint8)
+                torch.index_select(hidden, 0, chunk, out=piece.view(dtype).view(size, hidden_dim))
+            state.count("dispatch_fp8" if low else "dispatch_high", nbytes)
         row = fp8_row if fp8_ranks[me] else high_row
         recv_bytes = [size * row for size in recv_sizes]
         recv = torch.empty(sum(recv_bytes), dtype=torch.uint8, device=hidden.device)
@@ -712,7 +751,7 @@ class RealbAllToAllEP(AllToAllEP):
             return recv.view(dtype).view(-1, hidden_dim), None
         recv = recv.view(-1, fp8_row)
         xq_bytes = recv[:, :hidden_dim]  # e4m3 bytes; the experts gather them by expert, then view them as fp8
-        scale = recv[:, hidden_dim:].contiguous().view(torch.float32).view(-1)
+        scale = recv[:, hidden_dim : hidden_dim + _FP8_ROW_EXTRA].contiguous().view(torch.float32).view(-1)
         return None, (xq_bytes, scale)
 
 

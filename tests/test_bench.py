@@ -288,3 +288,65 @@ def test_hot_rank_and_decode_overhead_clis_on_cpu(tmp_path, monkeypatch):
             decode_overhead.main(["--preset", "tiny-test", *bad])
     with pytest.raises(SystemExit):
         hot_rank.main(["--preset", "tiny-test", "--repeats", "0"])
+
+
+# ---- profiling -------------------------------------------------------------------------------------
+
+
+def _event(name, start, end, device="cpu", self_us=None, annotation=False):
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    return SimpleNamespace(
+        name=name,
+        time_range=SimpleNamespace(start=start, end=end),
+        device_type=DeviceType.CUDA if device == "cuda" else DeviceType.CPU,
+        self_cpu_time_total=end - start if self_us is None else self_us,
+        is_user_annotation=annotation,
+    )
+
+
+def test_profile_summary_splits_gpu_time_into_compute_communication_and_idle():
+    from realb_hf.bench.profiling import CALL_LABEL, summarize
+
+    events = [  # two calls (µs): host windows [0, 1000] and [2000, 2600]; the second call's GPU runs past its host
+        _event(CALL_LABEL, 0, 1000),
+        _event(CALL_LABEL, 2000, 2600),
+        _event(CALL_LABEL, 0, 1000, device="cuda", annotation=True),  # the label's device copy: not work
+        _event("realb::dispatch", 100, 400),
+        _event("realb::dispatch", 2100, 2200),
+        _event("aten::mm", 50, 90, self_us=30),
+        _event("gemm", 200, 500, device="cuda"),
+        _event("silu", 450, 600, device="cuda"),  # overlaps the GEMM: counted once
+        _event("ncclDevKernel_SendRecv", 700, 900, device="cuda"),
+        _event("gemm", 2100, 2900, device="cuda"),
+    ]
+    s = summarize(events, calls=2)
+    assert s["wall_ms"] == pytest.approx((1.0 + 0.9) / 2)  # the second window ends with its last kernel
+    assert s["gpu_compute_ms"] == pytest.approx((0.4 + 0.8) / 2)
+    assert s["gpu_communication_ms"] == pytest.approx(0.2 / 2)
+    assert s["gpu_idle_ms"] == pytest.approx(s["wall_ms"] - s["gpu_busy_ms"])
+    assert s["gpu_busy_ms"] == pytest.approx((0.6 + 0.8) / 2)
+    assert s["sections_host_ms"] == {"realb::dispatch": pytest.approx(0.2)}
+    assert s["top_kernels_ms"][0] == ["gemm", pytest.approx(0.55)]
+    assert s["top_host_ops_self_ms"] == [["aten::mm", pytest.approx(0.015)]]
+    with pytest.raises(ValueError, match="expected 3 'realb_bench::call' ranges in the profile, found 2"):
+        summarize(events, calls=3)
+    cpu_only = summarize([e for e in events if e.device_type.name == "CPU"], calls=2)
+    assert cpu_only["gpu_idle_ms"] is None and cpu_only["gpu_compute_ms"] is None
+
+
+def test_profile_calls_reads_the_sections_of_a_real_run():
+    from realb_hf.bench.profiling import profile_calls
+    from realb_hf.distributed import _section
+
+    def fn():
+        with _section("decide"):
+            torch.ones(64, 64) @ torch.ones(64, 64)
+
+    calls = []
+    s = profile_calls(fn, calls=2, before=lambda: calls.append(1))
+    assert calls == [1, 1] and s["calls"] == 2 and s["wall_ms"] > 0
+    assert set(s["sections_host_ms"]) == {"realb::decide"}
+    assert any(name == "aten::mm" for name, _ in s["top_host_ops_self_ms"])

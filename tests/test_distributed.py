@@ -133,6 +133,25 @@ def test_end_to_end_prefill_benchmark_runs_under_real_ep(tmp_path):
     assert all(v["back_to_back_ms"] > 0 for v in report["variants"].values())
 
 
+def test_layer_timing_with_profile_runs_under_real_ep(tmp_path):
+    """The EP layer timing of ep_gpu_check (tiny dims, gloo) with `--profile`: every variant timed and profiled on
+    every rank; ReaLB's all-to-all reports the host time of its five stages, the stock layer none."""
+    out = tmp_path / "timing.json"
+    args = ["--tiny", "--skip-check", "--modes", "all_to_all", "--iters", "2", "--warmup", "1", "--profile", "1"]
+    proc = torchrun(2, CHECK, *args, "--out", str(out), timeout=240)
+    assert proc.returncode == 0 and out.exists(), _tail(proc)
+    rows = json.loads(out.read_text())["timing"]["rows"]
+    assert {r["variant"] for r in rows} >= {"stock transformers bf16", "ReaLB policy realb, persistent copies"}
+    stages = {f"realb::{s}" for s in ("count_exchange", "decide", "dispatch", "experts", "combine")}
+    for row in rows:
+        assert row["ms"] > 0 and len(row["profile_per_rank"]) == 2, row
+        for profile in row["profile_per_rank"]:
+            assert profile["calls"] == 1 and profile["wall_ms"] > 0 and profile["gpu_idle_ms"] is None
+            expected = stages if row["variant"].startswith("ReaLB") else set()
+            assert set(profile["sections_host_ms"]) == expected, row["variant"]
+    assert "profile (ms per call)" in proc.stdout + proc.stderr
+
+
 def test_layout_errors_come_before_any_weight_loads_and_nonfinite_rows(workdir, tmp_path):
     out = tmp_path / "errors.json"
     proc = torchrun(2, Path(__file__), "errors", str(workdir), str(out), timeout=240)

@@ -152,3 +152,32 @@ def test_routing_counts_many_does_not_sync():
         routing.routing_counts_many(indices[:2], modalities[:2], 16)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d: torch.randn(37, 64, device=d).to(torch.bfloat16),  # 2-byte rows, moved as words
+        lambda d: torch.randint(0, 255, (37, 68), dtype=torch.uint8, device=d)[:, :64],  # fp8 bytes + scale, as received
+        lambda d: torch.randint(0, 255, (37, 67), dtype=torch.uint8, device=d)[:, :64],  # row stride not word-aligned
+        lambda d: torch.randint(0, 255, (37, 6), dtype=torch.uint8, device=d),  # row not a whole number of words
+        lambda d: torch.randn(37, 5, device=d),  # 4-byte elements: index_select as is
+        lambda d: torch.randn(37, 64, device=d).to(torch.float8_e4m3fn),
+    ],
+    ids=["bf16", "bytes of received rows", "unaligned stride", "short rows", "fp32", "fp8"],
+)
+def test_take_rows_equals_indexing(device, make):
+    """The row gather of the all-to-all experts and combine moves whole rows, bit for bit what `x[index]` gives."""
+    x = make(device)
+    index = torch.randperm(x.shape[0], device=device)[:30]
+    got = routing.take_rows(x, index)
+    assert got.dtype == x.dtype and got.shape == (30, x.shape[1])
+    assert torch.equal(got.view(torch.uint8).cpu(), x[index].contiguous().view(torch.uint8).cpu())
+
+
+def test_inverse_permutation():
+    perm = torch.randperm(1000)
+    position = routing.inverse_permutation(perm)
+    assert torch.equal(position[perm], torch.arange(1000)) and torch.equal(perm[position], torch.arange(1000))
+    assert routing.inverse_permutation(torch.empty(0, dtype=torch.long)).numel() == 0

@@ -20,7 +20,9 @@ same converting inline, without fp8 dispatch, and with persistent fp8 copies (no
 conversion alone and a bf16 all-to-all of the dispatch's size; the dynamic policy (decided from the routing, on
 the device where the sync-free path runs); and the oracle bound (stock on routing with the same pairs spread
 evenly over the ranks). CUDA events; the slowest rank's median of isolated calls, and the time per call of calls
-queued back to back (how a layer runs inside a model).
+queued back to back (how a layer runs inside a model). `--profile N` also profiles N calls of every variant on
+every rank (`realb_hf.bench.profiling`: GPU compute / communication / idle time, top kernels and host ops, the
+host time of ReaLB's labelled stages).
 
 Rank 0 prints a table and writes everything (with the gathered ReaLB report of every rank) as JSON to --out.
 The exit code is 1 when an equality check failed.
@@ -51,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from realb_hf import RealbConfig, get_runtime, get_telemetry
+from realb_hf.bench.profiling import profile_calls
 from realb_hf.distributed import (
     WeightPrefetch,
     configure_ep,
@@ -354,8 +357,9 @@ def _layer_call(module, hidden, ids, weights) -> None:
 
 
 class Timer:
-    def __init__(self, device):
+    def __init__(self, device, profile_calls: int = 0):
         self.cuda = device.type == "cuda"
+        self.profile_calls = profile_calls
 
     def __call__(self, fn, iters: int, warmup: int) -> dict:
         for _ in range(warmup):
@@ -390,7 +394,13 @@ class Timer:
         back_to_back = (time.perf_counter() - t0) * 1e3 / iters
         slowest = torch.tensor([local, back_to_back], dtype=torch.float64, device="cuda" if self.cuda else "cpu")
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        return {"ms": slowest[0].item(), "rank_ms": local, "back_to_back_ms": slowest[1].item()}
+        result = {"ms": slowest[0].item(), "rank_ms": local, "back_to_back_ms": slowest[1].item()}
+        if self.profile_calls:
+            dist.barrier()
+            per_rank = [None] * dist.get_world_size()
+            dist.all_gather_object(per_rank, profile_calls(fn, self.profile_calls, before=dist.barrier))
+            result["profile_per_rank"] = per_rank
+        return result
 
 
 def build_timing_checkpoint(workdir: str, dims: dict, device: torch.device) -> str:
@@ -446,7 +456,7 @@ def run_timing(args, device: torch.device) -> dict:
     log(f"timing: {dims}, EP={world}, vision {args.vision_share:.0%}, pairs per rank {loads} (max/mean {achieved:.2f})")
     rows = []
     out = {"dims": dims, "ep_size": world, "pairs_per_rank": loads, "max_over_mean": achieved, "device": device.type}
-    timer = Timer(device)
+    timer = Timer(device, args.profile)
     for mode in args.modes:
         dc = DistributedConfig(tp_size=world, ep_size=world, ep_implementation=mode)
         stock = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, distributed_config=dc).eval()
@@ -553,6 +563,17 @@ def print_timing(timing: dict) -> None:
             f"{row['mode']:<11} {row['variant']:<48} {row['ms']:>15.3f} {row['back_to_back_ms']:>12.3f} "
             f"{row['rank_ms']:>9.3f}  {precision}"
         )
+    profiled = [row for row in timing["rows"] if row.get("profile_per_rank")]
+    if profiled:
+        log(f"\nprofile (ms per call): {'mode':<11} {'variant':<48} rank {'wall':>7} {'compute':>8} {'comm':>7} {'idle':>7}  host sections")
+        for row in profiled:
+            for rank, p in enumerate(row["profile_per_rank"]):
+                gpu = ["-" if p[k] is None else f"{p[k]:.3f}" for k in ("gpu_compute_ms", "gpu_communication_ms", "gpu_idle_ms")]
+                sections = " ".join(f"{k.removeprefix('realb::')}={v:.3f}" for k, v in p["sections_host_ms"].items())
+                log(
+                    f"{'':<23}{row['mode']:<11} {row['variant']:<48} {rank:>4} {p['wall_ms']:>7.3f} "
+                    f"{gpu[0]:>8} {gpu[1]:>7} {gpu[2]:>7}  {sections}"
+                )
     for mode in MODES:
         if mode in timing:
             t = timing[mode]
@@ -581,6 +602,14 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=900.0, help="process-group timeout (s)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="CALLS",
+        help="also profile CALLS calls of every timed variant (torch.profiler): GPU busy/idle, top kernels and host "
+        "ops, ReaLB's sections, per rank; a table is printed and everything goes into the JSON",
+    )
     parser.add_argument(
         "--sync-free-on-cpu", action="store_true", help="run the CUDA sync-free experts path on CPU too (tests it under gloo)"
     )

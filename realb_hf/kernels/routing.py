@@ -229,6 +229,29 @@ if triton is not None:
         tl.store(rows_ptr + place, slot // TOP_K, mask=valid)
 
 
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """`position` with `position[perm[i]] = i`: where each original row went (one small scatter, no sort)."""
+    position = torch.empty_like(perm)
+    position[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
+    return position
+
+
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`x[index]` for a 2-D `x`, copying whole rows: rows of 1- or 2-byte elements are moved as 4-byte words
+    (an element-wise gather of bytes runs far below memory bandwidth)."""
+    itemsize = x.element_size()
+    if (
+        itemsize < 4
+        and x.dim() == 2
+        and x.stride(-1) == 1
+        and (x.size(-1) * itemsize) % 4 == 0
+        and (x.stride(0) * itemsize) % 4 == 0
+        and (x.storage_offset() * itemsize) % 4 == 0
+    ):
+        return x.view(torch.int32).index_select(0, index).view(x.dtype)
+    return x.index_select(0, index)
+
+
 def histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
     """Counts of the integers 0..bins-1 in `values` (int64), with no host sync.
 
