@@ -677,7 +677,7 @@ class RealbAllToAllEP(AllToAllEP):
                     recv_tokens, recv_ids.unsqueeze(-1), ones, precisions, params.high, ready
                 )
 
-        # 4. The combine: transformers' own (reverse all-to-all, weighted sum, TP all-gather).
+        # 4. The combine: reverse all-to-all, un-permute + weighted top-k sum, TP all-gather (`_combine_tokens`).
         result_state = _AllToAllState(top_k_weights, order, send_sizes, recv_sizes, num_tokens)
         state.count("combine", expert_output.numel() * expert_output.element_size())
         with _section("combine"), _collective("all_to_all of the expert outputs (combine)", module):

@@ -1,5 +1,6 @@
 """realb_hf.bench on CPU: workloads, trace record/replay, the layer benchmark and the CLI (tiny sizes)."""
 
+import contextlib
 import json
 
 import pytest
@@ -337,7 +338,7 @@ def test_profile_summary_splits_gpu_time_into_compute_communication_and_idle():
     assert cpu_only["gpu_idle_ms"] is None and cpu_only["gpu_compute_ms"] is None
 
 
-def test_profile_calls_reads_the_sections_of_a_real_run():
+def test_profile_calls_reads_the_sections_of_a_real_run(tmp_path):
     from realb_hf.bench.profiling import profile_calls
     from realb_hf.distributed import _section
 
@@ -346,7 +347,10 @@ def test_profile_calls_reads_the_sections_of_a_real_run():
             torch.ones(64, 64) @ torch.ones(64, 64)
 
     calls = []
-    s = profile_calls(fn, calls=2, before=lambda: calls.append(1))
+    trace = tmp_path / "trace.json"
+    s = profile_calls(fn, calls=2, trace_path=str(trace), before=lambda: calls.append(1))
     assert calls == [1, 1] and s["calls"] == 2 and s["wall_ms"] > 0
+    assert "realb::decide" in trace.read_text()
+    assert isinstance(_section("decide"), contextlib.nullcontext)  # no profiler running: no label, no cost
     assert set(s["sections_host_ms"]) == {"realb::decide"}
     assert any(name == "aten::mm" for name, _ in s["top_host_ops_self_ms"])
