@@ -591,23 +591,16 @@ class RealbAllToAllEP(AllToAllEP):
         params = runtime.params(device)
         modality = runtime.modality.for_rows(num_tokens, module.realb_pool)
         source = runtime.modality.source if modality is not None else "none"
+        no_grad = not _grad_flows(hidden_states, top_k_weights)
         if self.tp_mesh.size() > 1:
             # Replicate -> Shard(0) is a local chunk (no communication), exactly as AllToAllEP slices the batch.
-            from torch.distributed.tensor import DTensor, Replicate, Shard
-
             tensors = [hidden_states, top_k_index, top_k_weights] + ([modality] if modality is not None else [])
-            tensors = [
-                DTensor.from_local(t, self.tp_mesh, [Replicate()], run_check=False)
-                .redistribute(self.tp_mesh, [Shard(0)])
-                .to_local()
-                for t in tensors
-            ]
+            tensors = [_tp_rows(t, self.tp_mesh, no_grad) for t in tensors]
             hidden_states, top_k_index, top_k_weights = tensors[:3]
             modality = tensors[3] if modality is not None else None
         ep_group, ep_size = self.ep_mesh.get_group(), self.ep_mesh.size()
         num_local, num_global = placement.num_local, placement.num_global
         top_k = top_k_index.size(-1)
-        no_grad = not (torch.is_grad_enabled() and hidden_states.requires_grad)
         check_finite = state.fp8_dispatch and no_grad
 
         # 1. The count exchange: every rank's (tokens, vision tokens) per global expert, rows, non-finite flag.
@@ -689,7 +682,7 @@ class RealbAllToAllEP(AllToAllEP):
     def _combine_tokens(self, expert_output, state):
         """transformers' combine, with the un-permute, the routing weights and the top-k sum in one pass
         (`kernels.combine.weighted_combine`, which rounds as the stock combine does) when no gradient flows."""
-        if torch.is_grad_enabled() and (expert_output.requires_grad or state.top_k_weights.requires_grad):
+        if _grad_flows(expert_output, state.top_k_weights):
             return super()._combine_tokens(expert_output, state)
         recv_out = torch.empty(
             sum(state.send_sizes), expert_output.size(-1), dtype=expert_output.dtype, device=expert_output.device
@@ -699,14 +692,7 @@ class RealbAllToAllEP(AllToAllEP):
         )
         position = routing.inverse_permutation(state.order).view(state.top_k_weights.shape)
         output = weighted_combine(recv_out, position, state.top_k_weights)
-        if self.tp_mesh.size() == 1:
-            return output
-        from torch.distributed.tensor import DTensor, Shard
-
-        # Shard(0) -> Replicate: one all-gather of the row slices, as transformers' combine ends
-        hidden_dim = output.size(-1)
-        shape, stride = (state.num_tokens, hidden_dim), (hidden_dim, 1)
-        return DTensor.from_local(output, self.tp_mesh, [Shard(0)], shape=shape, stride=stride).full_tensor()
+        return output if self.tp_mesh.size() == 1 else _tp_gather_rows(output, state.num_tokens, self.tp_mesh)
 
     def _exchange_high(self, send_tokens, send_sizes, recv_sizes, ep_group, module, state):
         from torch.distributed._functional_collectives import all_to_all_single_autograd
@@ -768,6 +754,39 @@ class RealbAutoEP(EPImplementation):
         if self.all_reduce is not None and not (torch.is_grad_enabled() and hidden_states.requires_grad):
             return self.all_reduce(hidden_states, top_k_index, top_k_weights)
         return self.all_to_all(hidden_states, top_k_index, top_k_weights)
+
+
+def _grad_flows(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+# The TP row split of all-to-all EP, as DTensor does it (`torch.chunk`; ranks past the last chunk hold no rows).
+# At inference it is done directly: DTensor's redistribute costs ~0.2 ms of host time per tensor, and in an
+# all-to-all layer the GPU waits for the host at the count exchange, so that time adds to every layer.
+
+
+def _tp_rows(t: torch.Tensor, tp_mesh, no_grad: bool) -> torch.Tensor:
+    """This TP rank's rows of a batch its TP group shares (Replicate -> Shard(0), a local slice)."""
+    if not no_grad:  # DTensor's redistribute all-gathers the row gradients in backward
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        replicated = DTensor.from_local(t, tp_mesh, [Replicate()], run_check=False)
+        return replicated.redistribute(tp_mesh, [Shard(0)]).to_local()
+    chunks, rank = torch.chunk(t, tp_mesh.size()), tp_mesh.get_local_rank()
+    return chunks[rank] if rank < len(chunks) else t[:0]
+
+
+def _tp_gather_rows(output: torch.Tensor, num_tokens: int, tp_mesh) -> torch.Tensor:
+    """The TP group's row slices back into the whole batch on every rank (Shard(0) -> Replicate)."""
+    hidden_dim = output.size(-1)
+    if num_tokens % tp_mesh.size() == 0:  # even slices: one all-gather straight into the output
+        full = output.new_empty(num_tokens, hidden_dim)
+        _all_gather(full, output.contiguous(), tp_mesh.get_group())
+        return full
+    from torch.distributed.tensor import DTensor, Shard
+
+    shape, stride = (num_tokens, hidden_dim), (hidden_dim, 1)
+    return DTensor.from_local(output.contiguous(), tp_mesh, [Shard(0)], shape=shape, stride=stride).full_tensor()
 
 
 def _entry(forward, module, decision, precisions, rows, fp8_dispatch, converted, high) -> dict:

@@ -175,6 +175,14 @@ def test_layout_errors_come_before_any_weight_loads_and_nonfinite_rows(workdir, 
     assert not nonfinite["fp8_dispatch"] and nonfinite["same_nonfinite"] and nonfinite["rel"] < 1e-2, nonfinite
 
 
+def test_tp_row_split_of_all_to_all_matches_dtensor(tmp_path):
+    """At inference the all-to-all layer slices and gathers its TP rows without DTensor: the same rows."""
+    out = tmp_path / "split.json"
+    proc = torchrun(2, Path(__file__), "tp_split", str(tmp_path), str(out), timeout=120)
+    assert proc.returncode == 0 and out.exists(), _tail(proc)
+    assert json.loads(out.read_text()) == {str(n): True for n in (0, 1, 3, 4, 8)}
+
+
 def test_stalled_rank_raises_a_timeout_naming_the_collective(workdir, tmp_path):
     out = tmp_path / "stall.json"
     proc = torchrun(2, Path(__file__), "stall", str(workdir), str(out), timeout=240)
@@ -297,6 +305,26 @@ def _stall_worker(workdir: Path) -> dict | None:
         return {"type": type(error).__name__, "message": str(error), "elapsed_s": time.perf_counter() - start}
 
 
+def _tp_split_worker(workdir: Path) -> dict:
+    """All-to-all's direct TP row split and gather against DTensor's, for even, uneven and empty batches."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from realb_hf.distributed import _tp_gather_rows, _tp_rows
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    result = {}
+    for n in (0, 1, 3, 4, 8):
+        batch = torch.arange(n * 3, dtype=torch.float32).view(n, 3)
+        mine, dtensor = _tp_rows(batch, mesh, no_grad=True), _tp_rows(batch, mesh, no_grad=False)
+        same = torch.equal(mine, dtensor) and torch.equal(_tp_gather_rows(mine * 2, n, mesh), batch * 2)
+        flag = torch.tensor([0 if same else 1])
+        dist.all_reduce(flag)
+        result[str(n)] = int(flag.item()) == 0
+    return result
+
+
 def _worker(scenario: str, workdir: str, out: str) -> None:
     import warnings
 
@@ -307,7 +335,8 @@ def _worker(scenario: str, workdir: str, out: str) -> None:
     from realb_hf.distributed import init_distributed
 
     rank, _, _ = init_distributed(timeout_s=120)
-    result = (_errors_worker if scenario == "errors" else _stall_worker)(Path(workdir))
+    workers = {"errors": _errors_worker, "stall": _stall_worker, "tp_split": _tp_split_worker}
+    result = workers[scenario](Path(workdir))
     if rank == 0:
         Path(out).write_text(json.dumps(result, indent=1))
     sys.stdout.flush()
