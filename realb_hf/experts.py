@@ -270,7 +270,7 @@ class RealbExperts(torch.nn.Module):
             if experts == list(range(experts[0], experts[-1] + 1)):  # rank granularity: a slice, no gather
                 sel_first, sel_down = first[experts[0] : experts[-1] + 1], down[experts[0] : experts[-1] + 1]
             else:
-                idx = torch.tensor(experts, device=first.device)
+                idx = _host_to_device(experts, torch.long, first.device)
                 sel_first, sel_down = first.index_select(0, idx), down.index_select(0, idx)
             return fmt.quantize_weight(sel_first.detach()), fmt.quantize_weight(sel_down.detach())
 
