@@ -761,8 +761,9 @@ def _grad_flows(*tensors: torch.Tensor) -> bool:
 
 
 # The TP row split of all-to-all EP, as DTensor does it (`torch.chunk`; ranks past the last chunk hold no rows).
-# At inference it is done directly: DTensor's redistribute costs ~0.2 ms of host time per tensor, and in an
-# all-to-all layer the GPU waits for the host at the count exchange, so that time adds to every layer.
+# At inference it is done directly: DTensor's redistribute cost ~1 ms of host time per layer call in a profile
+# (docs/benchmarks.md 3c), and in an all-to-all layer the GPU waits for the host at the count exchange, so that
+# time adds to every layer.
 
 
 def _tp_rows(t: torch.Tensor, tp_mesh, no_grad: bool) -> torch.Tensor:
