@@ -373,10 +373,13 @@ def set_collective_timeout(model, seconds: float) -> None:
         runtime.ep.timeout_s = float(seconds)
 
 
+SECTION_PREFIX = "realb::"  # profiler labels of a layer's stages (`realb_hf.bench.profiling` reads them)
+
+
 def _section(name: str):
-    """A profiler label for one stage of a layer (`realb_hf.bench.profiling` reads them); free when no profiler runs."""
+    """A profiler label for one stage of a layer; free when no profiler runs."""
     if torch.autograd._profiler_enabled():
-        return torch.profiler.record_function("realb::" + name)
+        return torch.profiler.record_function(SECTION_PREFIX + name)
     return contextlib.nullcontext()
 
 
@@ -595,7 +598,7 @@ class RealbAllToAllEP(AllToAllEP):
         if self.tp_mesh.size() > 1:
             # Replicate -> Shard(0) is a local chunk (no communication), exactly as AllToAllEP slices the batch.
             tensors = [hidden_states, top_k_index, top_k_weights] + ([modality] if modality is not None else [])
-            tensors = [_tp_rows(t, self.tp_mesh, no_grad) for t in tensors]
+            tensors = [_tp_rows(t, self.tp_mesh, with_grad=not no_grad) for t in tensors]
             hidden_states, top_k_index, top_k_weights = tensors[:3]
             modality = tensors[3] if modality is not None else None
         ep_group, ep_size = self.ep_mesh.get_group(), self.ep_mesh.size()
@@ -766,9 +769,9 @@ def _grad_flows(*tensors: torch.Tensor) -> bool:
 # time adds to every layer.
 
 
-def _tp_rows(t: torch.Tensor, tp_mesh, no_grad: bool) -> torch.Tensor:
+def _tp_rows(t: torch.Tensor, tp_mesh, with_grad: bool) -> torch.Tensor:
     """This TP rank's rows of a batch its TP group shares (Replicate -> Shard(0), a local slice)."""
-    if not no_grad:  # DTensor's redistribute all-gathers the row gradients in backward
+    if with_grad:  # DTensor's redistribute all-gathers the row gradients in backward
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
         replicated = DTensor.from_local(t, tp_mesh, [Replicate()], run_check=False)

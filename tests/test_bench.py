@@ -318,6 +318,7 @@ def test_profile_summary_splits_gpu_time_into_compute_communication_and_idle():
         _event("realb::dispatch", 100, 400),
         _event("realb::dispatch", 2100, 2200),
         _event("aten::mm", 50, 90, self_us=30),
+        _event("cudaDeviceSynchronize", 1200, 1900),  # between the calls: not counted
         _event("gemm", 200, 500, device="cuda"),
         _event("silu", 450, 600, device="cuda"),  # overlaps the GEMM: counted once
         _event("ncclDevKernel_SendRecv", 700, 900, device="cuda"),

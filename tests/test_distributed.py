@@ -183,6 +183,17 @@ def test_tp_row_split_of_all_to_all_matches_dtensor(tmp_path):
     assert json.loads(out.read_text()) == {str(n): True for n in (0, 1, 3, 4, 8)}
 
 
+def test_fp8_dispatch_layout_with_rows_that_need_padding(tmp_path):
+    """fp8 rows of 62 features plus their scale, then fp32 rows, in one byte all-to-all: each side gets exactly
+    the rows it was sent (rank 0 quantized, rank 1 as they were)."""
+    out = tmp_path / "mixed.json"
+    proc = torchrun(2, Path(__file__), "mixed_dispatch", str(tmp_path), str(out), timeout=120)
+    assert proc.returncode == 0 and out.exists(), _tail(proc)
+    result = json.loads(out.read_text())
+    assert result["same"], result
+    assert result["comm"] == {"dispatch_fp8": 3 * 68, "dispatch_high": 2 * 62 * 4}  # rank 0's send, padded rows
+
+
 def test_stalled_rank_raises_a_timeout_naming_the_collective(workdir, tmp_path):
     out = tmp_path / "stall.json"
     proc = torchrun(2, Path(__file__), "stall", str(workdir), str(out), timeout=240)
@@ -317,12 +328,40 @@ def _tp_split_worker(workdir: Path) -> dict:
     result = {}
     for n in (0, 1, 3, 4, 8):
         batch = torch.arange(n * 3, dtype=torch.float32).view(n, 3)
-        mine, dtensor = _tp_rows(batch, mesh, no_grad=True), _tp_rows(batch, mesh, no_grad=False)
+        mine, dtensor = _tp_rows(batch, mesh, with_grad=False), _tp_rows(batch, mesh, with_grad=True)
         same = torch.equal(mine, dtensor) and torch.equal(_tp_gather_rows(mine * 2, n, mesh), batch * 2)
         flag = torch.tensor([0 if same else 1])
         dist.all_reduce(flag)
         result[str(n)] = int(flag.item()) == 0
     return result
+
+
+def _mixed_dispatch_worker(workdir: Path) -> dict:
+    """The byte all-to-all of fp8 dispatch: rank 0 lowered (fp8 rows + scales), rank 1 in the model dtype, for fp32
+    rows of 62 features (66 bytes per fp8 row: padded to 68 so the fp32 pieces after it stay aligned)."""
+    import torch
+    import torch.distributed as dist
+
+    from realb_hf.distributed import EpState, RealbAllToAllEP
+    from realb_hf.formats.fp8 import quantize_rowwise
+
+    rank = dist.get_rank()
+    hidden = {src: torch.randn(5, 62, generator=torch.Generator().manual_seed(src)) for src in (0, 1)}
+    send_sizes, recv_sizes = [3, 2], [[3, 3], [2, 2]][rank]
+    state = EpState(rank=rank, size=2, global_rank=rank, implementation="all_to_all")
+    high, fp8_in = RealbAllToAllEP._exchange_mixed(
+        None, hidden[rank], torch.arange(5), send_sizes, recv_sizes, [True, False], rank, dist.group.WORLD, None, state
+    )
+    mine = slice(0, 3) if rank == 0 else slice(3, 5)
+    expected = torch.cat([hidden[0][mine], hidden[1][mine]])
+    if rank == 0:
+        xq, scale = quantize_rowwise(expected)
+        same = high is None and torch.equal(fp8_in[0].contiguous(), xq.view(torch.uint8)) and torch.equal(fp8_in[1], scale)
+    else:
+        same = fp8_in is None and torch.equal(high, expected)
+    flag = torch.tensor([0 if same else 1])
+    dist.all_reduce(flag)
+    return {"same": int(flag.item()) == 0, "comm": state.comm}
 
 
 def _worker(scenario: str, workdir: str, out: str) -> None:
@@ -335,7 +374,12 @@ def _worker(scenario: str, workdir: str, out: str) -> None:
     from realb_hf.distributed import init_distributed
 
     rank, _, _ = init_distributed(timeout_s=120)
-    workers = {"errors": _errors_worker, "stall": _stall_worker, "tp_split": _tp_split_worker}
+    workers = {
+        "errors": _errors_worker,
+        "stall": _stall_worker,
+        "tp_split": _tp_split_worker,
+        "mixed_dispatch": _mixed_dispatch_worker,
+    }
     result = workers[scenario](Path(workdir))
     if rank == 0:
         Path(out).write_text(json.dumps(result, indent=1))

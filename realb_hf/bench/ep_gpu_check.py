@@ -357,9 +357,9 @@ def _layer_call(module, hidden, ids, weights) -> None:
 
 
 class Timer:
-    def __init__(self, device, profile_calls: int = 0):
+    def __init__(self, device, profiled_calls: int = 0):
         self.cuda = device.type == "cuda"
-        self.profile_calls = profile_calls
+        self.profiled_calls = profiled_calls
 
     def __call__(self, fn, iters: int, warmup: int) -> dict:
         for _ in range(warmup):
@@ -395,10 +395,10 @@ class Timer:
         slowest = torch.tensor([local, back_to_back], dtype=torch.float64, device="cuda" if self.cuda else "cpu")
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         result = {"ms": slowest[0].item(), "rank_ms": local, "back_to_back_ms": slowest[1].item()}
-        if self.profile_calls:
+        if self.profiled_calls:
             dist.barrier()
             per_rank = [None] * dist.get_world_size()
-            dist.all_gather_object(per_rank, profile_calls(fn, self.profile_calls, before=dist.barrier))
+            dist.all_gather_object(per_rank, profile_calls(fn, self.profiled_calls, before=dist.barrier))
             result["profile_per_rank"] = per_rank
         return result
 

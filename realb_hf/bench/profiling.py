@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch.autograd import DeviceType
 
+from ..distributed import SECTION_PREFIX
+
 CALL_LABEL = "realb_bench::call"
-SECTION_PREFIX = "realb::"  # labels of the sections `realb_hf.distributed` marks while a profiler runs
 _COMMUNICATION = ("nccl", "gloo")
 
 
@@ -60,8 +61,8 @@ def summarize(events, calls: int, top: int = 6) -> dict[str, Any]:
             (comm if any(c in k.name.lower() for c in _COMMUNICATION) else compute).append(span)
             kernel_time[k.name] += k.time_range.end - k.time_range.start
     for e in host_ops:
-        if not windows[0][0] <= e.time_range.start <= windows[-1][1]:
-            continue
+        if not any(start <= e.time_range.start <= end for start, end in windows):
+            continue  # the sync and the `before` hook between calls are not the call's work
         if e.name.startswith(SECTION_PREFIX):
             sections[e.name] = sections.get(e.name, 0.0) + e.time_range.end - e.time_range.start
         else:
