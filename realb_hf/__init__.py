@@ -4,7 +4,7 @@ Importing this package registers the "realb" quantization method with transforme
 `from_pretrained(..., quantization_config=RealbConfig(...))` works and saved ReaLB models reload as ReaLB models.
 """
 
-from .apply import apply_realb, get_runtime, get_telemetry
+from .apply import apply_realb, apply_realb_to_experts, get_runtime, get_telemetry
 from .config import RealbConfig
 from .experts import RealbExperts
 from .policy import Decision, PolicyParams, RoutingStats, decide
@@ -27,6 +27,7 @@ __all__ = [
     "RoutingStats",
     "Telemetry",
     "apply_realb",
+    "apply_realb_to_experts",
     "decide",
     "get_runtime",
     "get_telemetry",

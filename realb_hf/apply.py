@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from .config import RealbConfig
-from .quantizer import RealbHfQuantizer
+from .experts import RealbExperts, is_fused_experts
+from .quantizer import RealbHfQuantizer, convert_experts_module
 from .runtime import RealbRuntime
 from .telemetry import Telemetry
 
@@ -43,3 +44,19 @@ def get_runtime(model: torch.nn.Module) -> RealbRuntime:
 def get_telemetry(model: torch.nn.Module) -> Telemetry:
     """Per-layer, per-rank records of a converted model (read, reset, export with `.to_json()`)."""
     return get_runtime(model).telemetry
+
+
+def apply_realb_to_experts(module: torch.nn.Module, config: RealbConfig | None = None, name: str = "experts") -> RealbExperts:
+    """Convert one fused experts module in place, with a runtime of its own (`module.realb_runtime`): layer
+    benchmarks and layer-level tests, with no model around it. Modality is unknown (every row counts as text)."""
+    if not is_fused_experts(module):
+        raise ValueError(
+            f"{type(module).__name__} is not a fused experts module (a class decorated with transformers' "
+            "@use_experts_implementation); convert whole models with apply_realb"
+        )
+    if isinstance(module, RealbExperts):
+        raise ValueError("this experts module already runs ReaLB")
+    config = config or RealbConfig()
+    config.post_init()
+    convert_experts_module(module, name, config, RealbRuntime(config=config))
+    return module

@@ -9,11 +9,9 @@ from __future__ import annotations
 from transformers.quantizers.base import HfQuantizer
 
 from .config import RealbConfig
-from .distributed import install_expert_parallel, prepare_expert_parallel
+from .ep.setup import install_expert_parallel, prepare_expert_parallel
 from .experts import RealbExperts, is_fused_experts, realb_class_for
-from .formats import get_format
-from .modality import POOL_TEXT, POOL_VISION
-from .modulelist import (  # per-expert nn.ModuleList MoE blocks (remote-code DeepSeek-VL2, Kimi-VL)
+from .experts.modulelist import (
     REMOTE_CODE_FAMILIES,
     find_modulelist_moe,
     layout_stand_in,
@@ -21,6 +19,8 @@ from .modulelist import (  # per-expert nn.ModuleList MoE blocks (remote-code De
     stack_modulelist_experts,
     unstack_modulelist_experts,
 )
+from .formats import get_format
+from .modality import POOL_TEXT, POOL_VISION
 from .policy import expert_ranges
 from .runtime import RealbRuntime
 
@@ -75,6 +75,14 @@ def check_block_sizes(name: str, module, formats: set[str]) -> None:
             )
 
 
+def convert_experts_module(module, name: str, config: RealbConfig, runtime: RealbRuntime) -> None:
+    """Swap one fused experts module for its Realb class; the checks raise before any weight loads."""
+    expert_ranges(module.num_experts, config.ep_size)
+    check_block_sizes(name, module, named_low_formats(config))
+    module.__class__ = realb_class_for(type(module))
+    module.realb_attach(runtime, name, _pool_of(name))
+
+
 def replace_with_realb_experts(model, config: RealbConfig, runtime: RealbRuntime) -> list[str]:
     """Swap every fused experts module (outside `modules_to_not_convert`) for its Realb class; return their names."""
     skip = config.modules_to_not_convert or []
@@ -85,12 +93,9 @@ def replace_with_realb_experts(model, config: RealbConfig, runtime: RealbRuntime
             continue
         if any(fragment in name for fragment in skip):
             continue
-        expert_ranges(module.num_experts, config.ep_size)  # these checks raise before any weight loads
-        check_block_sizes(name, module, formats)
-        module.__class__ = realb_class_for(type(module))
-        module.realb_attach(runtime, name, _pool_of(name))
+        convert_experts_module(module, name, config, runtime)
         replaced.append(name)
-    # ---- per-expert nn.ModuleList MoE blocks (realb_hf/modulelist.py); their weights are stacked after loading ----
+    # per-expert nn.ModuleList MoE blocks (experts/modulelist.py): their weights are stacked after loading
     modulelist_blocks = list(find_modulelist_moe(model))
     for name, block in modulelist_blocks:
         if any(fragment in name for fragment in skip):
@@ -99,7 +104,6 @@ def replace_with_realb_experts(model, config: RealbConfig, runtime: RealbRuntime
         check_block_sizes(name, layout_stand_in(name, block.experts), formats)
         patch_modulelist_moe(block, runtime, name, _pool_of(name))
         replaced.append(name)
-    # ---- end of per-expert nn.ModuleList MoE blocks ----
     if not replaced:
         model_type = getattr(model.config, "model_type", type(model).__name__)
         why = (

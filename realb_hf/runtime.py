@@ -6,23 +6,30 @@ Kept outside the modules' parameters so checkpoints hold exactly what the stock 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 
 from .config import RealbConfig
 from .formats import resolve_low_precision
-from .modality import ModalityTracker, placeholder_ids
+from .kernels.counts import routing_counts_many
+from .modality import TEXT, ModalityTracker, placeholder_ids
 from .policy import PolicyParams
 from .telemetry import Telemetry
+
+
+def model_telemetry(**kwargs: Any) -> Telemetry:
+    """A `Telemetry` that counts deferred routing with the routing kernels."""
+    return Telemetry(count_routing=partial(routing_counts_many, text_code=TEXT), **kwargs)
 
 
 @dataclass(eq=False)
 class RealbRuntime:
     config: RealbConfig
     modality: ModalityTracker = field(default_factory=ModalityTracker)
-    telemetry: Telemetry = field(default_factory=Telemetry)
-    ep: Any = None  # realb_hf.distributed.EpState under real expert parallelism (None: one process, virtual EP)
+    telemetry: Telemetry = field(default_factory=model_telemetry)
+    ep: Any = None  # realb_hf.ep.EpState under real expert parallelism (None: one process, virtual EP)
     _params: dict[torch.device, PolicyParams] = field(default_factory=dict, repr=False)
 
     @classmethod

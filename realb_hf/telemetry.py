@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from .kernels import routing
 from .policy import (
     Decision,
     PolicyParams,
@@ -85,6 +84,20 @@ class DeferredRouting(NamedTuple):
         return self.top_k_index.nbytes
 
 
+class LayerCounts(NamedTuple):
+    """What one layer call hands telemetry: its routing counts, and the decision when it was made on the host or
+    from the config (None: made on the device; `decide` recomputes it from the counts when the record is built)."""
+
+    counts: RoutingStats | torch.Tensor | DeferredRouting  # on the host, (2, E) on the device, or to count later
+    decision: Decision | None
+    num_tokens: int
+    params: PolicyParams
+    source: str  # where the modality came from
+
+
+# (indices, modalities, num_experts) -> (N, 2, num_experts): counts many layer calls' routing at once
+CountRouting = Callable[[list, list, int], torch.Tensor]
+
 # Layer calls whose counts wait on the device before they are counted and sent to the host together (no host
 # sync; about 85 forwards of a 48-layer model); bounds the device memory they hold when nobody reads telemetry.
 MAX_PENDING = 4096
@@ -126,6 +139,7 @@ class Telemetry:
     """
 
     enabled: bool = True
+    count_routing: CountRouting | None = field(default=None, repr=False)  # needed for `DeferredRouting` counts
     max_records: int | None = 100_000  # oldest records are dropped beyond this (long-running servers)
     forwards: int = 0
     dropped: int = 0
@@ -148,6 +162,34 @@ class Telemetry:
             return
         self._flush()
         self._append(record)
+
+    def receive(self, layer: str, counts: LayerCounts) -> None:
+        """One layer call's `LayerCounts`: a record now (counts on the host) or deferred (counted when read)."""
+        if not self.enabled:
+            return
+        if type(counts.counts) is RoutingStats:
+            stats, decision = counts.counts, counts.decision
+            self.add(make_record(self.forwards, layer, stats, decision, counts.params, counts.source))
+        else:
+            self.add_deferred(layer, counts.counts, counts.num_tokens, counts.decision, counts.params, counts.source)
+
+    def host_stats(self, counts: LayerCounts) -> RoutingStats:
+        """`counts` as host `RoutingStats` now (one host sync unless they are there already)."""
+        held = counts.counts
+        if type(held) is RoutingStats:
+            return held
+        if type(held) is DeferredRouting:
+            held = self._count([held.top_k_index], [held.modality], held.num_experts)[0]
+        tokens, vision = held.tolist()
+        return RoutingStats(tuple(tokens), tuple(vision), counts.num_tokens)
+
+    def _count(self, indices: list, modalities: list, num_experts: int) -> torch.Tensor:
+        if self.count_routing is None:
+            raise ValueError(
+                "this Telemetry was built without count_routing, so it cannot count deferred routing; "
+                "use the one a ReaLB model owns (realb_hf.get_telemetry(model))"
+            )
+        return self.count_routing(indices, modalities, num_experts)
 
     def add_deferred(
         self,
@@ -188,7 +230,7 @@ class Telemetry:
         for chunk, ((experts, top_k, _), members) in enumerate(groups.items()):
             held = [pending[i][2] for i in members]
             if top_k:
-                counts = routing.routing_counts_many([r.top_k_index for r in held], [r.modality for r in held], experts)
+                counts = self._count([r.top_k_index for r in held], [r.modality for r in held], experts)
             else:
                 counts = torch.stack(held)
             chunks.append(_to_host(counts))

@@ -62,7 +62,7 @@ def _tail(proc: subprocess.CompletedProcess) -> str:
 def workdir(tmp_path_factory) -> Path:
     """Tiny checkpoints saved once: the two families (in the layout transformers' EP loader reads) and a
     Qwen3-VL-MoE with 3 experts (no EP size > 1 divides it)."""
-    from realb_hf.distributed import save_for_expert_parallel
+    from realb_hf.ep import save_for_expert_parallel
     from realb_hf.tiny import TINY_FAMILIES, build_tiny_model, tiny_qwen3_vl_moe_config
 
     path = tmp_path_factory.mktemp("ep")
@@ -294,7 +294,7 @@ def _stall_worker(workdir: Path) -> dict | None:
     from transformers.distributed import DistributedConfig
 
     from realb_hf.bench.ep_gpu_check import replicated_tp_plan
-    from realb_hf.distributed import set_collective_timeout
+    from realb_hf.ep import set_collective_timeout
     from realb_hf.tiny import qwen3_vl_image_batch
 
     path = workdir / "qwen3_vl_moe"
@@ -322,14 +322,14 @@ def _tp_split_worker(workdir: Path) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from realb_hf.distributed import _tp_gather_rows, _tp_rows
+    from realb_hf.ep.tp_rows import tp_gather_rows, tp_rows
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     result = {}
     for n in (0, 1, 3, 4, 8):
         batch = torch.arange(n * 3, dtype=torch.float32).view(n, 3)
-        mine, dtensor = _tp_rows(batch, mesh, with_grad=False), _tp_rows(batch, mesh, with_grad=True)
-        same = torch.equal(mine, dtensor) and torch.equal(_tp_gather_rows(mine * 2, n, mesh), batch * 2)
+        mine, dtensor = tp_rows(batch, mesh, with_grad=False), tp_rows(batch, mesh, with_grad=True)
+        same = torch.equal(mine, dtensor) and torch.equal(tp_gather_rows(mine * 2, n, mesh), batch * 2)
         flag = torch.tensor([0 if same else 1])
         dist.all_reduce(flag)
         result[str(n)] = int(flag.item()) == 0
@@ -342,23 +342,24 @@ def _mixed_dispatch_worker(workdir: Path) -> dict:
     import torch
     import torch.distributed as dist
 
-    from realb_hf.distributed import EpState, RealbAllToAllEP
+    from realb_hf.ep import EpState
+    from realb_hf.ep.all_to_all import exchange_mixed
     from realb_hf.formats.fp8 import quantize_rowwise
 
     rank = dist.get_rank()
     hidden = {src: torch.randn(5, 62, generator=torch.Generator().manual_seed(src)) for src in (0, 1)}
     send_sizes, recv_sizes = [3, 2], [[3, 3], [2, 2]][rank]
     state = EpState(rank=rank, size=2, global_rank=rank, implementation="all_to_all")
-    high, fp8_in = RealbAllToAllEP._exchange_mixed(
-        None, hidden[rank], torch.arange(5), send_sizes, recv_sizes, [True, False], rank, dist.group.WORLD, None, state
+    received, scale = exchange_mixed(
+        hidden[rank], torch.arange(5), send_sizes, recv_sizes, [True, False], rank, dist.group.WORLD, None, state
     )
     mine = slice(0, 3) if rank == 0 else slice(3, 5)
     expected = torch.cat([hidden[0][mine], hidden[1][mine]])
     if rank == 0:
-        xq, scale = quantize_rowwise(expected)
-        same = high is None and torch.equal(fp8_in[0].contiguous(), xq.view(torch.uint8)) and torch.equal(fp8_in[1], scale)
+        xq, fp8_scale = quantize_rowwise(expected)
+        same = torch.equal(received.contiguous(), xq.view(torch.uint8)) and torch.equal(scale, fp8_scale)
     else:
-        same = fp8_in is None and torch.equal(high, expected)
+        same = scale is None and torch.equal(received, expected)
     flag = torch.tensor([0 if same else 1])
     dist.all_reduce(flag)
     return {"same": int(flag.item()) == 0, "comm": state.comm}
@@ -371,7 +372,7 @@ def _worker(scenario: str, workdir: str, out: str) -> None:
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    from realb_hf.distributed import init_distributed
+    from realb_hf.ep import init_distributed
 
     rank, _, _ = init_distributed(timeout_s=120)
     workers = {
@@ -391,12 +392,11 @@ if __name__ == "__main__":
     _worker(*sys.argv[1:4])
 
 
-def test_ep_log_of_device_decisions_stays_bounded(monkeypatch):
+def test_ep_log_of_device_decisions_stays_bounded():
     """A server that never reads `applied` keeps only the window it would show, not every layer call."""
-    from realb_hf import distributed
+    from realb_hf.ep import EpState
 
-    monkeypatch.setattr(distributed, "_MAX_APPLIED", 5)
-    state = distributed.EpState(rank=0, size=2, global_rank=0, implementation="all_reduce")
+    state = EpState(rank=0, size=2, global_rank=0, implementation="all_reduce", max_applied=5)
     for i in range(33):
         state.log_deferred(lambda i: {"call": i}, i)
         assert len(state._pending) < 10

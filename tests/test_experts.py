@@ -132,7 +132,7 @@ def test_sentinel_ids_from_other_ranks_contribute_nothing(low_model, off_model):
 def test_on_the_fly_keeps_no_copies_persistent_reports_bytes(qwen_dir, qwen_batch):
     fly = load_qwen(qwen_dir, policy="all_low", low_precision="fp8")
     logits(fly, qwen_batch)
-    assert all(m._realb_cache == {} for m in experts_of(fly))
+    assert all(m.realb_weight_cache == {} for m in experts_of(fly))
     assert realb_hf.get_telemetry(fly).extra_memory_bytes == 0
 
     kept = load_qwen(qwen_dir, policy="all_low", low_precision="fp8", weight_cache="persistent")

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from realb_hf.config import GRANULARITIES, LOW_PRECISION_CHOICES, POLICIES, WEIGHT_CACHES
-from realb_hf.distributed import configure_ep, gather_report, init_distributed, save_for_expert_parallel
+from realb_hf.ep import configure_ep, gather_report, init_distributed, save_for_expert_parallel
 
 
 def parse_args(argv=None) -> argparse.Namespace:

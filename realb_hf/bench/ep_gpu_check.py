@@ -54,13 +54,8 @@ import torch.distributed as dist
 
 from realb_hf import RealbConfig, get_runtime, get_telemetry
 from realb_hf.bench.profiling import profile_calls
-from realb_hf.distributed import (
-    WeightPrefetch,
-    configure_ep,
-    gather_report,
-    init_distributed,
-    save_for_expert_parallel,
-)
+from realb_hf.ep import configure_ep, gather_report, init_distributed, save_for_expert_parallel
+from realb_hf.experts import Prefetch
 from realb_hf.tiny import TINY_FAMILIES
 
 FAMILIES = ("qwen3_vl_moe", "deepseek_v3")
@@ -519,9 +514,11 @@ def run_timing(args, device: torch.device) -> dict:
         # the hot rank's conversion alone (every local expert to fp8), and a bf16 all-to-all of the dispatch's size
         runtime.reconfigure(weight_cache="on_the_fly")
         with _use_local_dtensor_params(layer):
-            plan = {"fp8": list(range(layer.num_experts))}
+            requests = {"fp8": list(range(layer.num_experts))}
             results["conversion alone (all local experts -> fp8)"] = timer(
-                lambda layer=layer, plan=plan: WeightPrefetch(layer, plan, side_stream=False), args.iters, args.warmup
+                lambda layer=layer, requests=requests: Prefetch.start(layer, requests, side_stream=False),
+                args.iters,
+                args.warmup,
             )
         pairs = dims["tokens"] // world * dims["top_k"] // world * world  # this rank's pairs, split evenly
         buf = torch.empty(pairs, dims["hidden"], dtype=torch.bfloat16, device=device)
@@ -615,10 +612,9 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     if args.sync_free_on_cpu:
-        from realb_hf import sync_free
         from realb_hf.experts import RealbExperts
 
-        RealbExperts._realb_sync_free_ok = lambda self, h, high, low: sync_free.covers(self, high, low, h)
+        RealbExperts.realb_device_path = "always"
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     rank, world, device = init_distributed(timeout_s=args.timeout)

@@ -49,7 +49,7 @@ def log(msg: str) -> None:
 
 def build_checkpoint(path: str, preset: str, layers: int, device: torch.device) -> None:
     """Rank 0: the random-weight model in a checkpoint EP can load (`save_for_expert_parallel`)."""
-    from ..distributed import save_for_expert_parallel
+    from ..ep import save_for_expert_parallel
     from .model import build_model, model_config
 
     if dist.get_rank() == 0 and not Path(path, "config.json").exists():
@@ -90,7 +90,7 @@ def time_prefill(model, batch, warmup: int, repeats: int, device: torch.device) 
 
 def run(args) -> dict:
     from .. import get_runtime, get_telemetry
-    from ..distributed import init_distributed
+    from ..ep import init_distributed
     from .model import VisionRouterBias, calibrate_bias, image_text_batch, measure_skew, model_config
 
     rank, world, device = init_distributed(timeout_s=1800)

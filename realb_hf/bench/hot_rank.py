@@ -74,18 +74,13 @@ def time_ms(fn, inputs: list, warmup: int = 5, repeats: int = 30) -> float:
 
 
 def realb_variant(module, **config_kwargs):
-    """A copy of `module` converted to RealbExperts with its own runtime (no model around it)."""
+    """A copy of `module` converted to ReaLB with its own runtime (no model around it), telemetry off."""
     import copy
 
-    from realb_hf import RealbConfig
-    from realb_hf.experts import realb_class_for
-    from realb_hf.runtime import RealbRuntime
+    from realb_hf import RealbConfig, apply_realb_to_experts
 
-    clone = copy.deepcopy(module)
-    clone.__class__ = realb_class_for(type(module))
-    runtime = RealbRuntime(config=RealbConfig(**config_kwargs))
-    runtime.telemetry.enabled = False
-    clone.realb_attach(runtime, "bench.experts")
+    clone = apply_realb_to_experts(copy.deepcopy(module), RealbConfig(**config_kwargs))
+    clone.realb_runtime.telemetry.enabled = False
     return clone
 
 
@@ -120,10 +115,10 @@ def run(
         "realb fp8 on_the_fly (conversion included)": realb_variant(stock, policy="all_low", low_precision="fp8"),
     }
     host_sync = realb_variant(stock, policy="all_low", low_precision="fp8", weight_cache="persistent")
-    host_sync._realb_sync_free_ok = lambda *args: False  # the host path: group sizes read back to the host
+    host_sync.realb_device_path = "never"  # the host path: group sizes read back to the host
     variants["realb fp8 persistent (host-sync path)"] = host_sync
     unfused = realb_variant(stock, policy="all_low", low_precision="fp8", weight_cache="persistent")
-    unfused._realb_plain_swiglu = lambda: False  # composed path: separate quant kernels, eager SwiGLU
+    unfused.realb_fuse_swiglu = False  # composed path: separate quant kernels, eager SwiGLU
     variants["realb fp8 persistent (unfused reference path)"] = unfused
     # the dynamic policy on one rank with nothing to balance: decided on the device, nothing lowered
     variants["realb policy=realb, nothing lowered"] = realb_variant(stock, policy="realb", batch_threshold=0)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.autograd import DeviceType
 
-from ..distributed import SECTION_PREFIX
+from ..ep.groups import SECTION_PREFIX
 
 CALL_LABEL = "realb_bench::call"
 _COMMUNICATION = ("nccl", "gloo")

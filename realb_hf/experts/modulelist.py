@@ -42,8 +42,8 @@ import torch
 from torch import nn
 from transformers.integrations.moe import _default_apply_gate
 
-from .experts import RealbExperts
-from .runtime import RealbRuntime
+from ..runtime import RealbRuntime
+from .module import RealbExperts
 
 REMOTE_CODE_FAMILIES = ("deepseek_vl_v2", "kimi_vl")  # tested through tiny re-implementations (tests/remote_code)
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
