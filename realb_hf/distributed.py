@@ -52,8 +52,10 @@ from transformers.distributed.parallel_utils import replace_layer_number_by_wild
 
 from .experts import RealbExperts, is_fused_experts
 from .formats.fp8 import quantize_rowwise
-from .kernels import fp8_triton, routing
+from .kernels import rows as row_kernels
 from .kernels.combine import weighted_combine
+from .kernels.counts import counts_and_flags
+from .modality import TEXT
 from .policy import (
     RoutingStats,
     decide,
@@ -445,7 +447,7 @@ class WeightPrefetch:
         if side_stream and device.type == "cuda":
             stream = _side_stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream), fp8_triton.background(SIDE_STREAM_SM_SHARE):
+            with torch.cuda.stream(stream), row_kernels.background(SIDE_STREAM_SM_SHARE):
                 self._convert(module, plan, flags)
             self._event = torch.cuda.Event()
             self._event.record(stream)
@@ -526,7 +528,9 @@ class RealbAllReduceEP(AllReduceEP):
         sync_free = module._realb_sync_free_ok(hidden_states, params.high, params.low)
         reads_routing = needs_routing(params, num_tokens)
         if sync_free and reads_routing and decides_on_device(params):
-            counts_device, global_flags = routing.counts_and_flags(top_k_index, modality, placement.num_global, params)
+            counts_device, global_flags = counts_and_flags(
+                top_k_index, modality, placement.num_global, params.device_rule(), TEXT
+            )
         else:
             counts_device = module.realb_routing_counts(top_k_index, modality, placement.num_global)
         if sync_free and (decides_on_device(params) or not reads_routing):
@@ -693,7 +697,7 @@ class RealbAllToAllEP(AllToAllEP):
         dist.all_to_all_single(
             recv_out, expert_output.contiguous(), state.send_sizes, state.recv_sizes, group=self.ep_mesh.get_group()
         )
-        position = routing.inverse_permutation(state.order).view(state.top_k_weights.shape)
+        position = row_kernels.inverse_permutation(state.order).view(state.top_k_weights.shape)
         output = weighted_combine(recv_out, position, state.top_k_weights)
         return output if self.tp_mesh.size() == 1 else _tp_gather_rows(output, state.num_tokens, self.tp_mesh)
 
@@ -721,8 +725,8 @@ class RealbAllToAllEP(AllToAllEP):
             start, offset = start + size, offset + nbytes
             if low:
                 # the grouping gather and the rowwise quantization in one pass (Triton on CUDA)
-                if fp8_triton.available(hidden.device):
-                    xq, scale = fp8_triton.gather_quant_rows(hidden, chunk)
+                if row_kernels.available(hidden.device):
+                    xq, scale = row_kernels.gather_quant_rows(hidden, chunk)
                 else:
                     xq, scale = quantize_rowwise(hidden[chunk])
                 piece = piece.view(size, fp8_row)

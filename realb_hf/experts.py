@@ -17,8 +17,10 @@ from transformers.integrations.moe import _default_apply_gate
 
 from . import sync_free
 from .formats import get_format
-from .kernels import routing
 from .kernels.combine import weighted_combine
+from .kernels.counts import counts_and_flags, histogram, routing_counts
+from .kernels.rows import host_to_device, inverse_permutation, take_rows
+from .modality import TEXT
 from .policy import (
     Decision,
     PolicyParams,
@@ -77,7 +79,7 @@ class RealbExperts(torch.nn.Module):
         Ids >= `num_experts` (EP sentinels) are not counted. No host sync, so EP can exchange it as it is.
         """
         num_experts = self.num_experts if num_experts is None else num_experts
-        return routing.routing_counts(top_k_index, modality, num_experts)
+        return routing_counts(top_k_index, modality, num_experts, TEXT)
 
     def realb_routing_stats(self, top_k_index: torch.Tensor, modality: torch.Tensor | None) -> RoutingStats:
         """Token-expert pairs per global expert, and how many of them are vision tokens (one host sync)."""
@@ -120,7 +122,9 @@ class RealbExperts(torch.nn.Module):
             source = runtime.modality.source if modality is not None else "none"
             if sync_free_ok and decides_on_device(params):
                 # Decided on the device; telemetry recomputes the same decision on the host when it is read.
-                counts, low_experts = routing.counts_and_flags(top_k_index, modality, self.num_experts, params)
+                counts, low_experts = counts_and_flags(
+                    top_k_index, modality, self.num_experts, params.device_rule(), TEXT
+                )
                 runtime.telemetry.add_deferred(self.realb_name, counts, num_tokens, None, params, source)
                 return self._realb_sync_free(
                     hidden_states, top_k_index, top_k_weights, low_experts, params.high, params.low
@@ -240,7 +244,7 @@ class RealbExperts(torch.nn.Module):
         experts = [e for e, c in enumerate(counts_host) if c]
         first, down, covered = self._realb_packed("fp8", experts, ready)
         offs = _offsets(counts_host, covered, xq.device)
-        xq_sorted = routing.take_rows(xq, perm)  # gathered as bytes when received as bytes: runs everywhere
+        xq_sorted = take_rows(xq, perm)  # gathered as bytes when received as bytes: runs everywhere
         if xq_sorted.dtype == torch.uint8:
             xq_sorted = xq_sorted.view(torch.float8_e4m3fn)
         fmt = get_format("fp8")
@@ -252,7 +256,7 @@ class RealbExperts(torch.nn.Module):
             y = y + self.down_proj_bias[ids_sorted]
         if self.has_post_expert_norm:
             y = self.post_expert_norm(y)
-        return routing.take_rows(y, routing.inverse_permutation(perm))  # a row gather: faster than out[perm] = y
+        return take_rows(y, inverse_permutation(perm))  # a row gather: faster than out[perm] = y
 
     def _realb_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(first, down) projection weights in the (E, N, K) layout every format expects (views, no copies)."""
@@ -270,7 +274,7 @@ class RealbExperts(torch.nn.Module):
             if experts == list(range(experts[0], experts[-1] + 1)):  # rank granularity: a slice, no gather
                 sel_first, sel_down = first[experts[0] : experts[-1] + 1], down[experts[0] : experts[-1] + 1]
             else:
-                idx = _host_to_device(experts, torch.long, first.device)
+                idx = host_to_device(experts, torch.long, first.device)
                 sel_first, sel_down = first.index_select(0, idx), down.index_select(0, idx)
             return fmt.quantize_weight(sel_first.detach()), fmt.quantize_weight(sel_down.detach())
 
@@ -332,7 +336,7 @@ class RealbExperts(torch.nn.Module):
         rows = perm // top_k  # token of each sorted row: formats gather (and may quantize) in one pass
         ids_sorted = safe_ids[perm]
         # rows per (format, expert); the sentinel block sits after every format's block.
-        counts = routing.histogram(key_sorted, (len(formats) + 1) * num_experts)
+        counts = histogram(key_sorted, (len(formats) + 1) * num_experts)
         counts = counts[: len(formats) * num_experts].view(len(formats), num_experts)
         counts_host = counts.tolist()
 
@@ -360,7 +364,7 @@ class RealbExperts(torch.nn.Module):
         if self.has_post_expert_norm:
             y = self.post_expert_norm(y)
         # Position of every (token, slot) among the computed rows; -1 for other ranks' experts.
-        position = routing.inverse_permutation(perm)
+        position = inverse_permutation(perm)
         position = torch.where(position < start, position, -1)
         out = weighted_combine(
             y.to(hidden_states.dtype), position.view(num_tokens, top_k), weights.view(num_tokens, top_k)
@@ -407,7 +411,7 @@ class RealbExperts(torch.nn.Module):
         if key not in cache:
             if len(cache) >= 64:
                 cache.clear()
-            cache[key] = _host_to_device(list(codes), torch.long, device)
+            cache[key] = host_to_device(list(codes), torch.long, device)
         return cache[key]
 
     def _realb_plain_swiglu(self) -> bool:
@@ -421,14 +425,6 @@ class RealbExperts(torch.nn.Module):
         )
 
 
-def _host_to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list on `device` without a stream stall (pinned staging, non-blocking copy)."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
-
-
 def _offsets(counts_host: list[int], covered: list[int] | None, device: torch.device) -> torch.Tensor:
     """int32 cumulative row ends per expert group (all experts, or only `covered` ones), built on the host."""
     counts = counts_host if covered is None else [counts_host[e] for e in covered]
@@ -436,4 +432,4 @@ def _offsets(counts_host: list[int], covered: list[int] | None, device: torch.de
     for c in counts:
         total += c
         ends.append(total)
-    return _host_to_device(ends, torch.int32, device)
+    return host_to_device(ends, torch.int32, device)

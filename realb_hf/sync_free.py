@@ -9,7 +9,7 @@ GEMMs stop at their last offset. Together with `policy.lowered_experts_on_device
 tensor ops) and weight conversion that skips unflagged experts on the device, a ReaLB layer queues all its
 work without waiting for the GPU once. The bookkeeping around the GEMMs (a stable counting sort of the rows
 by precision and expert, group offsets, slot positions, the finite check) is two launches on CUDA
-(`kernels.routing.sort_rows`), and both groups' rows are gathered (and the low ones quantized) in one more.
+(`kernels.sort.sort_rows`), and both groups' rows are gathered (and the low ones quantized) in one more.
 
 Used on CUDA for what it covers: two precisions (the high one and one low one), formats with
 `supports_padding` (bf16, fp8), plain SwiGLU experts without bias or post-expert norm. Elsewhere the host
@@ -21,10 +21,11 @@ from __future__ import annotations
 import torch
 
 from .formats import get_format
-from .kernels import fp8_triton, routing
+from .kernels import rows as row_kernels
 from .kernels.combine import weighted_combine
+from .kernels.sort import sort_rows
 
-HIGH, LOW = 0, 1  # row codes (kernels.routing.sort_rows): precision group; 2 is another EP rank's expert
+HIGH, LOW = 0, 1  # row codes (kernels.sort.sort_rows): precision group; 2 is another EP rank's expert
 _SPLIT_GATHER = {"bf16", "fp8"}  # what `gather_split_rows` writes: copies in the input dtype, or rowwise e4m3
 
 
@@ -58,7 +59,7 @@ def mixed_forward(
     """
     num_tokens, top_k = top_k_index.shape
     num_experts = module.num_experts
-    rows, position, offs, totals = routing.sort_rows(top_k_index, low_experts, hidden, num_experts)
+    rows, position, offs, totals = sort_rows(top_k_index, low_experts, hidden, num_experts)
     n_high, n_low = totals[HIGH : HIGH + 1], totals[LOW : LOW + 1]  # one-element device tensors
 
     first, down = module._realb_weights()
@@ -76,9 +77,9 @@ def mixed_forward(
 
 def _gather_both(high_fmt, low_fmt, hidden: torch.Tensor, rows: torch.Tensor, totals: torch.Tensor) -> tuple:
     """Both groups' rows in the form each format's GEMM consumes: one launch on CUDA (bf16 copies or fp8
-    rowwise quantization, `kernels.fp8_triton.gather_split_rows`), else each format's own gather."""
-    if fp8_triton.available(hidden.device) and {high_fmt.name, low_fmt.name} <= _SPLIT_GATHER:
-        a, b = fp8_triton.gather_split_rows(hidden, rows, totals, (high_fmt.name == "fp8", low_fmt.name == "fp8"))
+    rowwise quantization, `kernels.rows.gather_split_rows`), else each format's own gather."""
+    if row_kernels.available(hidden.device) and {high_fmt.name, low_fmt.name} <= _SPLIT_GATHER:
+        a, b = row_kernels.gather_split_rows(hidden, rows, totals, (high_fmt.name == "fp8", low_fmt.name == "fp8"))
         return (a if high_fmt.name == "fp8" else a[:1]), (b if low_fmt.name == "fp8" else b[:1])
     return (
         high_fmt.gather_activations(hidden, rows, None, totals[HIGH : HIGH + 1]),

@@ -10,7 +10,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .kernels import routing
+from .kernels.counts import routing_counts_many
+from .modality import TEXT
 from .policy import (
     Decision,
     PolicyParams,
@@ -188,7 +189,8 @@ class Telemetry:
         for chunk, ((experts, top_k, _), members) in enumerate(groups.items()):
             held = [pending[i][2] for i in members]
             if top_k:
-                counts = routing.routing_counts_many([r.top_k_index for r in held], [r.modality for r in held], experts)
+                indices, modalities = [r.top_k_index for r in held], [r.modality for r in held]
+                counts = routing_counts_many(indices, modalities, experts, TEXT)
             else:
                 counts = torch.stack(held)
             chunks.append(_to_host(counts))
