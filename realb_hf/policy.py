@@ -18,6 +18,8 @@ from functools import lru_cache
 
 import torch
 
+from .kernels.counts import DecisionRule, lowered_flags_reference
+
 # Predicted low-precision expert-MLP time relative to bf16.
 # fp8: measured on H100 (Qwen3-VL-30B-A3B dims, EP=4 rank: 0.94 ms fused fp8 vs 1.21 ms bf16; ../shared/FACTS.md).
 # nvfp4/mxfp4: assumed for Blackwell FP4 tensor cores (not measured by this project: no sm100 card).
@@ -82,6 +84,16 @@ class PolicyParams:
         if precision == self.low and self.low_cost_ratio is not None:
             return self.low_cost_ratio
         return DEFAULT_LOW_COST_RATIO[precision]
+
+    def device_rule(self) -> DecisionRule:
+        """The numbers of the dynamic policy's device-side decision (`lowered_experts_on_device`)."""
+        return DecisionRule(
+            ep_size=self.ep_size,
+            expert_granularity=self.granularity == "expert",
+            imbalance_threshold=self.imbalance_threshold,
+            modality_threshold=self.modality_threshold,
+            cost_ratio=self.cost_ratio,
+        )
 
 
 @dataclass(frozen=True)
@@ -245,29 +257,4 @@ def lowered_experts_on_device(counts: torch.Tensor, num_tokens: int, params: Pol
     expert_ranges(num_experts, params.ep_size)  # validates ep_size
     if num_tokens < params.batch_threshold:
         return torch.zeros(num_experts, dtype=torch.bool, device=counts.device)
-    per_expert = counts.view(2, params.ep_size, -1).long()  # (2, ranks, experts of a rank)
-    tokens, vision = per_expert.sum(-1).double()  # per rank: pairs, vision pairs
-    hot = tokens > tokens.sum() / params.ep_size * (1.0 + params.imbalance_threshold)
-    if params.granularity == "expert":
-        return _lowered_experts_of_hot_ranks(per_expert, tokens, hot, params).reshape(-1)
-    share = torch.where(tokens > 0, vision / tokens.clamp(min=1), torch.zeros_like(tokens))
-    eligible = hot & (share >= params.modality_threshold)
-    floor = torch.where(eligible, tokens * params.cost_ratio, tokens).max()
-    lowered = eligible & (tokens > floor)
-    return lowered.repeat_interleave(num_experts // params.ep_size)
-
-
-def _lowered_experts_of_hot_ranks(
-    per_expert: torch.Tensor, tokens: torch.Tensor, hot: torch.Tensor, params: PolicyParams
-) -> torch.Tensor:
-    """`_decide_experts` as tensor ops: (ranks, experts of a rank) bool. The one-at-a-time loop is a prefix of
-    each rank's candidates sorted by pairs (descending, stable), cut where the remaining cost reaches the target."""
-    pairs, vision = per_expert[0], per_expert[1]
-    target = torch.where(hot, torch.zeros_like(tokens), tokens).max()
-    share = vision.double() / pairs.double().clamp(min=1)
-    candidate = hot[:, None] & (pairs > 0) & (share >= params.modality_threshold)
-    key, order = torch.sort(torch.where(candidate, pairs, -1), dim=1, descending=True, stable=True)
-    taken = key.clamp(min=0)
-    before = taken.cumsum(1) - taken  # pairs already lowered when each candidate comes up (exact integers)
-    lower = (key > 0) & (tokens[:, None] - (1.0 - params.cost_ratio) * before.double() > target)
-    return torch.zeros_like(lower).scatter(1, order, lower)
+    return lowered_flags_reference(counts, params.device_rule())

@@ -42,7 +42,7 @@ def _allow_scalar_loop_bounds() -> None:
 def _check_sort_rows() -> int:
     import torch
 
-    from realb_hf.kernels import routing
+    from realb_hf.kernels.sort import sort_rows, sort_rows_triton
 
     # (tokens, top_k, experts); the last block scans the others 2 at a time, so 5 blocks take it 3 steps
     cases = [(1, 1, 4), (300, 8, 32), (501, 6, 18), (0, 8, 8), (2500, 2, 8)]
@@ -53,8 +53,8 @@ def _check_sort_rows() -> int:
         hidden = torch.randn(tokens, 40, generator=gen).bfloat16()
         if tokens > 5:
             hidden[3, 7], hidden[4, 0] = float("inf"), float("nan")
-        ref = routing.sort_rows(ids, low, hidden, num_experts)
-        got = routing._sort_rows_triton(ids.reshape(-1), top_k, low, hidden, num_experts, block_tile=2)
+        ref = sort_rows(ids, low, hidden, num_experts)
+        got = sort_rows_triton(ids.reshape(-1), top_k, low, hidden, num_experts, block_tile=2)
         for name, g, r in zip(ref._fields, got, ref):
             assert torch.equal(g.long(), r.long()), (tokens, top_k, num_experts, name)
     return len(cases)
@@ -62,9 +62,8 @@ def _check_sort_rows() -> int:
 
 def _check_decisions() -> int:
     import torch
-    import triton
 
-    from realb_hf.kernels import routing
+    from realb_hf.kernels.counts import lowered_flags_triton
     from realb_hf.policy import PolicyParams, lowered_experts_on_device
 
     rng = random.Random(0)
@@ -81,21 +80,16 @@ def _check_decisions() -> int:
             imbalance_threshold=rng.choice([0.0, 0.1, 0.3]),
             low_cost_ratio=rng.choice([None, 0.5, 0.78]),
         )
-        prm = routing._decision_params(params, torch.device("cpu"))
-        out = torch.empty(ep * per, dtype=torch.int8)
-        routing._decide[(1,)](
-            counts, prm, out, ep * per, ep, per,
-            EP_BLOCK=triton.next_power_of_2(ep), PER_BLOCK=triton.next_power_of_2(per),
-            EXPERT=params.granularity == "expert",
-        )
-        assert torch.equal(out.bool(), lowered_experts_on_device(counts, 4096, params)), (trial, counts, params)
+        out = lowered_flags_triton(counts, params.device_rule())
+        assert torch.equal(out, lowered_experts_on_device(counts, 4096, params)), (trial, counts, params)
     return 120
 
 
 def _check_counts_and_flags() -> int:
     import torch
 
-    from realb_hf.kernels import routing
+    from realb_hf.kernels.counts import counts_and_flags, counts_triton
+    from realb_hf.modality import TEXT
     from realb_hf.policy import PolicyParams
 
     rng = random.Random(1)
@@ -106,10 +100,10 @@ def _check_counts_and_flags() -> int:
         ids = torch.randint(0, num_experts, (tokens, top_k), generator=gen)
         ids = torch.where(torch.rand(tokens, top_k, generator=gen) < 0.5, ids % 4, ids)  # rank 0 hot
         modality = (torch.rand(tokens, generator=gen) < 0.8).to(torch.int8)
-        params = PolicyParams(ep_size=ep, granularity=rng.choice(["rank", "expert"]), batch_threshold=0)
-        ref_counts, ref_flags = routing.counts_and_flags(ids, modality, num_experts, params)
-        counts, flags = routing._counts_triton(ids.reshape(-1), top_k, modality, num_experts, params)
-        assert torch.equal(counts.long(), ref_counts.long()) and torch.equal(flags, ref_flags), (trial, params)
+        rule = PolicyParams(ep_size=ep, granularity=rng.choice(["rank", "expert"])).device_rule()
+        ref_counts, ref_flags = counts_and_flags(ids, modality, num_experts, rule, TEXT)
+        counts, flags = counts_triton(ids, modality, num_experts, TEXT, rule)
+        assert torch.equal(counts.long(), ref_counts.long()) and torch.equal(flags, ref_flags), (trial, rule)
     return 12
 
 

@@ -1,17 +1,17 @@
-"""Fused fp8 kernels against their pure-torch references (CUDA only; CPU always runs the references)."""
+"""Row kernels (`kernels.rows`) and the combine against their pure-torch references (CUDA; the grid share on CPU)."""
 
 import pytest
 import torch
 
 from realb_hf.formats import get_format
 from realb_hf.formats.fp8 import Fp8Weight, quantize_rowwise
-from realb_hf.kernels import fp8_triton
+from realb_hf.kernels import rows
 
 cuda = pytest.mark.cuda
 
 
 def test_kernels_report_unavailable_on_cpu():
-    assert not fp8_triton.available(torch.device("cpu"))
+    assert not rows.available(torch.device("cpu"))
 
 
 @cuda
@@ -20,7 +20,7 @@ def test_gather_quant_is_bit_identical_to_reference(k):
     x = torch.randn(300, k, device="cuda", dtype=torch.bfloat16) * torch.rand(300, 1, device="cuda") * 10
     x[5] = 0
     index = torch.randint(0, 300, (517,), device="cuda")
-    data, scale = fp8_triton.gather_quant_rows(x, index)
+    data, scale = rows.gather_quant_rows(x, index)
     ref_data, ref_scale = quantize_rowwise(x[index])
     assert torch.equal(scale, ref_scale)
     assert torch.equal(data.view(torch.uint8), ref_data.view(torch.uint8))
@@ -29,7 +29,7 @@ def test_gather_quant_is_bit_identical_to_reference(k):
 @cuda
 def test_weight_conversion_is_bit_identical_and_keeps_shape():
     w = torch.randn(4, 96, 64, device="cuda", dtype=torch.bfloat16)
-    data, scale = fp8_triton.gather_quant_rows(w)
+    data, scale = rows.gather_quant_rows(w)
     ref_data, ref_scale = quantize_rowwise(w)
     assert data.shape == w.shape and scale.shape == w.shape[:2]
     assert torch.equal(scale, ref_scale) and torch.equal(data.view(torch.uint8), ref_data.view(torch.uint8))
@@ -38,7 +38,7 @@ def test_weight_conversion_is_bit_identical_and_keeps_shape():
 @cuda
 def test_swiglu_quant_matches_eager_within_bf16_rounding():
     h = torch.randn(257, 2 * 768, device="cuda", dtype=torch.bfloat16) * 3
-    data, scale = fp8_triton.swiglu_quant_rows(h)
+    data, scale = rows.swiglu_quant_rows(h)
     gate, up = h.chunk(2, dim=-1)
     act = torch.nn.functional.silu(gate) * up
     got = data.float() * scale[:, None]
@@ -100,11 +100,11 @@ def test_count_aware_gather_touches_only_real_rows(start, count, rows):
     x = torch.randn(300, 2048, device="cuda", dtype=torch.bfloat16)
     index = torch.randint(0, 300, (rows,), device="cuda")
     start_t, count_t = torch.tensor([start], device="cuda"), torch.tensor([count], device="cuda")
-    data, scale = fp8_triton.gather_quant_rows(x, index, start_t, count_t)
+    data, scale = rows.gather_quant_rows(x, index, start_t, count_t)
     ref_data, ref_scale = quantize_rowwise(x[index[start : start + count]])
     assert torch.equal(scale[:count], ref_scale)
     assert torch.equal(data[:count].view(torch.uint8), ref_data.view(torch.uint8))
-    plain, none = fp8_triton.gather_quant_rows(x, index, start_t, count_t, quantize=False)
+    plain, none = rows.gather_quant_rows(x, index, start_t, count_t, quantize=False)
     assert none is None and torch.equal(plain[:count], x[index[start : start + count]])
 
 
@@ -115,9 +115,9 @@ def test_split_gather_equals_two_gathers(quantize, n_a, n_b, rows):
     x = torch.randn(300, 2048, device="cuda", dtype=torch.bfloat16)
     index = torch.randint(0, 300, (rows,), device="cuda")
     totals = torch.tensor([n_a, n_b], device="cuda", dtype=torch.int32)
-    got = fp8_triton.gather_split_rows(x, index, totals, quantize)
+    got = rows.gather_split_rows(x, index, totals, quantize)
     for (data, scale), quant, lo, n in zip(got, quantize, (0, n_a), (n_a, n_b)):
-        ref, ref_scale = fp8_triton.gather_quant_rows(x, index[lo : lo + n], quantize=quant)
+        ref, ref_scale = rows.gather_quant_rows(x, index[lo : lo + n], quantize=quant)
         assert data.shape[0] == rows and (scale is None) == (not quant)
         assert torch.equal(data[:n].view(torch.uint8), ref.view(torch.uint8))
         if quant:
@@ -128,7 +128,7 @@ def test_split_gather_equals_two_gathers(quantize, n_a, n_b, rows):
 def test_flagged_weight_conversion_converts_only_flagged_experts():
     w = torch.randn(6, 96, 256, device="cuda", dtype=torch.bfloat16)
     flags = torch.tensor([0, 1, 1, 0, 0, 1], device="cuda", dtype=torch.bool)
-    data, scale = fp8_triton.gather_quant_rows(w, expert_flags=flags)
+    data, scale = rows.gather_quant_rows(w, expert_flags=flags)
     ref_data, ref_scale = quantize_rowwise(w)
     for e in (1, 2, 5):
         assert torch.equal(scale[e], ref_scale[e]) and torch.equal(data[e].view(torch.uint8), ref_data[e].view(torch.uint8))
@@ -141,29 +141,45 @@ def test_swiglu_kernels_with_a_device_count(count, rows):
     gate, up = h.chunk(2, dim=-1)
     eager = torch.nn.functional.silu(gate) * up
     count_t = torch.tensor([count], device="cuda")
-    act, none = fp8_triton.swiglu_rows(h, count_t, quantize=False)
+    act, none = rows.swiglu_rows(h, count_t, quantize=False)
     assert none is None
     assert torch.equal(act[:count], eager[:count])  # rounds exactly as eager silu(gate) * up
-    data, scale = fp8_triton.swiglu_quant_rows(h, count_t)
+    data, scale = rows.swiglu_quant_rows(h, count_t)
     got = data[:count].float() * scale[:count, None]
     if count:
         assert ((got - eager[:count].float()).norm() / eager[:count].float().norm()).item() < 0.04
 
 
-def test_background_share_caps_the_persistent_grid(monkeypatch):
+def test_background_share_caps_the_persistent_grid():
     """Side-stream conversions fill a share of the SMs; the share is restored afterwards (no GPU needed)."""
-    monkeypatch.setitem(fp8_triton._SM_COUNT, 0, 132)
-    device = torch.device("cuda", 0)
-    assert fp8_triton._grid(10**6, device) == (132 * fp8_triton._PROGRAMS_PER_SM,)
-    with fp8_triton.background(0.25):
-        assert fp8_triton._grid(10**6, device) == (132 * fp8_triton._PROGRAMS_PER_SM // 4,)
-        assert fp8_triton._grid(5, device) == (5,)
-    assert fp8_triton._grid(0, device) == (1,)
-    assert fp8_triton._grid(10**6, device) == (132 * fp8_triton._PROGRAMS_PER_SM,)
+    full = (132 * rows.PROGRAMS_PER_SM,)
+    assert rows.persistent_grid(10**6, 132) == full
+    with rows.background(0.25):
+        assert rows.persistent_grid(10**6, 132) == (132 * rows.PROGRAMS_PER_SM // 4,)
+        assert rows.persistent_grid(5, 132) == (5,)
+    assert rows.persistent_grid(0, 132) == (1,)
+    assert rows.persistent_grid(10**6, 132) == full
 
 
 @pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
 def test_background_share_outside_0_1_is_refused(fraction):
     with pytest.raises(ValueError, match="must be in"):
-        with fp8_triton.background(fraction):
+        with rows.background(fraction):
             pass
+
+
+def test_kernels_are_a_leaf_layer():
+    """Nothing under realb_hf/kernels imports the rest of realb_hf: every layer above may use the kernels."""
+    import ast
+    from pathlib import Path
+
+    import realb_hf.kernels
+
+    above = []
+    for path in Path(realb_hf.kernels.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level > 1 or (node.module or "").startswith("realb_hf")):
+                above.append(f"{path.name}: from {'.' * node.level}{node.module or ''}")
+            elif isinstance(node, ast.Import):
+                above += [f"{path.name}: import {a.name}" for a in node.names if a.name.startswith("realb_hf")]
+    assert not above, above

@@ -1,11 +1,15 @@
-"""`kernels.routing`: every Triton step equals its torch reference (the CPU path) exactly. CUDA only."""
+"""`kernels.counts` and `kernels.sort`: every Triton step equals its torch reference (the CPU path) exactly.
+
+CUDA only, but for the row helpers and the batched counting, which run everywhere."""
 
 import random
 
 import pytest
 import torch
 
-from realb_hf.kernels import routing
+from realb_hf.kernels import counts as count_kernels
+from realb_hf.kernels import rows, sort
+from realb_hf.modality import TEXT
 from realb_hf.policy import PolicyParams, lowered_experts_on_device
 
 cuda = pytest.mark.cuda
@@ -23,8 +27,8 @@ def ids_with_sentinels(tokens, top_k, num_experts, seed):
 def test_routing_counts(with_modality, tokens, top_k, num_experts):
     ids = ids_with_sentinels(tokens, top_k, num_experts, 0)
     modality = torch.randint(0, 3, (tokens,), dtype=torch.int8) if with_modality else None
-    ref = routing.routing_counts(ids, modality, num_experts)
-    got = routing.routing_counts(ids.cuda(), modality.cuda() if with_modality else None, num_experts)
+    ref = count_kernels.routing_counts(ids, modality, num_experts, TEXT)
+    got = count_kernels.routing_counts(ids.cuda(), modality.cuda() if with_modality else None, num_experts, TEXT)
     assert torch.equal(got.cpu().long(), ref.long())
 
 
@@ -49,7 +53,7 @@ def test_decision_equals_the_policy_on_random_counts(granularity):
             granularity=granularity,
         )
         ref = lowered_experts_on_device(counts, 4096, params)
-        got = routing.lowered_flags(counts.cuda(), 4096, params).cpu()
+        got = count_kernels.lowered_flags(counts.cuda(), params.device_rule()).cpu()
         assert torch.equal(got, ref), (trial, counts, params)
         lowered += bool(ref.any())
     assert lowered > 30
@@ -75,19 +79,19 @@ def test_counts_and_flags_in_one_launch(granularity):
         num_experts = ep * rng.choice([2, 8, 32])
         tokens = rng.choice([1, 700, 5000])
         ids, modality = skewed_routing(rng, tokens, rng.choice([2, 8]), num_experts, ep)
-        params = PolicyParams(
-            ep_size=ep, granularity=granularity, batch_threshold=rng.choice([0, 2048]),
+        rule = PolicyParams(
+            ep_size=ep, granularity=granularity,
             imbalance_threshold=rng.choice([0.0, 0.1]), modality_threshold=rng.choice([0.5, 0.7]),
-        )
-        ref_counts, ref_flags = routing.counts_and_flags(ids, modality, num_experts, params)
-        counts, flags = routing.counts_and_flags(ids.cuda(), modality.cuda(), num_experts, params)
+        ).device_rule()
+        ref_counts, ref_flags = count_kernels.counts_and_flags(ids, modality, num_experts, rule, TEXT)
+        counts, flags = count_kernels.counts_and_flags(ids.cuda(), modality.cuda(), num_experts, rule, TEXT)
         assert torch.equal(counts.cpu().long(), ref_counts.long()), trial
-        assert torch.equal(flags.cpu(), ref_flags), (trial, params)
+        assert torch.equal(flags.cpu(), ref_flags), (trial, rule)
         lowered += bool(ref_flags.any())
     assert lowered > 10
 
 
-def assert_same_sort(got: routing.SortedRows, ref: routing.SortedRows) -> None:
+def assert_same_sort(got: sort.SortedRows, ref: sort.SortedRows) -> None:
     for name, g, r in zip(ref._fields, got, ref):
         assert torch.equal(g.cpu().long(), r.long()), name
 
@@ -103,20 +107,20 @@ def test_sort_rows(tokens, top_k, num_experts):
     hidden = torch.randn(tokens, 96).bfloat16()
     if tokens > 10:
         hidden[3, 5], hidden[9, 0] = float("inf"), float("nan")  # these tokens' rows run high
-    ref = routing.sort_rows(ids, low, hidden, num_experts)
+    ref = sort.sort_rows(ids, low, hidden, num_experts)
     for _ in range(3):  # the last-block hand-off must hold on every run, not once
-        assert_same_sort(routing.sort_rows(ids.cuda(), low.cuda(), hidden.cuda(), num_experts), ref)
+        assert_same_sort(sort.sort_rows(ids.cuda(), low.cuda(), hidden.cuda(), num_experts), ref)
 
 
 @cuda
 def test_sort_rows_of_rows_grouped_by_expert():
     """What an EP rank receives: rows grouped by expert (whole blocks of one key)."""
     ids = torch.sort(torch.randint(0, 33, (50_000,)))[0].view(-1, 1)
-    ref = routing.routing_counts(ids, None, 32)
-    assert torch.equal(routing.routing_counts(ids.cuda(), None, 32).cpu().long(), ref.long())
+    ref = count_kernels.routing_counts(ids, None, 32, TEXT)
+    assert torch.equal(count_kernels.routing_counts(ids.cuda(), None, 32, TEXT).cpu().long(), ref.long())
     low = torch.rand(32) < 0.5
     hidden = torch.randn(50_000, 16).bfloat16()
-    assert_same_sort(routing.sort_rows(ids.cuda(), low.cuda(), hidden.cuda(), 32), routing.sort_rows(ids, low, hidden, 32))
+    assert_same_sort(sort.sort_rows(ids.cuda(), low.cuda(), hidden.cuda(), 32), sort.sort_rows(ids, low, hidden, 32))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
@@ -134,9 +138,9 @@ def test_routing_counts_many_equals_one_call_at_a_time(device, sizes, with_modal
         indices.append(ids.to(device))
         mod = torch.randint(0, 3, (tokens,), dtype=torch.int8).to(device)
         modalities.append(mod if with_modality and trial % 3 else None)
-    many = routing.routing_counts_many(indices, modalities, 16)
+    many = count_kernels.routing_counts_many(indices, modalities, 16, TEXT)
     for got, ids, mod in zip(many, indices, modalities):
-        assert torch.equal(got.cpu().long(), routing.routing_counts(ids.cpu(), None if mod is None else mod.cpu(), 16).long())
+        assert torch.equal(got.cpu().long(), count_kernels.routing_counts(ids.cpu(), None if mod is None else mod.cpu(), 16, TEXT).long())
 
 
 @cuda
@@ -144,12 +148,12 @@ def test_routing_counts_many_does_not_sync():
     """Telemetry counts deferred routing when MAX_PENDING calls wait, in the serving path: no host sync."""
     indices = [torch.randint(0, 17, (n, 4), device="cuda") for n in (3, 3, 9)]
     modalities = [None, torch.ones(3, dtype=torch.int8, device="cuda"), None]
-    routing.routing_counts_many(indices, modalities, 16)  # warm-up (first use may allocate pinned memory)
+    count_kernels.routing_counts_many(indices, modalities, 16, TEXT)  # warm-up (first use may allocate pinned memory)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        routing.routing_counts_many(indices, modalities, 16)
-        routing.routing_counts_many(indices[:2], modalities[:2], 16)
+        count_kernels.routing_counts_many(indices, modalities, 16, TEXT)
+        count_kernels.routing_counts_many(indices[:2], modalities[:2], 16, TEXT)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -171,13 +175,13 @@ def test_take_rows_equals_indexing(device, make):
     """The row gather of the all-to-all experts and combine moves whole rows, bit for bit what `x[index]` gives."""
     x = make(device)
     index = torch.randperm(x.shape[0], device=device)[:30]
-    got = routing.take_rows(x, index)
+    got = rows.take_rows(x, index)
     assert got.dtype == x.dtype and got.shape == (30, x.shape[1])
     assert torch.equal(got.view(torch.uint8).cpu(), x[index].contiguous().view(torch.uint8).cpu())
 
 
 def test_inverse_permutation():
     perm = torch.randperm(1000)
-    position = routing.inverse_permutation(perm)
+    position = rows.inverse_permutation(perm)
     assert torch.equal(position[perm], torch.arange(1000)) and torch.equal(perm[position], torch.arange(1000))
-    assert routing.inverse_permutation(torch.empty(0, dtype=torch.long)).numel() == 0
+    assert rows.inverse_permutation(torch.empty(0, dtype=torch.long)).numel() == 0

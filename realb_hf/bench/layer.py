@@ -18,7 +18,7 @@ Latency model (printed with every result):
   (`convert_ms` reports its share, so it can be subtracted where the dispatch is long enough to hide it).
 - ReaLB's decision comes from the global routing (`realb_hf.decide` with ep_size=ep), as every real rank
   computes it. A ReaLB rank's timed call is what realb_hf.distributed's all-reduce EP runs per layer: on CUDA
-  at rank granularity, global routing counts and the decision on the device (`kernels.routing`) and the
+  at rank granularity, global routing counts and the decision on the device (`kernels.counts`) and the
   sync-free experts path on the rank's rows; a config-only decision (static, all_low, off) is made without the
   routing; otherwise (expert granularity) global routing counts (one host sync) -> decide -> telemetry record
   -> `RealbExperts.realb_run_local` on the rank's rows. (If
@@ -44,7 +44,8 @@ import torch
 
 from ..config import RealbConfig
 from ..formats import get_format
-from ..kernels import routing
+from ..kernels.counts import counts_and_flags, routing_counts
+from ..modality import TEXT
 from ..policy import (
     Decision,
     PolicyParams,
@@ -53,6 +54,7 @@ from ..policy import (
     decide_without_routing,
     decides_on_device,
     expert_ranges,
+    lowered_experts_on_device,
     needs_routing,
 )
 from ..quantizer import replace_with_realb_experts
@@ -567,7 +569,12 @@ def realb_rank_call(
     def call(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if decides_on_device(params) and module._realb_sync_free_ok(x, params.high, params.low):
             # as the all-reduce EP implementation on CUDA: counts and decision on the device, no host sync
-            flags = routing.counts_and_flags(index, workload.modality, num_experts, params)[1][lo:hi]
+            if needs_routing(params, index.shape[0]):
+                flags = counts_and_flags(index, workload.modality, num_experts, params.device_rule(), TEXT)[1]
+            else:  # below the batch threshold: nothing lowered
+                counts = routing_counts(index, workload.modality, num_experts, TEXT)
+                flags = lowered_experts_on_device(counts, index.shape[0], params)
+            flags = flags[lo:hi]
             return module._realb_sync_free(x, ids, weights, flags, params.high, params.low)
         if not needs_routing(params, index.shape[0]):  # config-only decisions (static, all_low, off): no sync
             precisions = decide_without_routing(params, num_experts).expert_precision[lo:hi]

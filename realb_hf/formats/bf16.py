@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import rows as row_kernels
 from .base import PrecisionFormat
 
 
@@ -49,20 +50,16 @@ class Bf16Format(PrecisionFormat):
 
     def gather_activations(self, hidden, rows, start=None, count=None):
         """With a device-side `count` on CUDA: one Triton pass that copies only the real rows."""
-        from ..kernels import fp8_triton
-
-        if count is not None and fp8_triton.available(hidden.device):
-            return (fp8_triton.gather_quant_rows(hidden, rows, start, count, quantize=False)[0],)
+        if count is not None and row_kernels.available(hidden.device):
+            return (row_kernels.gather_quant_rows(hidden, rows, start, count, quantize=False)[0],)
         return super().gather_activations(hidden, rows, start, count)
 
     def expert_mlp_on(self, activations, first, down, offs, gate, fused_swiglu, out_dtype, count=None):
         """The model's own GEMMs; with a device-side `count` on CUDA, SwiGLU as one Triton pass over the real rows
         (rounded as eager `silu(gate) * up` rounds)."""
-        from ..kernels import fp8_triton
-
         (x,) = activations
-        if count is None or not (fused_swiglu and fp8_triton.available(x.device)):
+        if count is None or not (fused_swiglu and row_kernels.available(x.device)):
             return super().expert_mlp_on(activations, first, down, offs, gate, fused_swiglu, out_dtype, count)
         h = self.grouped_linear(x, first, offs)
-        act, _ = fp8_triton.swiglu_rows(h, count, quantize=False)
+        act, _ = row_kernels.swiglu_rows(h, count, quantize=False)
         return self.grouped_linear(act, down, offs).to(out_dtype)

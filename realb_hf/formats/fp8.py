@@ -21,30 +21,22 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import rows as row_kernels
+from ..kernels.rows import AMAX_EPS, FP8_DTYPE, FP8_MAX, INV_FP8_MAX, quantize_rowwise
 from .base import PrecisionFormat, shifted_index
 from .capability import cuda_capability
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-# amax * (1/448) rather than amax / 448: CUDA turns division by a Python scalar into a multiplication by
-# its (inexact) reciprocal, CPU divides exactly, and the 1-ulp difference flips fp8 ties. An explicit
-# multiplication rounds the same everywhere, so CPU and GPU quantize bit-identically (checked on H200).
-INV_FP8_MAX = 1.0 / FP8_MAX
-AMAX_EPS = 1e-12  # floor on a row's amax, so all-zero rows get a finite non-zero scale
-
-
-def quantize_rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rowwise e4m3 quantization over the last dim: `t (..., K)` -> `(data (..., K) fp8, scale (...) fp32)`.
-
-    `t ~= data.float() * scale[..., None]` with `scale = amax * (1 / 448)`. Works for 2-D activations
-    `(S, K)` and 3-D weights `(E, N, K)`. A pure function of its input (no state, no host sync) so it can later be fused or
-    compiled; both the GPU kernels and the CPU emulation consume its output, so they see identical
-    quantized operands.
-    """
-    amax = t.abs().amax(dim=-1).float()
-    scale = amax.clamp(min=AMAX_EPS) * INV_FP8_MAX  # clamp propagates NaN; inf stays inf
-    data = (t.float() / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return data, scale
+# the format's definition lives with the kernels that reproduce it bit for bit
+__all__ = [
+    "AMAX_EPS",
+    "FP8_DTYPE",
+    "FP8_MAX",
+    "INV_FP8_MAX",
+    "Fp8Format",
+    "Fp8Weight",
+    "quantize_rowwise",
+    "scaled_grouped_mm_reference",
+]
 
 
 @dataclass(frozen=True)
@@ -122,10 +114,8 @@ class Fp8Format(PrecisionFormat):
 
         `expert_flags (E,)` (device): on CUDA only flagged experts are converted, the others are left unwritten
         (callers route no rows to them), so the conversion can be queued before the host knows which."""
-        from ..kernels import fp8_triton  # imports this module: load it lazily
-
-        if fp8_triton.available(weight.device):
-            data, scale = fp8_triton.gather_quant_rows(weight, expert_flags=expert_flags)
+        if row_kernels.available(weight.device):
+            data, scale = row_kernels.gather_quant_rows(weight, expert_flags=expert_flags)
         else:
             data, scale = quantize_rowwise(weight)
         return Fp8Weight(data=data.contiguous(), scale=scale)
@@ -143,17 +133,13 @@ class Fp8Format(PrecisionFormat):
         """
         if x.shape[0] == 0:
             return x.new_empty((0, packed.data.shape[1]))
-        from ..kernels import fp8_triton
-
-        xq, x_scale = fp8_triton.gather_quant_rows(x) if fp8_triton.available(x.device) else quantize_rowwise(x)
+        xq, x_scale = row_kernels.gather_quant_rows(x) if row_kernels.available(x.device) else quantize_rowwise(x)
         return _fp8_grouped_mm(xq, x_scale, packed, offs).to(x.dtype)
 
     def gather_activations(self, hidden, rows, start=None, count=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather + rowwise quantize in one pass (Triton on CUDA): (data e4m3, scale fp32)."""
-        from ..kernels import fp8_triton
-
-        if fp8_triton.available(hidden.device):
-            return fp8_triton.gather_quant_rows(hidden, rows, start, count)
+        if row_kernels.available(hidden.device):
+            return row_kernels.gather_quant_rows(hidden, rows, start, count)
         return quantize_rowwise(hidden[rows if start is None else shifted_index(rows, start)])
 
     def expert_mlp_on(self, activations, first, down, offs, gate, fused_swiglu, out_dtype, count=None):
@@ -162,14 +148,12 @@ class Fp8Format(PrecisionFormat):
         On sm90 with Triton and plain SwiGLU: fp8 GEMM, SwiGLU fused with the quantization of its output, fp8
         GEMM. Otherwise the model's `gate` in `out_dtype` and a dynamically quantized second GEMM.
         """
-        from ..kernels import fp8_triton
-
         xq, x_scale = activations
         if xq.shape[0] == 0:
             return torch.empty(0, down.data.shape[1], dtype=out_dtype, device=xq.device)
         h = _fp8_grouped_mm(xq, x_scale, first, offs)
-        if fused_swiglu and fp8_triton.available(h.device) and cuda_capability(h.device) >= (9, 0):
-            hq, h_scale = fp8_triton.swiglu_quant_rows(h, count)
+        if fused_swiglu and row_kernels.available(h.device) and cuda_capability(h.device) >= (9, 0):
+            hq, h_scale = row_kernels.swiglu_quant_rows(h, count)
             return _fp8_grouped_mm(hq, h_scale, down, offs).to(out_dtype)
         return self.grouped_linear(gate(h.to(out_dtype)), down, offs).to(out_dtype)
 

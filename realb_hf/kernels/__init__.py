@@ -1,1 +1,10 @@
-"""Fused GPU kernels (Triton); every kernel has a pure-torch reference in realb_hf/formats/."""
+"""The kernel layer: fused GPU kernels (Triton), each with the pure-torch reference it reproduces.
+
+- `rows`: row gathers with rowwise fp8 quantization, fused SwiGLU, and the fp8 rowwise format they reproduce.
+- `counts`: routing counts per expert and the dynamic policy's per-expert decision.
+- `sort`: the stable counting sort of a layer's rows by (precision group, expert).
+- `combine`: the weighted top-k combine.
+
+A leaf: nothing here imports the rest of realb_hf, so every layer above may use it. References run on every
+device and define what the kernels compute; the GPU and interpreter tests hold the two equal.
+"""

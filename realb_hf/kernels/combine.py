@@ -4,8 +4,8 @@ The experts' rows come out sorted by (precision, expert); every token must gathe
 weight them and add them up. Done with torch ops that is a scatter (or gather) of the whole (S, H) matrix,
 a multiply and a reduction: three passes over S x H. On CUDA one Triton program per token reads its k
 rows once. Slots whose position is < 0 (other EP ranks' experts) contribute 0. The rows may live in two
-matrices (`y_low`: the low-precision group of the sync-free forward); positions then index their
-concatenation, without it ever being built.
+matrices (`y_low`: a second precision group); positions then index their concatenation, without it ever
+being built.
 
 Rounding follows transformers' stock combine (`(rows * weights).sum(dim=1)`): each product is rounded to
 the promoted dtype of rows and weights (bf16 when both are bf16), the sum accumulates in fp32 and is rounded

@@ -1,20 +1,18 @@
-"""Triton row kernels for the expert MLP on CUDA: one memory pass per step instead of three or four.
+"""Row kernels of the expert MLP and the fp8 rowwise format they reproduce, plus small row helpers.
 
-- `gather_quant_rows`: pick rows of the token matrix (the dispatch permutation) and quantize them rowwise
-  to e4m3 in the same pass, so the bf16 gather copy never exists. With no index it is the bf16 -> fp8
-  weight conversion of the on_the_fly mode (one read, one write: memory-bandwidth bound).
-- `swiglu_quant_rows` / `swiglu_rows`: SwiGLU of a (S, 2I) gate|up matrix fused with the rowwise
-  quantization of its (S, I) output, computed in fp32 (no bf16 rounding between the two); or in bf16.
+- `gather_quant_rows`: pick rows of a matrix (an index) and quantize them rowwise to e4m3 in the same pass, so
+  the gathered copy in the source dtype never exists. With no index it converts whole weights (one read, one
+  write).
+- `swiglu_quant_rows` / `swiglu_rows`: SwiGLU of a (S, 2I) gate|up matrix fused with the rowwise quantization
+  of its (S, I) output, computed in fp32 (no rounding between the two); or in the input dtype.
 
-Every kernel can take its row count (and where its rows start in the index) as a device tensor: rows past
-the count are padding that no program touches. That is what lets the mixed-precision forward run without
-reading any count back to the host (`realb_hf.sync_free`).
+Every kernel can take its row count (and where its rows start in the index) as a device tensor: rows past the
+count are padding that no program touches, so a caller never has to read a count back to the host.
 
-Both produce exactly what `realb_hf.formats.fp8.quantize_rowwise` defines: scale = max(amax, 1e-12) * (1/448),
-data = clamp(x / scale) in e4m3 with round-to-nearest-even (IEEE division, so CPU and GPU agree bit for bit
-on the gather; the SwiGLU output differs from the eager path only by the bf16 rounding it skips).
-Rows holding NaN are not guaranteed to propagate it (Triton's max drops NaN); the experts module sends
-rows with non-finite inputs to the bf16 path before they get here.
+The quantizing gathers produce exactly what `quantize_rowwise` defines: scale = max(amax, 1e-12) * (1/448),
+data = clamp(x / scale) in e4m3 with round-to-nearest-even (IEEE division, so CPU and GPU agree bit for bit).
+Rows holding NaN are not guaranteed to propagate it (Triton's max drops NaN): callers send rows with non-finite
+inputs elsewhere.
 """
 
 from __future__ import annotations
@@ -24,20 +22,71 @@ import threading
 
 import torch
 
-from ..formats.fp8 import AMAX_EPS, FP8_MAX, INV_FP8_MAX
-
 try:
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
-except ImportError:  # CPU-only installs: the reference path in formats/fp8.py is used instead
+except ImportError:  # CPU-only installs: callers use the torch references
     triton = None
     tl = None
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+# amax * (1/448) rather than amax / 448: CUDA turns division by a Python scalar into a multiplication by
+# its (inexact) reciprocal, CPU divides exactly, and the 1-ulp difference flips fp8 ties. An explicit
+# multiplication rounds the same everywhere, so CPU and GPU quantize bit-identically.
+INV_FP8_MAX = 1.0 / FP8_MAX
+AMAX_EPS = 1e-12  # floor on a row's amax, so all-zero rows get a finite non-zero scale
+
+
+def quantize_rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rowwise e4m3 quantization over the last dim: `t (..., K)` -> `(data (..., K) fp8, scale (...) fp32)`.
+
+    `t ~= data.float() * scale[..., None]` with `scale = amax * (1 / 448)`. Works for 2-D activations
+    `(S, K)` and 3-D weights `(E, N, K)`. A pure function of its input (no state, no host sync) so it can later be fused or
+    compiled; both the GPU kernels and the CPU emulation consume its output, so they see identical
+    quantized operands.
+    """
+    amax = t.abs().amax(dim=-1).float()
+    scale = amax.clamp(min=AMAX_EPS) * INV_FP8_MAX  # clamp propagates NaN; inf stays inf
+    data = (t.float() / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return data, scale
 
 
 def available(device: torch.device) -> bool:
     """Triton kernels need a CUDA device and the triton package."""
     return triton is not None and device.type == "cuda"
+
+
+def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on `device` without a stream stall (pinned staging, non-blocking copy)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """`position` with `position[perm[i]] = i`: where each original row went (one small scatter, no sort)."""
+    position = torch.empty_like(perm)
+    position[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
+    return position
+
+
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`x[index]` for a 2-D `x`, copying whole rows: rows of 1- or 2-byte elements are moved as 4-byte words
+    (an element-wise gather of bytes runs far below memory bandwidth)."""
+    itemsize = x.element_size()
+    if (
+        itemsize < 4
+        and x.dim() == 2
+        and x.stride(-1) == 1
+        and (x.size(-1) * itemsize) % 4 == 0
+        and (x.stride(0) * itemsize) % 4 == 0
+        and (x.storage_offset() * itemsize) % 4 == 0
+    ):
+        return x.view(torch.int32).index_select(0, index).view(x.dtype)
+    return x.index_select(0, index)
 
 
 if triton is not None:
@@ -170,18 +219,23 @@ if triton is not None:
                 _store_row(b_ptr, b_scale_ptr, row - n_a, b_stride, cols, x, mask, QUANT_B, True)
 
 
-_PROGRAMS_PER_SM = 16
+PROGRAMS_PER_SM = 16
 _SM_COUNT: dict[int, int] = {}
 _share = threading.local()  # fraction of the GPU the row kernels may fill (`background`)
 
 
+def persistent_grid(rows: int, sm_count: int) -> tuple[int]:
+    """Persistent grid: enough programs to fill `sm_count` SMs (or the current `background` share of them),
+    never more than `rows`, at least one."""
+    programs = int(sm_count * PROGRAMS_PER_SM * getattr(_share, "fraction", 1.0))
+    return (max(1, min(rows, programs)),)
+
+
 def _grid(rows: int, device: torch.device) -> tuple[int]:
-    """Persistent grid: enough programs to fill the GPU (or its `background` share), never more than rows."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    programs = int(_SM_COUNT[index] * _PROGRAMS_PER_SM * getattr(_share, "fraction", 1.0))
-    return (max(1, min(rows, programs)),)
+    return persistent_grid(rows, _SM_COUNT[index])
 
 
 @contextlib.contextmanager
@@ -225,7 +279,7 @@ def gather_quant_rows(
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     rows = index.numel() if index is not None else flat.shape[0]
-    out = torch.empty(rows, k, dtype=torch.float8_e4m3fn if quantize else src.dtype, device=src.device)
+    out = torch.empty(rows, k, dtype=FP8_DTYPE if quantize else src.dtype, device=src.device)
     scale = torch.empty(rows, dtype=torch.float32, device=src.device) if quantize else None
     if rows:
         block, warps = _launch_meta(k)
@@ -269,7 +323,7 @@ def gather_split_rows(
     rows = index.numel()
     outs = []
     for quant in quantize:
-        data = torch.empty(rows, k, dtype=torch.float8_e4m3fn if quant else src.dtype, device=src.device)
+        data = torch.empty(rows, k, dtype=FP8_DTYPE if quant else src.dtype, device=src.device)
         scale = torch.empty(rows, dtype=torch.float32, device=src.device) if quant else None
         outs.append((data, scale))
     if rows:
@@ -308,7 +362,7 @@ def swiglu_rows(
     inter = two_i // 2
     if h.stride(-1) != 1:
         h = h.contiguous()
-    out = torch.empty(rows, inter, dtype=torch.float8_e4m3fn if quantize else h.dtype, device=h.device)
+    out = torch.empty(rows, inter, dtype=FP8_DTYPE if quantize else h.dtype, device=h.device)
     scale = torch.empty(rows, dtype=torch.float32, device=h.device) if quantize else None
     if rows:
         block, warps = _launch_meta(inter)
