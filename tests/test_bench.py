@@ -340,8 +340,9 @@ def test_profile_summary_splits_gpu_time_into_compute_communication_and_idle():
 
 
 def test_profile_calls_reads_the_sections_of_a_real_run(tmp_path):
-    from realb_hf.bench.profiling import profile_calls
     from realb_hf.distributed import _section
+
+    from realb_hf.bench.profiling import profile_calls
 
     def fn():
         with _section("decide"):

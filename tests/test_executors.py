@@ -76,7 +76,7 @@ def test_device_path_covers_only_plain_swiglu_experts_in_padding_formats():
 
 
 def test_device_path_mode_is_validated():
-    module = experts()
+    module = experts(policy="all_low")
     module.realb_device_path = "sometimes"
     x, index, weights = routing(4, 8, 2, 64, "cpu", 0)
     with pytest.raises(ValueError, match="realb_device_path.*'auto', 'always', 'never'"):

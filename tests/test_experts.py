@@ -7,6 +7,7 @@ from conftest import load_qwen
 import realb_hf
 from realb_hf import formats as formats_mod
 from realb_hf.formats import Bf16Format
+from realb_hf.runtime import model_telemetry
 
 
 def logits(model, batch):
@@ -180,7 +181,7 @@ def test_telemetry_api(qwen_dir, qwen_batch, tmp_path):
 
 
 def test_telemetry_keeps_a_bounded_window():
-    telemetry = realb_hf.Telemetry(max_records=3)
+    telemetry = model_telemetry(max_records=3)
     for i in range(5):
         telemetry.add(realb_hf.LayerRecord(i, "l", 1, [1], [0.0], ["bf16"], 1, 1, 1, 1.0, 0.0, 0, "off", "none"))
     assert [r.forward for r in telemetry.records] == [2, 3, 4] and telemetry.dropped == 2
@@ -192,7 +193,7 @@ def test_deferred_telemetry_is_read_back_before_it_piles_up(monkeypatch):
     from realb_hf.policy import PolicyParams, decide_without_routing
 
     monkeypatch.setattr(telemetry_module, "MAX_PENDING", 10)
-    telemetry = realb_hf.Telemetry(max_records=15)
+    telemetry = model_telemetry(max_records=15)
     params = PolicyParams(policy="off", ep_size=2)
     decision = decide_without_routing(params, 4)
     for _ in range(33):
@@ -213,7 +214,7 @@ def test_shipped_telemetry_builds_records_only_when_read(monkeypatch):
     make_record = telemetry_module.make_record
     monkeypatch.setattr(telemetry_module, "MAX_PENDING", 10)
     monkeypatch.setattr(telemetry_module, "make_record", lambda *a: built.append(a) or make_record(*a))
-    telemetry = realb_hf.Telemetry(max_records=15)
+    telemetry = model_telemetry(max_records=15)
     params = PolicyParams(policy="off", ep_size=2)
     decision = decide_without_routing(params, 4)
     for i in range(33):
@@ -295,3 +296,19 @@ def test_apply_twice_is_refused(qwen_dir):
         realb_hf.apply_realb(model)
     with pytest.raises(ValueError, match="does not run ReaLB"):
         realb_hf.get_runtime(torch.nn.Linear(2, 2))
+
+
+def test_telemetry_without_a_counting_function_refuses_deferred_routing():
+    """Telemetry imports no kernel: a bare one cannot count routing handed in to count later, and says so."""
+    from realb_hf.policy import PolicyParams, decide_without_routing
+    from realb_hf.telemetry import DeferredRouting, LayerCounts
+
+    telemetry = realb_hf.Telemetry()
+    params = PolicyParams(policy="off")
+    routing = DeferredRouting(torch.zeros(3, 2, dtype=torch.long), None, 4)
+    telemetry.receive("layer", LayerCounts(routing, decide_without_routing(params, 4), 3, params, "none"))
+    with pytest.raises(ValueError, match="count_routing"):
+        telemetry.records
+    counted = model_telemetry()
+    counted.receive("layer", LayerCounts(routing, decide_without_routing(params, 4), 3, params, "none"))
+    assert counted.records[0].tokens_per_rank == [6]

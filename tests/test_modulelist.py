@@ -32,8 +32,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import realb_hf
 from realb_hf import formats as formats_mod
-from realb_hf.formats import Bf16Format
 from realb_hf.experts.modulelist import RealbModuleListExperts, check_modulelist_layout
+from realb_hf.formats import Bf16Format
 
 pytestmark = pytest.mark.filterwarnings("ignore::realb_hf.formats.emulation.EmulationWarning")  # fp4 off Blackwell
 
