@@ -20,9 +20,8 @@ import torch
 
 from .kernels.counts import DecisionRule, lowered_flags_reference
 
-# Predicted low-precision expert-MLP time relative to bf16.
-# fp8: measured on H100 (Qwen3-VL-30B-A3B dims, EP=4 rank: 0.94 ms fused fp8 vs 1.21 ms bf16; ../shared/FACTS.md).
-# nvfp4/mxfp4: assumed for Blackwell FP4 tensor cores (not measured by this project: no sm100 card).
+# Predicted low-precision expert-MLP time relative to bf16: fp8 from the fused fp8 expert MLP against bf16 on
+# Hopper (docs/benchmarks.md, "Cost model"); nvfp4/mxfp4 an assumption for Blackwell FP4 tensor cores.
 DEFAULT_LOW_COST_RATIO = {"fp8": 0.78, "nvfp4": 0.6, "mxfp4": 0.6}
 
 REASON_OFF = "off"

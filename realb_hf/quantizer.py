@@ -19,10 +19,8 @@ from .experts.modulelist import (
     stack_modulelist_experts,
     unstack_modulelist_experts,
 )
-from .formats import get_format
 from .modality import POOL_TEXT, POOL_VISION
-from .policy import expert_ranges
-from .runtime import RealbRuntime
+from .runtime import LayerShape, RealbRuntime
 
 SUPPORTED_FAMILIES = (
     "qwen3_vl_moe",
@@ -50,35 +48,18 @@ def _pool_of(name: str) -> str | None:
     return None
 
 
-def named_low_formats(config: RealbConfig) -> set[str]:
-    """Low formats the config names explicitly ("auto" is resolved later, per device)."""
-    names = {config.low_precision} if config.low_precision != "auto" else set()
-    for precision in (config.rank_precisions or {}).values():
-        if precision == "low":
-            names |= {config.low_precision} - {"auto"}
-        elif precision not in ("high", config.high_precision):
-            names.add(precision)
-    return names
-
-
-def check_block_sizes(name: str, module, formats: set[str]) -> None:
-    """Block-scaled formats need both GEMMs' reduction dims (hidden, intermediate) divisible by their block."""
+def layer_shape(module) -> LayerShape:
+    """Experts, hidden and intermediate size of a fused experts module (or its stacked stand-in); reads shapes only,
+    so it runs on the meta device before any weight loads."""
     first = module.gate_up_proj if module.has_gate else module.up_proj
     hidden = first.shape[1] if module.is_transposed else first.shape[2]
     inter = module.down_proj.shape[1] if module.is_transposed else module.down_proj.shape[2]
-    for fmt_name in sorted(formats):
-        block = getattr(get_format(fmt_name), "block_size", 1)
-        if hidden % block or inter % block:
-            raise ValueError(
-                f"{fmt_name} needs the experts' hidden ({hidden}) and intermediate ({inter}) sizes of {name} to be "
-                f"multiples of its block size {block}; choose another low_precision (e.g. 'fp8')"
-            )
+    return LayerShape(first.shape[0], hidden, inter)
 
 
 def convert_experts_module(module, name: str, config: RealbConfig, runtime: RealbRuntime) -> None:
     """Swap one fused experts module for its Realb class; the checks raise before any weight loads."""
-    expert_ranges(module.num_experts, config.ep_size)
-    check_block_sizes(name, module, named_low_formats(config))
+    runtime.add_layer(name, layer_shape(module))
     module.__class__ = realb_class_for(type(module))
     module.realb_attach(runtime, name, _pool_of(name))
 
@@ -86,7 +67,6 @@ def convert_experts_module(module, name: str, config: RealbConfig, runtime: Real
 def replace_with_realb_experts(model, config: RealbConfig, runtime: RealbRuntime) -> list[str]:
     """Swap every fused experts module (outside `modules_to_not_convert`) for its Realb class; return their names."""
     skip = config.modules_to_not_convert or []
-    formats = named_low_formats(config)
     replaced = []
     for name, module in model.named_modules():
         if not name.endswith("experts") or not is_fused_experts(module):
@@ -100,8 +80,7 @@ def replace_with_realb_experts(model, config: RealbConfig, runtime: RealbRuntime
     for name, block in modulelist_blocks:
         if any(fragment in name for fragment in skip):
             continue
-        expert_ranges(len(block.experts), config.ep_size)
-        check_block_sizes(name, layout_stand_in(name, block.experts), formats)
+        runtime.add_layer(name, layer_shape(layout_stand_in(name, block.experts)))
         patch_modulelist_moe(block, runtime, name, _pool_of(name))
         replaced.append(name)
     if not replaced:

@@ -5,6 +5,7 @@ Kept outside the modules' parameters so checkpoints hold exactly what the stock 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -12,10 +13,10 @@ from typing import Any
 import torch
 
 from .config import RealbConfig
-from .formats import resolve_low_precision
+from .formats import get_format, resolve_low_precision
 from .kernels.counts import routing_counts_many
 from .modality import TEXT, ModalityTracker, placeholder_ids
-from .policy import PolicyParams
+from .policy import PolicyParams, expert_ranges
 from .telemetry import Telemetry
 
 
@@ -24,12 +25,52 @@ def model_telemetry(**kwargs: Any) -> Telemetry:
     return Telemetry(count_routing=partial(routing_counts_many, text_code=TEXT), **kwargs)
 
 
+@dataclass(frozen=True)
+class LayerShape:
+    """What a config is checked against for one experts layer."""
+
+    num_experts: int  # the layer's global expert count
+    hidden: int
+    intermediate: int
+
+
+def named_low_formats(config: RealbConfig) -> set[str]:
+    """Low formats the config names explicitly ("auto" is resolved later, per device)."""
+    names = {config.low_precision} if config.low_precision != "auto" else set()
+    for precision in (config.rank_precisions or {}).values():
+        if precision == "low":
+            names |= {config.low_precision} - {"auto"}
+        elif precision not in ("high", config.high_precision):
+            names.add(precision)
+    return names
+
+
+def check_layer(name: str, shape: LayerShape, config: RealbConfig) -> None:
+    """`config` fits layer `name`: its ep_size divides the experts, and block-scaled formats it names divide both
+    GEMMs' reduction dims (hidden, intermediate). ValueError naming the layer and the fix otherwise."""
+    try:
+        expert_ranges(shape.num_experts, config.ep_size)
+    except ValueError:
+        raise ValueError(
+            f"ep_size={config.ep_size} must divide the number of experts ({shape.num_experts}) of {name}; choose "
+            f"an ep_size among the divisors of {shape.num_experts}"
+        ) from None
+    for fmt_name in sorted(named_low_formats(config)):
+        block = getattr(get_format(fmt_name), "block_size", 1)
+        if shape.hidden % block or shape.intermediate % block:
+            raise ValueError(
+                f"{fmt_name} needs the experts' hidden ({shape.hidden}) and intermediate ({shape.intermediate}) sizes "
+                f"of {name} to be multiples of its block size {block}; choose another low_precision (e.g. 'fp8')"
+            )
+
+
 @dataclass(eq=False)
 class RealbRuntime:
     config: RealbConfig
     modality: ModalityTracker = field(default_factory=ModalityTracker)
     telemetry: Telemetry = field(default_factory=model_telemetry)
     ep: Any = None  # realb_hf.ep.EpState under real expert parallelism (None: one process, virtual EP)
+    layers: dict[str, LayerShape] = field(default_factory=dict)  # every converted experts layer
     _params: dict[torch.device, PolicyParams] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -56,6 +97,11 @@ class RealbRuntime:
             )
         return params
 
+    def add_layer(self, name: str, shape: LayerShape) -> None:
+        """Register a converted experts layer, after checking the config against it."""
+        check_layer(name, shape, self.config)
+        self.layers[name] = shape
+
     def reconfigure(self, **changes) -> None:
         """Change runtime knobs of a loaded model (e.g. from the demo); validated like the constructor."""
         allowed = RealbConfig.get_runtime_fields()
@@ -66,5 +112,9 @@ class RealbRuntime:
             raise ValueError(
                 f"ep_size is fixed at {self.ep.size} by the real expert parallelism this model was loaded with"
             )
+        candidate = copy.deepcopy(self.config)
+        candidate.update(**changes)  # validates the values; the model's config is untouched if this raises
+        for name, shape in self.layers.items():
+            check_layer(name, shape, candidate)
         self.config.update(**changes)
         self._params.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,15 +145,16 @@ class Telemetry:
     forwards: int = 0
     dropped: int = 0
     extra_memory_bytes: int = 0  # persistent low-precision weight copies
-    _records: list[LayerRecord] = field(default_factory=list, repr=False)
+    _records: deque[LayerRecord] = field(default_factory=deque, repr=False)  # a ring of at most max_records
     _pending: list[tuple] = field(default_factory=list, repr=False)
     _pending_bytes: int = field(default=0, repr=False)
     _shipped: list[_Shipped] = field(default_factory=list, repr=False)
 
     @property
     def records(self) -> list[LayerRecord]:
+        """The kept records, oldest first (a copy: adding a record stays O(1) however many are kept)."""
         self._flush()
-        return self._records
+        return list(self._records)
 
     def next_forward(self) -> None:
         self.forwards += 1
@@ -266,7 +268,8 @@ class Telemetry:
         if excess <= 0:
             return
         drop = min(excess, len(self._records))
-        del self._records[:drop]
+        for _ in range(drop):
+            self._records.popleft()
         self.dropped += drop
         excess -= drop
         while excess > 0:
@@ -279,11 +282,14 @@ class Telemetry:
             excess -= drop
 
     def _append(self, record: LayerRecord) -> None:
-        self._records.append(record)
-        if self.max_records is not None and len(self._records) > self.max_records:
-            excess = len(self._records) - self.max_records
-            del self._records[:excess]
-            self.dropped += excess
+        ring = self._records
+        if ring.maxlen != self.max_records:  # made before max_records was set: keep the newest that fit
+            before = len(ring)
+            ring = self._records = deque(ring, maxlen=self.max_records)
+            self.dropped += before - len(ring)
+        if ring.maxlen is not None and len(ring) == ring.maxlen:
+            self.dropped += 1  # the append below pushes the oldest record out
+        ring.append(record)
 
     def reset(self) -> None:
         self._records.clear()
@@ -295,10 +301,16 @@ class Telemetry:
 
     def last_forward(self) -> list[LayerRecord]:
         """Records of the most recent forward that reached an MoE layer."""
-        if not self.records:
+        self._flush()
+        if not self._records:
             return []
-        last = self.records[-1].forward
-        return [r for r in self.records if r.forward == last]
+        last = self._records[-1].forward
+        found = []
+        for record in reversed(self._records):  # the newest forward sits at the end: stop at the first older one
+            if record.forward != last:
+                break
+            found.append(record)
+        return found[::-1]
 
     def summary(self, records: Iterable[LayerRecord] | None = None) -> dict[str, Any]:
         """Means over records: the numbers a model card or a dashboard shows."""
@@ -306,7 +318,8 @@ class Telemetry:
         n = len(recs)
 
         def mean(attr: str) -> float:
-            return sum(getattr(r, attr) for r in recs) / n if n else 0.0
+            """Mean over the records; 1.0 (balanced, no speed-up) when there are none."""
+            return sum(getattr(r, attr) for r in recs) / n if n else 1.0
 
         pairs = sum(sum(r.tokens_per_rank) for r in recs)
         lowered_pairs = sum(r.lowered_fraction * sum(r.tokens_per_rank) for r in recs)

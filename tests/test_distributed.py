@@ -401,3 +401,25 @@ def test_ep_log_of_device_decisions_stays_bounded():
         state.log_deferred(lambda i: {"call": i}, i)
         assert len(state._pending) < 10
     assert [entry["call"] for entry in state.applied] == [28, 29, 30, 31, 32]
+
+
+@pytest.mark.parametrize("raw", ["abc", "-5", "nan", "0", "inf"])
+def test_a_bad_timeout_in_the_environment_names_the_variable(raw, monkeypatch):
+    from realb_hf.ep import ENV_TIMEOUT
+    from realb_hf.ep.groups import timeout_from_env
+
+    monkeypatch.setenv(ENV_TIMEOUT, raw)
+    with pytest.raises(ValueError, match=f"environment variable {ENV_TIMEOUT} must be a number of seconds > 0"):
+        timeout_from_env()
+
+
+def test_timeouts_from_the_environment_and_arguments_are_checked(monkeypatch):
+    from realb_hf.ep import ENV_TIMEOUT, init_distributed
+    from realb_hf.ep.groups import timeout_from_env
+
+    monkeypatch.setenv(ENV_TIMEOUT, " 2.5 ")
+    assert timeout_from_env() == 2.5
+    monkeypatch.delenv(ENV_TIMEOUT)
+    assert timeout_from_env() is None
+    with pytest.raises(ValueError, match="timeout_s must be a number of seconds > 0"):
+        init_distributed(timeout_s=0)

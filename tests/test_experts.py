@@ -1,5 +1,7 @@
 """RealbExperts on a tiny Qwen3-VL-MoE: exactness of the bf16 path, the mixed path, edge cases."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import load_qwen
@@ -157,6 +159,24 @@ def test_reconfigure_at_runtime(qwen_dir, qwen_batch, stock_logits):
     assert runtime.config.policy == "off"
 
 
+def test_reconfigure_checks_the_model_like_loading_does(qwen_dir, qwen_batch, stock_logits):
+    """A value that fits the config but not the model (ep_size 3 of 8 experts; mxfp4 on a size its block does not
+    divide is checked the same way) is refused, and the model keeps running as it was."""
+    model = load_qwen(qwen_dir, policy="off")
+    runtime = realb_hf.get_runtime(model)
+    before = runtime.config.to_dict()
+    with pytest.raises(ValueError, match=r"ep_size=3 must divide the number of experts \(8\) of model.*experts"):
+        runtime.reconfigure(ep_size=3)
+    assert runtime.config.to_dict() == before
+    assert torch.equal(logits(model, qwen_batch), stock_logits)
+    runtime.layers["model.language_model.layers.0.mlp.experts"] = replace(
+        runtime.layers["model.language_model.layers.0.mlp.experts"], hidden=48
+    )  # a layer whose hidden size the mxfp4 block (32) does not divide
+    with pytest.raises(ValueError, match="mxfp4 needs the experts' hidden \\(48\\)"):
+        runtime.reconfigure(low_precision="mxfp4")
+    assert runtime.config.to_dict() == before
+
+
 def test_telemetry_api(qwen_dir, qwen_batch, tmp_path):
     model = load_qwen(qwen_dir, ep_size=4, batch_threshold=0, modality_threshold=0.0)
     logits(model, qwen_batch)
@@ -308,7 +328,31 @@ def test_telemetry_without_a_counting_function_refuses_deferred_routing():
     routing = DeferredRouting(torch.zeros(3, 2, dtype=torch.long), None, 4)
     telemetry.receive("layer", LayerCounts(routing, decide_without_routing(params, 4), 3, params, "none"))
     with pytest.raises(ValueError, match="count_routing"):
-        telemetry.records
+        _ = telemetry.records
     counted = model_telemetry()
     counted.receive("layer", LayerCounts(routing, decide_without_routing(params, 4), 3, params, "none"))
     assert counted.records[0].tokens_per_rank == [6]
+
+
+def test_telemetry_window_keeps_the_newest_records_and_counts_the_dropped():
+    """A full window (a ring) drops its oldest record per add; shrinking `max_records` keeps the newest."""
+    from realb_hf.policy import PolicyParams, RoutingStats, decide
+    from realb_hf.telemetry import make_record
+
+    params = PolicyParams(policy="off")
+    stats = RoutingStats((1, 1), (0, 0), 1)
+    record = make_record(0, "layer", stats, decide(stats, params), params, "none")
+    for window in (2_000, 200_000):
+        telemetry = model_telemetry(max_records=window)
+        for _ in range(window + 500):
+            telemetry.add(record)
+        assert len(telemetry.records) == window and telemetry.dropped == 500
+    telemetry.max_records = 10  # shrinking keeps the newest and counts what went
+    telemetry.add(record)
+    assert len(telemetry.records) == 10 and telemetry.dropped == 500 + 200_000 - 9
+
+
+def test_summary_of_no_records_reports_no_speedup():
+    summary = model_telemetry().summary()
+    assert summary["records"] == 0
+    assert summary["predicted_speedup"] == 1.0 and summary["balancedness_tokens"] == 1.0

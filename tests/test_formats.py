@@ -26,6 +26,8 @@ import torch
 from realb_hf.formats import (
     FORMATS,
     LOW_PRECISIONS,
+    Bf16Format,
+    Fp8Format,
     Fp8Weight,
     get_format,
     quantize_rowwise,
@@ -301,3 +303,20 @@ def test_fp8_cuda_matches_cpu_emulation(counts):
     assert rel_err(out_gpu, reference(x, w, offs)) < ERROR_BOUNDS["fp8"]
     out_gpu32 = fmt.grouped_linear(x.float().to(dev), fmt.quantize_weight(w.to(dev)), offs.to(dev))
     assert out_gpu32.dtype == torch.float32 and torch.equal(out_gpu32.cpu(), out_gpu.float())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_fp8_stays_finite_where_bf16_does(device):
+    """Huge activations against tiny weights: the true outputs (~1e33) are finite in bf16, and the fp8 epilogue
+    multiplies the two scales before the accumulator, so it does not overflow fp32 on the way (CPU reference and
+    the GPU kernel alike)."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 64, generator=gen) * 1e36).to(device, torch.bfloat16)
+    w = (torch.randn(2, 32, 64, generator=gen) * 1e-3).to(device, torch.bfloat16)
+    offs = torch.tensor([8, 16], dtype=torch.int32, device=device)
+    reference = Bf16Format().grouped_linear(x, w, offs).float()
+    fp8 = Fp8Format()
+    out = fp8.grouped_linear(x, fp8.quantize_weight(w), offs).float()
+    assert torch.isfinite(reference).all() and torch.isfinite(out).all()
+    out, reference = out / 1e33, reference / 1e33  # norms of the raw values would overflow
+    assert ((out - reference).norm() / reference.norm()).item() < 0.1

@@ -9,6 +9,7 @@ the ReaLB EP path raises `RealbCollectiveError` naming the collective, the layer
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from datetime import timedelta
@@ -32,6 +33,7 @@ def init_distributed(timeout_s: float = 600.0, backend: str | None = None) -> tu
     NCCL on CUDA (device bound to LOCAL_RANK), gloo on CPU.
     """
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    timeout_s = check_timeout(timeout_s)
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and backend in (None, "nccl")
         backend = backend or ("nccl" if use_cuda else "gloo")
@@ -42,6 +44,25 @@ def init_distributed(timeout_s: float = 600.0, backend: str | None = None) -> tu
         dist.init_process_group(**kwargs)
     device = torch.device("cuda", local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def check_timeout(seconds: float, what: str = "timeout_s") -> float:
+    """A collective timeout in seconds: a finite number > 0; ValueError naming `what` otherwise."""
+    try:
+        value = float(seconds)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(seconds, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a number of seconds > 0 (e.g. 600), got {seconds!r}")
+    return value
+
+
+def timeout_from_env() -> float | None:
+    """`REALB_EP_TIMEOUT_S` when set (None otherwise), checked when read."""
+    raw = os.environ.get(ENV_TIMEOUT)
+    if raw is None or raw.strip() == "":
+        return None
+    return check_timeout(raw.strip(), f"the environment variable {ENV_TIMEOUT}")
 
 
 def model_groups(model: torch.nn.Module) -> list:
@@ -65,6 +86,7 @@ def set_collective_timeout(model: torch.nn.Module, seconds: float) -> None:
     """Timeout of every process group the model's collectives use (world, TP, EP, FSDP): a rank that dies or
     stalls makes the others raise after `seconds` instead of hanging (gloo raises in the collective; NCCL's
     watchdog aborts the communicator and the process, naming the collective)."""
+    seconds = check_timeout(seconds)
     try:
         from torch.distributed.distributed_c10d import _set_pg_timeout
     except ImportError as error:  # a private torch helper (torch >= 2.3); say so instead of failing silently

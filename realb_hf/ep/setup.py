@@ -8,8 +8,6 @@ transformers' `EPImplementationInterface` as `realb_auto`, `realb_all_reduce` an
 
 from __future__ import annotations
 
-import os
-
 import torch.distributed as dist
 from transformers.distributed.expert_parallel import EPImplementationInterface
 from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
@@ -18,7 +16,7 @@ from ..experts import Placement, RealbExperts, is_fused_experts
 from .all_reduce import RealbAllReduceEP
 from .all_to_all import RealbAllToAllEP
 from .auto import RealbAutoEP
-from .groups import ENV_TIMEOUT, set_collective_timeout
+from .groups import set_collective_timeout, timeout_from_env
 from .state import EpState
 
 # transformers' token-movement names -> the ReaLB variant installed on ReaLB experts modules
@@ -171,9 +169,9 @@ def install_expert_parallel(model, runtime) -> EpState | None:
                                            module.num_experts * state.size)  # fmt: skip
         style.install_forward(module, ep_mesh=ep_mesh, tp_mesh=tp_mesh, ep_implementation=realb_name)
     runtime.ep = state
-    timeout = os.environ.get(ENV_TIMEOUT)
-    if timeout:
-        set_collective_timeout(model, float(timeout))
+    timeout = timeout_from_env()
+    if timeout is not None:
+        set_collective_timeout(model, timeout)
     return state
 
 

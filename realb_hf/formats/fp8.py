@@ -1,8 +1,8 @@
 """fp8 (e4m3) with rowwise scales: the format Hopper can run faster than bf16.
 
 Scales: one fp32 scale per activation row and one per (expert, output row) of the weight, both
-`amax / 448` over the reduction dim K. This is the layout `torch._scaled_grouped_mm` takes on sm90, and
-the one measured at ~1.5x the bf16 grouped GEMM on H100 (see FACTS.md).
+`amax / 448` over the reduction dim K: the layout `torch._scaled_grouped_mm` takes on sm90 with fast accumulation
+(docs/benchmarks.md has its speed against the bf16 grouped GEMM).
 
 Non-finite rows (activations or weights): quantization never raises.
 - A row holding inf gets an inf scale; its finite entries quantize to 0 and its inf entries to NaN, so
@@ -60,7 +60,8 @@ def scaled_grouped_mm_reference(
     relative difference at K=128, 0.24% at K=4096 (bf16 outputs).
 
     Per expert group: cast the fp8 operands to fp32 (exact), multiply in fp32, then apply the rowwise
-    scales to the product as the kernels' epilogue does (`acc[m, n] * x_scale[m] * w_scale[e, n]`), and
+    scales to the product, the two scales multiplied first (`acc[m, n] * (x_scale[m] * w_scale[e, n])`: a large
+    activation scale times a large accumulator would overflow fp32 before a small weight scale brings it back), and
     cast to `out_dtype`. Rows past `offs[-1]` (none under the contract) are left zero.
     """
     num_rows, num_out = xq.shape[0], weight.data.shape[1]
@@ -69,7 +70,7 @@ def scaled_grouped_mm_reference(
     for e, end in enumerate(offs.tolist()):  # one host sync; this path is for CPU and old GPUs
         if end > start:
             acc = xq[start:end].float() @ weight.data[e].float().T
-            out[start:end] = acc * x_scale[start:end, None] * weight.scale[e][None, :]
+            out[start:end] = acc * (x_scale[start:end, None] * weight.scale[e][None, :])
         start = end
     return out.to(out_dtype)
 
