@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from realb_hf.kernels import counts as count_kernels
+from realb_hf.kernels import counts as counting
 from realb_hf.kernels import rows, sort
 from realb_hf.modality import TEXT
 from realb_hf.policy import PolicyParams, lowered_experts_on_device
@@ -27,8 +27,8 @@ def ids_with_sentinels(tokens, top_k, num_experts, seed):
 def test_routing_counts(with_modality, tokens, top_k, num_experts):
     ids = ids_with_sentinels(tokens, top_k, num_experts, 0)
     modality = torch.randint(0, 3, (tokens,), dtype=torch.int8) if with_modality else None
-    ref = count_kernels.routing_counts(ids, modality, num_experts, TEXT)
-    got = count_kernels.routing_counts(ids.cuda(), modality.cuda() if with_modality else None, num_experts, TEXT)
+    ref = counting.routing_counts(ids, modality, num_experts, TEXT)
+    got = counting.routing_counts(ids.cuda(), modality.cuda() if with_modality else None, num_experts, TEXT)
     assert torch.equal(got.cpu().long(), ref.long())
 
 
@@ -53,7 +53,7 @@ def test_decision_equals_the_policy_on_random_counts(granularity):
             granularity=granularity,
         )
         ref = lowered_experts_on_device(counts, 4096, params)
-        got = count_kernels.lowered_flags(counts.cuda(), params.device_rule()).cpu()
+        got = counting.lowered_flags(counts.cuda(), params.device_rule()).cpu()
         assert torch.equal(got, ref), (trial, counts, params)
         lowered += bool(ref.any())
     assert lowered > 30
@@ -83,8 +83,8 @@ def test_counts_and_flags_in_one_launch(granularity):
             ep_size=ep, granularity=granularity,
             imbalance_threshold=rng.choice([0.0, 0.1]), modality_threshold=rng.choice([0.5, 0.7]),
         ).device_rule()
-        ref_counts, ref_flags = count_kernels.counts_and_flags(ids, modality, num_experts, rule, TEXT)
-        counts, flags = count_kernels.counts_and_flags(ids.cuda(), modality.cuda(), num_experts, rule, TEXT)
+        ref_counts, ref_flags = counting.counts_and_flags(ids, modality, num_experts, rule, TEXT)
+        counts, flags = counting.counts_and_flags(ids.cuda(), modality.cuda(), num_experts, rule, TEXT)
         assert torch.equal(counts.cpu().long(), ref_counts.long()), trial
         assert torch.equal(flags.cpu(), ref_flags), (trial, rule)
         lowered += bool(ref_flags.any())
@@ -116,8 +116,8 @@ def test_sort_rows(tokens, top_k, num_experts):
 def test_sort_rows_of_rows_grouped_by_expert():
     """What an EP rank receives: rows grouped by expert (whole blocks of one key)."""
     ids = torch.sort(torch.randint(0, 33, (50_000,)))[0].view(-1, 1)
-    ref = count_kernels.routing_counts(ids, None, 32, TEXT)
-    assert torch.equal(count_kernels.routing_counts(ids.cuda(), None, 32, TEXT).cpu().long(), ref.long())
+    ref = counting.routing_counts(ids, None, 32, TEXT)
+    assert torch.equal(counting.routing_counts(ids.cuda(), None, 32, TEXT).cpu().long(), ref.long())
     low = torch.rand(32) < 0.5
     hidden = torch.randn(50_000, 16).bfloat16()
     assert_same_sort(sort.sort_rows(ids.cuda(), low.cuda(), hidden.cuda(), 32), sort.sort_rows(ids, low, hidden, 32))
@@ -138,9 +138,9 @@ def test_routing_counts_many_equals_one_call_at_a_time(device, sizes, with_modal
         indices.append(ids.to(device))
         mod = torch.randint(0, 3, (tokens,), dtype=torch.int8).to(device)
         modalities.append(mod if with_modality and trial % 3 else None)
-    many = count_kernels.routing_counts_many(indices, modalities, 16, TEXT)
+    many = counting.routing_counts_many(indices, modalities, 16, TEXT)
     for got, ids, mod in zip(many, indices, modalities):
-        assert torch.equal(got.cpu().long(), count_kernels.routing_counts(ids.cpu(), None if mod is None else mod.cpu(), 16, TEXT).long())
+        assert torch.equal(got.cpu().long(), counting.routing_counts(ids.cpu(), None if mod is None else mod.cpu(), 16, TEXT).long())
 
 
 @cuda
@@ -148,12 +148,12 @@ def test_routing_counts_many_does_not_sync():
     """Telemetry counts deferred routing when MAX_PENDING calls wait, in the serving path: no host sync."""
     indices = [torch.randint(0, 17, (n, 4), device="cuda") for n in (3, 3, 9)]
     modalities = [None, torch.ones(3, dtype=torch.int8, device="cuda"), None]
-    count_kernels.routing_counts_many(indices, modalities, 16, TEXT)  # warm-up (first use may allocate pinned memory)
+    counting.routing_counts_many(indices, modalities, 16, TEXT)  # warm-up (first use may allocate pinned memory)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        count_kernels.routing_counts_many(indices, modalities, 16, TEXT)
-        count_kernels.routing_counts_many(indices[:2], modalities[:2], 16, TEXT)
+        counting.routing_counts_many(indices, modalities, 16, TEXT)
+        counting.routing_counts_many(indices[:2], modalities[:2], 16, TEXT)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

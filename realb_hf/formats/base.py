@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ..kernels.rows import shifted_index
+
 
 class PrecisionFormat(ABC):
     """One compute precision: how to convert weights to it and how to run a grouped linear in it."""
@@ -94,8 +96,3 @@ class PrecisionFormat(ABC):
         acts = self.gather_activations(hidden, rows)
         return self.expert_mlp_on(acts, first, down, offs, gate, fused_swiglu, hidden.dtype)
 
-
-def shifted_index(rows: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    """`rows[start:]` padded to `len(rows)` (with its last entry) for a `start` that stays on the device."""
-    at = torch.arange(rows.numel(), device=rows.device) + start
-    return rows[at.clamp(max=max(rows.numel() - 1, 0))]

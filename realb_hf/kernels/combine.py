@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .library import define_op
+
 try:
     import triton
     import triton.language as tl
@@ -73,12 +75,11 @@ if triton is not None:
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32} if tl else {}
 
 
-def weighted_combine(
-    y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, y_low: torch.Tensor | None = None
-) -> torch.Tensor:
-    """`weighted_combine_reference`, as one Triton kernel on CUDA."""
-    if triton is None or y.device.type != "cuda":
-        return weighted_combine_reference(y, pos, weights, y_low)
+def _combine_fake(y, pos, weights, y_low):
+    return y.new_empty((pos.shape[0], y.shape[-1]), dtype=torch.promote_types(y.dtype, weights.dtype))
+
+
+def _combine_cuda(y, pos, weights, y_low):
     split = y.shape[0] if y_low is not None else torch.iinfo(torch.int64).max
     low = y_low if y_low is not None else y
     num_tokens, top_k = pos.shape
@@ -89,19 +90,27 @@ def weighted_combine(
         block = min(1024, triton.next_power_of_2(hidden))
         grid = (num_tokens, triton.cdiv(hidden, block))
         _combine_kernel[grid](
-            y,
-            low,
-            pos.contiguous(),
-            weights.contiguous(),
-            out,
-            hidden,
-            split,
-            y.stride(0),
-            low.stride(0),
-            out.stride(0),
-            TOP_K=top_k,
-            BLOCK=block,
-            PRODUCT_DTYPE=_TL_DTYPES[product],
-            num_warps=4,
+            y, low, pos.contiguous(), weights.contiguous(), out,
+            hidden, split, y.stride(0), low.stride(0), out.stride(0),
+            TOP_K=top_k, BLOCK=block, PRODUCT_DTYPE=_TL_DTYPES[product], num_warps=4,
         )
     return out
+
+
+_COMBINE = define_op(
+    "weighted_combine",
+    "(Tensor y, Tensor pos, Tensor weights, Tensor? y_low) -> Tensor",
+    reference=weighted_combine_reference,
+    fake=_combine_fake,
+    cuda=_combine_cuda if triton is not None else None,
+)
+
+
+def weighted_combine(
+    y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, y_low: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`weighted_combine_reference`, as one Triton kernel on CUDA. Elsewhere the reference itself, not the
+    operator: it stays differentiable under torch.compile too."""
+    if y.device.type != "cuda":
+        return weighted_combine_reference(y, pos, weights, y_low)
+    return _COMBINE(y, pos, weights, y_low)

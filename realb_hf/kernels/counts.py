@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .library import define_op
 from .rows import host_to_device
 
 try:
@@ -144,10 +145,6 @@ def histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
     return torch.histc(data, bins=bins, min=0, max=bins - 1).long()
 
 
-def _on_gpu(t: torch.Tensor) -> bool:
-    return triton is not None and t.device.type == "cuda"
-
-
 def _check_rule(num_experts: int, rule: DecisionRule) -> None:
     if rule.ep_size < 1 or num_experts % rule.ep_size:
         raise ValueError(
@@ -196,14 +193,9 @@ def _lowered_experts_of_hot_ranks(
     return torch.zeros_like(lower).scatter(1, order, lower)
 
 
-def routing_counts(
+def _counts_reference(
     top_k_index: torch.Tensor, modality: torch.Tensor | None, num_experts: int, text_code: int
 ) -> torch.Tensor:
-    """(2, num_experts): token-expert pairs per expert, and of those the ones of tokens whose `modality` code is
-    not `text_code` (ids >= num_experts, EP sentinels, are not counted). No host sync. int32 from the Triton
-    kernel, int64 from the reference."""
-    if _on_gpu(top_k_index):
-        return counts_triton(top_k_index, modality, num_experts, text_code)[0]
     ids = top_k_index.reshape(-1)
     top_k = top_k_index.shape[-1]
     bins = torch.where(ids < num_experts, ids, num_experts)  # sentinels land in a spare bin
@@ -211,6 +203,30 @@ def routing_counts(
         bins = bins + (num_experts + 1) * (modality != text_code).repeat_interleave(top_k)
     counts = histogram(bins, 2 * (num_experts + 1)).view(2, num_experts + 1)[:, :num_experts]
     return torch.stack([counts[0] + counts[1], counts[1]])
+
+
+def _counts_fake(top_k_index, modality, num_experts, text_code):
+    # the Triton kernel counts with int32 atomics; the reference's histogram gives int64
+    dtype = torch.int32 if triton is not None and top_k_index.device.type == "cuda" else torch.int64
+    return top_k_index.new_empty((2, num_experts), dtype=dtype)
+
+
+_COUNTS = define_op(
+    "routing_counts",
+    "(Tensor top_k_index, Tensor? modality, int num_experts, int text_code) -> Tensor",
+    reference=_counts_reference,
+    fake=_counts_fake,
+    cuda=(lambda index, modality, experts, text: counts_triton(index, modality, experts, text)[0]) if triton else None,
+)
+
+
+def routing_counts(
+    top_k_index: torch.Tensor, modality: torch.Tensor | None, num_experts: int, text_code: int
+) -> torch.Tensor:
+    """(2, num_experts): token-expert pairs per expert, and of those the ones of tokens whose `modality` code is
+    not `text_code` (ids >= num_experts, EP sentinels, are not counted). No host sync. int32 from the Triton
+    kernel, int64 from the reference."""
+    return _COUNTS(top_k_index, modality, num_experts, text_code)
 
 
 def routing_counts_many(
@@ -246,11 +262,60 @@ def routing_counts_many(
     return torch.stack([counts[:, 0] + counts[:, 1], counts[:, 1]], dim=1)
 
 
+_RULE_SCHEMA = "int ep_size, bool expert_granularity, float imbalance_threshold, float modality_threshold, float cost_ratio"
+
+
+def _rule_args(rule: DecisionRule) -> tuple:
+    """A rule as the operators take it: plain numbers (schemas hold no dataclasses)."""
+    return (
+        rule.ep_size,
+        rule.expert_granularity,
+        float(rule.imbalance_threshold),
+        float(rule.modality_threshold),
+        float(rule.cost_ratio),
+    )
+
+
+def _flags_fake(counts, *rule):
+    return counts.new_empty((counts.shape[-1],), dtype=torch.bool)
+
+
+_FLAGS = define_op(
+    "lowered_flags",
+    f"(Tensor counts, {_RULE_SCHEMA}) -> Tensor",
+    reference=lambda counts, *rule: lowered_flags_reference(counts, DecisionRule(*rule)),
+    fake=_flags_fake,
+    cuda=(lambda counts, *rule: lowered_flags_triton(counts, DecisionRule(*rule))) if triton else None,
+)
+
+
 def lowered_flags(counts: torch.Tensor, rule: DecisionRule) -> torch.Tensor:
     """`lowered_flags_reference`, in one launch on CUDA: `counts (2, E)` -> `(E,)` bool."""
-    if not _on_gpu(counts):
-        return lowered_flags_reference(counts, rule)
-    return lowered_flags_triton(counts, rule)
+    _check_rule(counts.shape[-1], rule)
+    return _FLAGS(counts, *_rule_args(rule))
+
+
+def _counts_and_flags_reference(top_k_index, modality, num_experts, text_code, *rule):
+    counts = _counts_reference(top_k_index, modality, num_experts, text_code)
+    return counts, lowered_flags_reference(counts, DecisionRule(*rule))
+
+
+def _counts_and_flags_fake(top_k_index, modality, num_experts, text_code, *rule):
+    counts = _counts_fake(top_k_index, modality, num_experts, text_code)
+    return counts, top_k_index.new_empty((num_experts,), dtype=torch.bool)
+
+
+_COUNTS_AND_FLAGS = define_op(
+    "counts_and_flags",
+    f"(Tensor top_k_index, Tensor? modality, int num_experts, int text_code, {_RULE_SCHEMA}) -> (Tensor, Tensor)",
+    reference=_counts_and_flags_reference,
+    fake=_counts_and_flags_fake,
+    cuda=(
+        (lambda index, modality, experts, text, *rule: counts_triton(index, modality, experts, text, DecisionRule(*rule)))
+        if triton
+        else None
+    ),
+)
 
 
 def counts_and_flags(
@@ -259,10 +324,7 @@ def counts_and_flags(
     """`routing_counts` and the `lowered_flags` decided from them; on CUDA one launch for both (the last block
     of the counting decides), no host sync."""
     _check_rule(num_experts, rule)
-    if not _on_gpu(top_k_index):
-        counts = routing_counts(top_k_index, modality, num_experts, text_code)
-        return counts, lowered_flags_reference(counts, rule)
-    return counts_triton(top_k_index, modality, num_experts, text_code, rule)
+    return _COUNTS_AND_FLAGS(top_k_index, modality, num_experts, text_code, *_rule_args(rule))
 
 
 def counts_triton(
@@ -330,16 +392,21 @@ def lowered_flags_triton(counts: torch.Tensor, rule: DecisionRule) -> torch.Tens
     return out.view(torch.bool)
 
 
-_PARAMS: dict[tuple, torch.Tensor] = {}
+_PARAMS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _decision_params(rule: DecisionRule, device: torch.device) -> torch.Tensor:
     """(1 + imbalance_threshold, modality_threshold, cost ratio, 1 - cost ratio) as float64 on `device`, cached
-    (the Python doubles the reference uses, bit for bit)."""
+    (the Python doubles the reference uses, bit for bit). The host copy stays cached with it: a CUDA graph that
+    captured the upload reads that host memory again on every replay."""
     ratio = rule.cost_ratio
-    key = (1.0 + rule.imbalance_threshold, rule.modality_threshold, ratio, 1.0 - ratio, str(device))
+    values = [1.0 + rule.imbalance_threshold, rule.modality_threshold, ratio, 1.0 - ratio]
+    key = (*values, str(device))
     if key not in _PARAMS:
         if len(_PARAMS) >= 64:
             _PARAMS.clear()
-        _PARAMS[key] = host_to_device(list(key[:4]), torch.float64, device)
-    return _PARAMS[key]
+        host = torch.tensor(values, dtype=torch.float64)
+        if device.type == "cuda":
+            host = host.pin_memory()  # an asynchronous copy, no stream stall
+        _PARAMS[key] = (host, host.to(device, non_blocking=True))
+    return _PARAMS[key][1]

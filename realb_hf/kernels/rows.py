@@ -18,9 +18,12 @@ inputs elsewhere.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 import torch
+
+from .library import define_op
 
 try:
     import triton
@@ -123,24 +126,10 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["rows"])  # a row count of 1 would otherwise become a compile-time constant
     def _rows_kernel(
-        src_ptr,
-        idx_ptr,
-        start_ptr,
-        count_ptr,
-        flag_ptr,
-        out_ptr,
-        scale_ptr,
-        rows,
-        K,
-        src_stride,
-        out_stride,
-        group_rows,
-        HAS_IDX: tl.constexpr,
-        HAS_START: tl.constexpr,
-        HAS_COUNT: tl.constexpr,
-        HAS_FLAG: tl.constexpr,
-        QUANT: tl.constexpr,
-        BLOCK: tl.constexpr,
+        src_ptr, idx_ptr, start_ptr, count_ptr, flag_ptr, out_ptr, scale_ptr,
+        rows, K, src_stride, out_stride, group_rows,
+        HAS_IDX: tl.constexpr, HAS_START: tl.constexpr, HAS_COUNT: tl.constexpr, HAS_FLAG: tl.constexpr,
+        QUANT: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # Persistent programs striding over the rows: the grid does not depend on the device-side count.
         n = _row_count(rows, count_ptr, HAS_COUNT)
@@ -162,17 +151,8 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["rows"])
     def _swiglu_kernel(
-        h_ptr,
-        count_ptr,
-        out_ptr,
-        scale_ptr,
-        rows,
-        inter,
-        h_stride,
-        out_stride,
-        HAS_COUNT: tl.constexpr,
-        QUANT: tl.constexpr,
-        BLOCK: tl.constexpr,
+        h_ptr, count_ptr, out_ptr, scale_ptr, rows, inter, h_stride, out_stride,
+        HAS_COUNT: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr,
     ):
         n = _row_count(rows, count_ptr, HAS_COUNT)
         cols = tl.arange(0, BLOCK)
@@ -189,21 +169,9 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["rows"])
     def _split_rows_kernel(
-        src_ptr,
-        idx_ptr,
-        totals_ptr,
-        a_ptr,
-        a_scale_ptr,
-        b_ptr,
-        b_scale_ptr,
-        rows,
-        K,
-        src_stride,
-        a_stride,
-        b_stride,
-        QUANT_A: tl.constexpr,
-        QUANT_B: tl.constexpr,
-        BLOCK: tl.constexpr,
+        src_ptr, idx_ptr, totals_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr,
+        rows, K, src_stride, a_stride, b_stride,
+        QUANT_A: tl.constexpr, QUANT_B: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # `_rows_kernel` for two groups in one launch: sorted rows [0, n_a) to `a`, [n_a, n_a + n_b) to `b`.
         n_a = tl.load(totals_ptr).to(tl.int64)
@@ -252,9 +220,75 @@ def background(fraction: float):
         _share.fraction = previous
 
 
+def shifted_index(index: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """`index[start:]` padded to `len(index)` (with its last entry) for a `start` that stays on the device."""
+    at = torch.arange(index.numel(), device=index.device) + start
+    return index[at.clamp(max=max(index.numel() - 1, 0))]
+
+
+def _row_outputs(like: torch.Tensor, rows: int, k: int, quantize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised outputs of a row kernel: (rows, k) e4m3 data and (rows,) fp32 scales, or (rows, k) in
+    `like`'s dtype and an empty scale. Shared by the Triton kernels and the fake implementations."""
+    data = like.new_empty((rows, k), dtype=FP8_DTYPE if quantize else like.dtype)
+    scale = like.new_empty((rows if quantize else 0,), dtype=torch.float32)
+    return data, scale
+
+
 def _launch_meta(k: int) -> tuple[int, int]:
     block = triton.next_power_of_2(k)
     return block, min(16, max(1, block // 256))
+
+
+# ---- realb_kernels::gather_quant_rows ---------------------------------------------------------------------
+
+
+def _gather_reference(src, index, start, count, expert_flags, quantize):
+    """Every output row computed (padding and unflagged experts included): what the kernel writes, and more."""
+    flat = src.reshape(-1, src.shape[-1])
+    picked = flat if index is None else flat[index if start is None else shifted_index(index, start)]
+    if quantize:
+        return quantize_rowwise(picked)
+    return (picked.clone() if index is None else picked), src.new_empty((0,), dtype=torch.float32)
+
+
+def _gather_fake(src, index, start, count, expert_flags, quantize):
+    rows = index.numel() if index is not None else math.prod(src.shape[:-1])
+    return _row_outputs(src, rows, src.shape[-1], quantize)
+
+
+def _gather_cuda(src, index, start, count, expert_flags, quantize):
+    k = src.shape[-1]
+    flat = src.reshape(-1, k)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    rows = index.numel() if index is not None else flat.shape[0]
+    out, scale = _row_outputs(src, rows, k, quantize)
+    if rows:
+        block, warps = _launch_meta(k)
+        dummy = out  # pointer arguments of disabled features are never read
+        group_rows = src.shape[-2] if expert_flags is not None else 1
+        _rows_kernel[_grid(rows, src.device)](
+            flat,
+            index if index is not None else dummy,
+            start if start is not None else dummy,
+            count if count is not None else dummy,
+            expert_flags if expert_flags is not None else dummy,
+            out, scale if quantize else dummy,
+            rows, k, flat.stride(0), out.stride(0), group_rows,
+            HAS_IDX=index is not None, HAS_START=start is not None, HAS_COUNT=count is not None,
+            HAS_FLAG=expert_flags is not None, QUANT=quantize, BLOCK=block, num_warps=warps,
+        )
+    return out, scale
+
+
+_GATHER = define_op(
+    "gather_quant_rows",
+    "(Tensor src, Tensor? index, Tensor? start, Tensor? count, Tensor? expert_flags, bool quantize)"
+    " -> (Tensor, Tensor)",
+    reference=_gather_reference,
+    fake=_gather_fake,
+    cuda=_gather_cuda if triton is not None else None,
+)
 
 
 def gather_quant_rows(
@@ -272,43 +306,51 @@ def gather_quant_rows(
       i < count; rows at and past `count` are padding, left unwritten. The output has `index.numel()` rows.
     - `expert_flags` (weights `(E, N, K)` only): experts whose flag is 0 are skipped (left unwritten), so a
       conversion can be queued before anyone knows which experts it is for.
-    `quantize=False` gathers in `src`'s dtype instead (scale is None).
+    `quantize=False` gathers in `src`'s dtype instead (scale is None). The reference (off CUDA) writes every row.
     """
+    data, scale = _GATHER(src, index, start, count, expert_flags, quantize)
+    if index is None:
+        return data.view(src.shape), scale.view(src.shape[:-1]) if quantize else None
+    return data, scale if quantize else None
+
+
+# ---- realb_kernels::gather_split_rows ---------------------------------------------------------------------
+
+
+def _split_reference(src, index, totals, quantize_a, quantize_b):
+    a = _gather_reference(src, index, None, totals[:1], None, quantize_a)
+    b = _gather_reference(src, index, totals[:1], totals[1:], None, quantize_b)
+    return (*a, *b)
+
+
+def _split_fake(src, index, totals, quantize_a, quantize_b):
+    rows, k = index.numel(), src.shape[-1]
+    return (*_row_outputs(src, rows, k, quantize_a), *_row_outputs(src, rows, k, quantize_b))
+
+
+def _split_cuda(src, index, totals, quantize_a, quantize_b):
     k = src.shape[-1]
-    flat = src.reshape(-1, k)
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
-    rows = index.numel() if index is not None else flat.shape[0]
-    out = torch.empty(rows, k, dtype=FP8_DTYPE if quantize else src.dtype, device=src.device)
-    scale = torch.empty(rows, dtype=torch.float32, device=src.device) if quantize else None
+    if src.stride(-1) != 1:
+        src = src.contiguous()
+    rows = index.numel()
+    (a, a_scale), (b, b_scale) = _row_outputs(src, rows, k, quantize_a), _row_outputs(src, rows, k, quantize_b)
     if rows:
         block, warps = _launch_meta(k)
-        dummy = out  # pointer arguments of disabled features are never read
-        group_rows = src.shape[-2] if expert_flags is not None else 1
-        _rows_kernel[_grid(rows, src.device)](
-            flat,
-            index if index is not None else dummy,
-            start if start is not None else dummy,
-            count if count is not None else dummy,
-            expert_flags if expert_flags is not None else dummy,
-            out,
-            scale if scale is not None else dummy,
-            rows,
-            k,
-            flat.stride(0),
-            out.stride(0),
-            group_rows,
-            HAS_IDX=index is not None,
-            HAS_START=start is not None,
-            HAS_COUNT=count is not None,
-            HAS_FLAG=expert_flags is not None,
-            QUANT=quantize,
-            BLOCK=block,
-            num_warps=warps,
+        _split_rows_kernel[_grid(rows, src.device)](
+            src, index, totals, a, a_scale if quantize_a else a, b, b_scale if quantize_b else b,
+            rows, k, src.stride(0), a.stride(0), b.stride(0),
+            QUANT_A=quantize_a, QUANT_B=quantize_b, BLOCK=block, num_warps=warps,
         )
-    if index is None:
-        return out.view(src.shape), scale.view(src.shape[:-1]) if scale is not None else None
-    return out, scale
+    return a, a_scale, b, b_scale
+
+
+_SPLIT = define_op(
+    "gather_split_rows",
+    "(Tensor src, Tensor index, Tensor totals, bool quantize_a, bool quantize_b) -> (Tensor, Tensor, Tensor, Tensor)",
+    reference=_split_reference,
+    fake=_split_fake,
+    cuda=_split_cuda if triton is not None else None,
+)
 
 
 def gather_split_rows(
@@ -317,37 +359,49 @@ def gather_split_rows(
     """`gather_quant_rows` of two consecutive groups in one launch: rows `index[0:n_a]` and `index[n_a:n_a + n_b]`
     (`totals` = (n_a, n_b), on the device) of `src (S, K)`, each group quantized or not. Each output has
     `index.numel()` rows; rows past the group's count are padding, left unwritten."""
-    k = src.shape[-1]
-    if src.stride(-1) != 1:
-        src = src.contiguous()
-    rows = index.numel()
-    outs = []
-    for quant in quantize:
-        data = torch.empty(rows, k, dtype=FP8_DTYPE if quant else src.dtype, device=src.device)
-        scale = torch.empty(rows, dtype=torch.float32, device=src.device) if quant else None
-        outs.append((data, scale))
+    a, a_scale, b, b_scale = _SPLIT(src, index, totals, quantize[0], quantize[1])
+    return (a, a_scale if quantize[0] else None), (b, b_scale if quantize[1] else None)
+
+
+# ---- realb_kernels::swiglu_rows ---------------------------------------------------------------------------
+
+
+def _swiglu_reference(h, count, quantize):
+    """Every row: quantized, the rowwise quantization of the fp32 product (the kernel multiplies by the
+    reciprocal scale instead of dividing, within fp8 rounding of this); else eager `silu(gate) * up`."""
+    gate, up = h.chunk(2, dim=-1)
+    if quantize:
+        return quantize_rowwise(torch.nn.functional.silu(gate.float()) * up.float())
+    return torch.nn.functional.silu(gate) * up, h.new_empty((0,), dtype=torch.float32)
+
+
+def _swiglu_fake(h, count, quantize):
+    return _row_outputs(h, h.shape[0], h.shape[1] // 2, quantize)
+
+
+def _swiglu_cuda(h, count, quantize):
+    rows, two_i = h.shape
+    inter = two_i // 2
+    if h.stride(-1) != 1:
+        h = h.contiguous()
+    out, scale = _row_outputs(h, rows, inter, quantize)
     if rows:
-        (a, a_scale), (b, b_scale) = outs
-        block, warps = _launch_meta(k)
-        _split_rows_kernel[_grid(rows, src.device)](
-            src,
-            index,
-            totals,
-            a,
-            a_scale if a_scale is not None else a,
-            b,
-            b_scale if b_scale is not None else b,
-            rows,
-            k,
-            src.stride(0),
-            a.stride(0),
-            b.stride(0),
-            QUANT_A=quantize[0],
-            QUANT_B=quantize[1],
-            BLOCK=block,
-            num_warps=warps,
+        block, warps = _launch_meta(inter)
+        _swiglu_kernel[_grid(rows, h.device)](
+            h, count if count is not None else out, out, scale if quantize else out,
+            rows, inter, h.stride(0), out.stride(0),
+            HAS_COUNT=count is not None, QUANT=quantize, BLOCK=block, num_warps=warps,
         )
-    return outs[0], outs[1]
+    return out, scale
+
+
+_SWIGLU = define_op(
+    "swiglu_rows",
+    "(Tensor h, Tensor? count, bool quantize) -> (Tensor, Tensor)",
+    reference=_swiglu_reference,
+    fake=_swiglu_fake,
+    cuda=_swiglu_cuda if triton is not None else None,
+)
 
 
 def swiglu_rows(
@@ -358,29 +412,8 @@ def swiglu_rows(
 
     The quantized output multiplies by the row's reciprocal scale (not bit-identical to `quantize_rowwise` of the
     product, which divides; the difference is within fp8 rounding)."""
-    rows, two_i = h.shape
-    inter = two_i // 2
-    if h.stride(-1) != 1:
-        h = h.contiguous()
-    out = torch.empty(rows, inter, dtype=FP8_DTYPE if quantize else h.dtype, device=h.device)
-    scale = torch.empty(rows, dtype=torch.float32, device=h.device) if quantize else None
-    if rows:
-        block, warps = _launch_meta(inter)
-        _swiglu_kernel[_grid(rows, h.device)](
-            h,
-            count if count is not None else out,
-            out,
-            scale if scale is not None else out,
-            rows,
-            inter,
-            h.stride(0),
-            out.stride(0),
-            HAS_COUNT=count is not None,
-            QUANT=quantize,
-            BLOCK=block,
-            num_warps=warps,
-        )
-    return out, scale
+    out, scale = _SWIGLU(h, count, quantize)
+    return out, scale if quantize else None
 
 
 def swiglu_quant_rows(h: torch.Tensor, count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from .counts import histogram
+from .library import define_op
 
 try:
     import triton
@@ -146,30 +147,57 @@ class SortedRows(NamedTuple):
     totals: torch.Tensor  # (2,) int32 n_high, n_low
 
 
+def _sort_reference(
+    top_k_index: torch.Tensor, low_experts: torch.Tensor, hidden: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = top_k_index.reshape(-1)
+    top_k = top_k_index.shape[-1]
+    num_rows = ids.numel()
+    finite = torch.isfinite(hidden).all(dim=-1).repeat_interleave(top_k)
+    code = torch.where(finite, low_experts[ids.clamp(max=num_experts - 1)].long(), 0)
+    code = torch.where(ids >= num_experts, 2, code)
+    keys = code * num_experts + ids.clamp(max=num_experts - 1)
+    keys_sorted, perm = torch.sort(keys, stable=True)
+    counts = histogram(keys, 3 * num_experts).view(3, num_experts)
+    ends = counts[:2].cumsum(dim=1)
+    totals = ends[:, -1]
+    code_sorted = keys_sorted // num_experts
+    at = torch.arange(num_rows, device=ids.device)
+    sorted_position = torch.where(code_sorted == 0, at, torch.where(code_sorted == 1, at - totals[0] + num_rows, -1))
+    position = torch.empty_like(perm)
+    position[perm] = sorted_position
+    return perm // top_k, position, ends.int(), totals.int()
+
+
+def _sort_fake(top_k_index, low_experts, hidden, num_experts):
+    rows = top_k_index.numel()
+    return (
+        top_k_index.new_empty((rows,), dtype=torch.int64),
+        top_k_index.new_empty((rows,), dtype=torch.int64),
+        top_k_index.new_empty((2, num_experts), dtype=torch.int32),
+        top_k_index.new_empty((2,), dtype=torch.int32),
+    )
+
+
+def _sort_cuda(top_k_index, low_experts, hidden, num_experts):
+    return tuple(sort_rows_triton(top_k_index.reshape(-1), top_k_index.shape[-1], low_experts, hidden, num_experts))
+
+
+_SORT = define_op(
+    "sort_rows",
+    "(Tensor top_k_index, Tensor low_experts, Tensor hidden, int num_experts) -> (Tensor, Tensor, Tensor, Tensor)",
+    reference=_sort_reference,
+    fake=_sort_fake,
+    cuda=_sort_cuda if triton is not None else None,
+)
+
+
 def sort_rows(
     top_k_index: torch.Tensor, low_experts: torch.Tensor, hidden: torch.Tensor, num_experts: int
 ) -> SortedRows:
     """The bookkeeping of a mixed-precision experts forward, on the device: `low_experts (E,)` bool says which
     experts run low. On CUDA two launches (a counting sort: keys and counts, then places), no host sync."""
-    ids = top_k_index.reshape(-1)
-    top_k = top_k_index.shape[-1]
-    num_rows = ids.numel()
-    if triton is None or ids.device.type != "cuda":
-        finite = torch.isfinite(hidden).all(dim=-1).repeat_interleave(top_k)
-        code = torch.where(finite, low_experts[ids.clamp(max=num_experts - 1)].long(), 0)
-        code = torch.where(ids >= num_experts, 2, code)
-        keys = code * num_experts + ids.clamp(max=num_experts - 1)
-        keys_sorted, perm = torch.sort(keys, stable=True)
-        counts = histogram(keys, 3 * num_experts).view(3, num_experts)
-        ends = counts[:2].cumsum(dim=1)
-        totals = ends[:, -1]
-        code_sorted = keys_sorted // num_experts
-        at = torch.arange(num_rows, device=ids.device)
-        sorted_position = torch.where(code_sorted == 0, at, torch.where(code_sorted == 1, at - totals[0] + num_rows, -1))
-        position = torch.empty_like(perm)
-        position[perm] = sorted_position
-        return SortedRows(perm // top_k, position, ends.int(), totals.int())
-    return sort_rows_triton(ids, top_k, low_experts, hidden, num_experts)
+    return SortedRows(*_SORT(top_k_index, low_experts, hidden, num_experts))
 
 
 def sort_rows_triton(
