@@ -189,6 +189,11 @@ class RealbConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": self.quant_method, **{name: copy.deepcopy(getattr(self, name)) for name in _FIELDS}}
 
+    def get(self, key: str, default: Any = None) -> Any:
+        """Dict-style read: transformers reads a model config's `quantization_config` with `.get` when that config
+        is passed to `from_pretrained(..., config=model.config)`, and after loading it holds this object."""
+        return self.to_dict().get(key, default)
+
     def __iter__(self):
         yield from self.to_dict().items()
 

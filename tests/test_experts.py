@@ -356,3 +356,20 @@ def test_summary_of_no_records_reports_no_speedup():
     summary = model_telemetry().summary()
     assert summary["records"] == 0
     assert summary["predicted_speedup"] == 1.0 and summary["balancedness_tokens"] == 1.0
+
+
+@pytest.mark.parametrize("low", ["fp8", "nvfp4"])
+def test_training_through_lowered_experts_is_refused_with_the_way_out(qwen_dir, qwen_batch, low):
+    """Train mode with gradients: a lowered layer refuses, naming policy='off'; with policy='off' training runs
+    and gradients reach the experts; eval-mode forwards with gradients enabled still run."""
+    model = load_qwen(qwen_dir, policy="all_low", low_precision=low)
+    model.train()
+    with pytest.raises(RuntimeError, match="policy='off'"):
+        model(**qwen_batch.kwargs)
+    model.eval()
+    assert torch.isfinite(model(**qwen_batch.kwargs).logits.float()).all()
+    realb_hf.get_runtime(model).reconfigure(policy="off")
+    model.train()
+    model(**qwen_batch.kwargs).logits.float().sum().backward()
+    experts = next(m for m in model.modules() if isinstance(m, realb_hf.RealbExperts))
+    assert experts.gate_up_proj.grad is not None

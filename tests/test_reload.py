@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from conftest import load_qwen
 from safetensors.torch import load_file
@@ -91,3 +92,23 @@ def test_reload_without_import_falls_back_to_the_stock_model(qwen_dir, qwen_batc
     with torch.no_grad():
         stock = load_qwen(qwen_dir)(**qwen_batch.kwargs).logits
     assert torch.equal(logits, stock)
+
+
+@pytest.mark.parametrize("how", ["from_pretrained", "apply_realb"])
+def test_reload_with_the_loaded_models_own_config(how, tmp_path):
+    """`from_pretrained(saved, config=model.config)` (transformers' own mismatched-shapes test does it) works on a
+    ReaLB model's config, which holds the RealbConfig object, and keeps ReaLB with the same settings."""
+    from transformers import AutoModelForImageTextToText
+
+    from realb_hf.tiny import build_tiny_model, tiny_qwen3_vl_moe_config
+
+    config = realb_hf.RealbConfig(policy="off", ep_size=2)
+    stock = build_tiny_model(tiny_qwen3_vl_moe_config())
+    if how == "apply_realb":
+        model = realb_hf.apply_realb(stock, config)
+    else:
+        stock.save_pretrained(tmp_path / "stock")
+        model = AutoModelForImageTextToText.from_pretrained(tmp_path / "stock", quantization_config=config)
+    model.save_pretrained(tmp_path / "saved")
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved", config=model.config)
+    assert realb_hf.get_runtime(again).config == config

@@ -112,6 +112,7 @@ class RealbExperts(torch.nn.Module):
         to other EP ranks). `ready`: weights an EP prefetch converted ahead of time."""
         if plan.executor == STOCK:
             return super().forward(hidden_states, top_k_index, top_k_weights)
+        self._realb_refuse_training()
         if plan.executor == DEVICE:
             low_weights = weights_for(self, plan.low, flags=plan.low_flags, ready=ready)
             return device_path.run(
@@ -134,7 +135,18 @@ class RealbExperts(torch.nn.Module):
         """The received executor: rows already quantized to `plan.low` (one local expert per row, unit weight)."""
         if plan.executor != RECEIVED:
             raise ValueError(f"realb_run_received needs a plan with the received executor, got {plan.executor!r}")
+        self._realb_refuse_training()
         return received.run(self, xq, x_scale, expert_ids, out_dtype, ready, rows_per_expert)
+
+    def _realb_refuse_training(self) -> None:
+        """Lowered experts are for inference: their formats define no backward."""
+        if self.training and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{self.realb_name}: ReaLB lowered these experts to low precision while the model trains (train mode "
+                "with gradients enabled), and low-precision experts have no backward. ReaLB is for inference: call "
+                "model.eval() or run under torch.no_grad(), or train with RealbConfig(policy='off') "
+                "(realb_hf.get_runtime(model).reconfigure(policy='off')), which never lowers anything"
+            )
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         runtime = self.realb_runtime
