@@ -170,6 +170,12 @@ def test_layout_errors_come_before_any_weight_loads_and_nonfinite_rows(workdir, 
         assert got["type"] == kind and text in got["message"], (name, got)
         assert not got["weights_loaded"], name
     assert results["auto_ep_size"] == 2  # RealbConfig.ep_size left at 1 follows the EP world
+    for rank in results["configs_differ"]:  # every rank refuses, naming what differs and on which rank
+        assert rank["type"] == "ValueError", rank
+        assert "different RealbConfig settings" in rank["message"], rank
+        assert 'low_precision: rank 0 "fp8", rank 1 "nvfp4"' in rank["message"], rank
+        assert "modality_threshold: rank 0 0.7, rank 1 0.9" in rank["message"], rank
+        assert "policy" not in rank["message"].split("(")[1], rank  # fields that agree are not named
     finite, nonfinite = results["nonfinite"]["finite"], results["nonfinite"]["nonfinite"]
     assert finite["fp8_dispatch"] and finite["rel"] < 1e-2, finite
     assert not nonfinite["fp8_dispatch"] and nonfinite["same_nonfinite"] and nonfinite["rel"] < 1e-2, nonfinite
@@ -247,10 +253,27 @@ def _errors_worker(workdir: Path) -> dict:
             results[name] = {"type": None, "message": "no error", "weights_loaded": bool(loaded)}
         except Exception as error:
             results[name] = {"type": type(error).__name__, "message": str(error), "weights_loaded": bool(loaded)}
+    results["configs_differ"] = _configs_differ(qwen)
     model = _load(qwen, DistributedConfig(tp_size=2, ep_size=2), policy="off")
     results["auto_ep_size"] = model.realb.config.ep_size
     results["nonfinite"] = _nonfinite_rows(qwen)
     return results
+
+
+def _configs_differ(path: Path) -> list[dict]:
+    """Rank 0 loads with fp8 and M_d 0.7, rank 1 with nvfp4 and M_d 0.9: what each rank raised."""
+    import torch.distributed as dist
+    from transformers.distributed import DistributedConfig
+
+    knobs = [dict(low_precision="fp8"), dict(low_precision="nvfp4", modality_threshold=0.9)][dist.get_rank()]
+    try:
+        _load(path, DistributedConfig(tp_size=2, ep_size=2), **knobs)
+        mine = {"type": None, "message": "no error"}
+    except Exception as error:
+        mine = {"type": type(error).__name__, "message": str(error)}
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return every
 
 
 def _nonfinite_rows(path: Path) -> dict:

@@ -8,6 +8,8 @@ transformers' `EPImplementationInterface` as `realb_auto`, `realb_all_reduce` an
 
 from __future__ import annotations
 
+import json
+
 import torch.distributed as dist
 from transformers.distributed.expert_parallel import EPImplementationInterface
 from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
@@ -115,7 +117,36 @@ def prepare_expert_parallel(model, config) -> None:
             f"{ep_size}; a saved model reloaded on another EP size takes quantization_config=RealbConfig(ep_size="
             f"{ep_size}) (or ep_size=1) at reload"
         )
+    check_same_config(config)
     register_ep_implementations()
+
+
+# The RealbConfig fields that decide which experts run in which precision (and so which layers take part in
+# ReaLB's collectives). weight_cache only changes where low-precision copies live, not the result.
+PRECISION_FIELDS = (
+    "policy", "high_precision", "low_precision", "granularity", "ep_size", "modality_threshold", "batch_threshold",
+    "imbalance_threshold", "low_cost_ratio", "rank_precisions", "modules_to_not_convert",
+)  # fmt: skip
+
+
+def check_same_config(config) -> None:
+    """Every rank must plan with the same settings, or ranks run different precisions (all-reduce) or disagree on
+    the token exchange (all-to-all). One object all-gather at load; ValueError on every rank naming the fields."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    settings = config.to_dict()
+    mine = {name: json.dumps(settings[name], sort_keys=True) for name in PRECISION_FIELDS}
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    differ = [name for name in PRECISION_FIELDS if len({ranks[name] for ranks in every}) > 1]
+    if differ:
+        detail = "; ".join(
+            f"{name}: " + ", ".join(f"rank {r} {ranks[name]}" for r, ranks in enumerate(every)) for name in differ
+        )
+        raise ValueError(
+            f"the ranks were loaded with different RealbConfig settings ({detail}); every rank must pass the same "
+            "quantization_config, or they run different precisions and their collectives disagree"
+        )
 
 
 def register_ep_implementations() -> None:
