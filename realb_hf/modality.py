@@ -8,6 +8,7 @@ else compares `input_ids` with the image/video placeholder ids) and every expert
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -63,15 +64,48 @@ def modality_from_inputs(
     return None, SOURCE_NONE
 
 
+# Per thread: (codes, source) of the forward in flight, keyed by tracker id.
+_THREAD = threading.local()
+
+
 @dataclass(eq=False)
 class ModalityTracker:
-    """Holds the modality of the forward in flight; shared by every experts module of one model."""
+    """Holds the modality of the forward in flight, per thread (threads sharing one model each see their own);
+    shared by every experts module of one model."""
 
     image_token_id: int | None = None
     video_token_id: int | None = None
-    codes: torch.Tensor | None = None  # flattened (batch * seq,) int8
-    source: str = SOURCE_NONE
     _hooks: list = field(default_factory=list, repr=False)
+
+    def _state(self) -> tuple[torch.Tensor | None, str]:
+        found = getattr(_THREAD, "state", None)
+        return found.get(id(self), (None, SOURCE_NONE)) if found else (None, SOURCE_NONE)
+
+    def _set(self, codes: torch.Tensor | None, source: str) -> None:
+        found = getattr(_THREAD, "state", None)
+        if found is None:
+            found = _THREAD.state = {}
+        if codes is None and source == SOURCE_NONE:
+            found.pop(id(self), None)
+        else:
+            found[id(self)] = (codes, source)
+
+    @property
+    def codes(self) -> torch.Tensor | None:
+        """Flattened (batch * seq,) int8 modality codes of this thread's forward in flight."""
+        return self._state()[0]
+
+    @codes.setter
+    def codes(self, value: torch.Tensor | None) -> None:
+        self._set(value, self.source)
+
+    @property
+    def source(self) -> str:
+        return self._state()[1]
+
+    @source.setter
+    def source(self, value: str) -> None:
+        self._set(self.codes, value)
 
     def capture(self, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids")
@@ -81,13 +115,13 @@ class ModalityTracker:
         image_mask = kwargs.get(SOURCE_IMAGE_MASK) if type_ids is None else None
         if image_mask is not None:  # True (1) on image positions: the same codes as type ids
             type_ids = image_mask.to(torch.int8)
-        codes, self.source = modality_from_inputs(input_ids, type_ids, self.image_token_id, self.video_token_id)
+        codes, source = modality_from_inputs(input_ids, type_ids, self.image_token_id, self.video_token_id)
         if image_mask is not None:
-            self.source = SOURCE_IMAGE_MASK
-        self.codes = None if codes is None else codes.reshape(-1)
+            source = SOURCE_IMAGE_MASK
+        self._set(None if codes is None else codes.reshape(-1), source)
 
     def clear(self) -> None:
-        self.codes, self.source = None, SOURCE_NONE
+        self._set(None, SOURCE_NONE)
 
     def for_rows(self, num_rows: int, pool: str | None = None) -> torch.Tensor | None:
         """Modality of the `num_rows` rows an experts module received, or None if unknown.
@@ -95,7 +129,7 @@ class ModalityTracker:
         A modality-isolated expert pool (ERNIE-4.5-VL's text_moe / vision_moe) receives only the rows of
         its modality, in their original order, whenever the batch holds both.
         """
-        codes = self.codes
+        codes = self._state()[0]
         if codes is None:
             return None
         if codes.numel() == num_rows:
@@ -106,8 +140,9 @@ class ModalityTracker:
             codes = codes[codes != TEXT]
         return codes if codes.numel() == num_rows else None
 
-    def attach(self, model: torch.nn.Module, on_forward=None) -> None:
-        """Capture at every forward of `model` (generate's decode steps included) and clear afterwards."""
+    def attach(self, model: torch.nn.Module, on_forward=None, on_end=None) -> None:
+        """Capture at every forward of `model` (generate's decode steps included) and clear afterwards, also when
+        the forward raises; `on_forward` / `on_end` run at the same points."""
         self.detach()
 
         def pre_hook(module, args, kwargs):
@@ -117,10 +152,12 @@ class ModalityTracker:
 
         def post_hook(module, args, kwargs, output):
             self.clear()
+            if on_end is not None:
+                on_end()
 
         self._hooks = [
             model.register_forward_pre_hook(pre_hook, with_kwargs=True),
-            model.register_forward_hook(post_hook, with_kwargs=True),
+            model.register_forward_hook(post_hook, with_kwargs=True, always_call=True),
         ]
 
     def detach(self) -> None:

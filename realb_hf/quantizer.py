@@ -121,7 +121,7 @@ class RealbHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        self.runtime.modality.attach(model, on_forward=self.runtime.telemetry.next_forward)
+        self.runtime.modality.attach(model, on_forward=self.runtime.begin_forward, on_end=self.runtime.end_forward)
         model.realb = self.runtime
         # transformers split the experts by EP after the pre-load hook: give them ReaLB's token movement now.
         install_expert_parallel(model, self.runtime)

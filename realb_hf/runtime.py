@@ -5,7 +5,10 @@ Kept outside the modules' parameters so checkpoints hold exactly what the stock 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -64,22 +67,18 @@ def check_layer(name: str, shape: LayerShape, config: RealbConfig) -> None:
             )
 
 
-@dataclass(eq=False)
-class RealbRuntime:
-    config: RealbConfig
-    modality: ModalityTracker = field(default_factory=ModalityTracker)
-    telemetry: Telemetry = field(default_factory=model_telemetry)
-    ep: Any = None  # realb_hf.ep.EpState under real expert parallelism (None: one process, virtual EP)
-    layers: dict[str, LayerShape] = field(default_factory=dict)  # every converted experts layer
-    _params: dict[torch.device, PolicyParams] = field(default_factory=dict, repr=False)
+class Settings:
+    """One config and its policy parameters per device. Never changed once made: `reconfigure` makes a new one, so
+    a forward holding this one decides every layer with it."""
 
-    @classmethod
-    def for_model(cls, model: torch.nn.Module, config: RealbConfig) -> RealbRuntime:
-        image_id, video_id = placeholder_ids(model.config)
-        return cls(config=config, modality=ModalityTracker(image_id, video_id))
+    __slots__ = ("config", "_params")
+
+    def __init__(self, config: RealbConfig):
+        self.config = config
+        self._params: dict[torch.device, PolicyParams] = {}
 
     def params(self, device: torch.device) -> PolicyParams:
-        """Policy parameters with "auto" resolved for the device the experts run on (cached per device until reconfigured)."""
+        """Policy parameters with "auto" resolved for the device the experts run on (cached per device)."""
         params = self._params.get(device)  # torch.device hashes by type and index
         if params is None:
             c = self.config
@@ -97,13 +96,105 @@ class RealbRuntime:
             )
         return params
 
+
+# Per thread: the settings of the forward in flight and those of `configured` blocks, keyed by runtime id.
+_THREAD = threading.local()
+
+
+def _thread_map(name: str) -> dict[int, Settings]:
+    found = getattr(_THREAD, name, None)
+    if found is None:
+        found = {}
+        setattr(_THREAD, name, found)
+    return found
+
+
+@dataclass(eq=False)
+class RealbRuntime:
+    """The state one ReaLB model shares across its experts modules.
+
+    Thread model: one model may serve several threads at once. What belongs to one call is kept per thread: the
+    modality of the forward in flight (`ModalityTracker`) and the settings it decides with, taken when the
+    forward starts. So `reconfigure` applies between forwards, never in the middle of one, and `configured(...)`
+    gives the calling thread its own settings for the forwards it starts inside the block. Telemetry and the
+    persistent weight copies are shared by the model's threads (records of concurrent forwards interleave).
+    """
+
+    config: RealbConfig
+    modality: ModalityTracker = field(default_factory=ModalityTracker)
+    telemetry: Telemetry = field(default_factory=model_telemetry)
+    ep: Any = None  # realb_hf.ep.EpState under real expert parallelism (None: one process, virtual EP)
+    layers: dict[str, LayerShape] = field(default_factory=dict)  # every converted experts layer
+    _settings: Settings | None = field(default=None, repr=False)
+    _settings_of: RealbConfig | None = field(default=None, repr=False)  # the config object `_settings` copies
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, config: RealbConfig) -> RealbRuntime:
+        image_id, video_id = placeholder_ids(model.config)
+        return cls(config=config, modality=ModalityTracker(image_id, video_id))
+
+    @property
+    def settings(self) -> Settings:
+        """The settings a layer call decides with: those of the forward in flight in this thread, else of this
+        thread's `configured` block, else the model's."""
+        key = id(self)
+        for name in ("in_flight", "overrides"):
+            found = getattr(_THREAD, name, None)
+            if found:
+                settings = found.get(key)
+                if settings is not None:
+                    return settings
+        if self._settings_of is not self.config:  # first use, or a config object swapped in by hand
+            self._refresh()
+        return self._settings
+
+    def _refresh(self) -> None:
+        """New settings from a copy of the config: forwards in flight keep the settings they took."""
+        self._settings = Settings(copy.deepcopy(self.config))
+        self._settings_of = self.config
+
+    def params(self, device: torch.device) -> PolicyParams:
+        """Policy parameters for `device` from `settings`."""
+        return self.settings.params(device)
+
+    def begin_forward(self) -> None:
+        """At the start of a model forward (its pre-hook): the forward decides every layer with today's settings."""
+        _thread_map("in_flight")[id(self)] = self.settings
+        self.telemetry.next_forward()
+
+    def end_forward(self) -> None:
+        _thread_map("in_flight").pop(id(self), None)
+
     def add_layer(self, name: str, shape: LayerShape) -> None:
         """Register a converted experts layer, after checking the config against it."""
         check_layer(name, shape, self.config)
         self.layers[name] = shape
 
-    def reconfigure(self, **changes) -> None:
-        """Change runtime knobs of a loaded model (e.g. from the demo); validated like the constructor."""
+    def reconfigure(self, **changes: Any) -> None:
+        """Change runtime knobs of a loaded model for every forward that starts afterwards, in any thread;
+        validated like the constructor and against every layer (nothing changes if a value is refused)."""
+        self._checked(changes)
+        self.config.update(**changes)  # valid: a copy passed the same checks
+        self._refresh()
+
+    @contextlib.contextmanager
+    def configured(self, **changes: Any) -> Iterator[RealbConfig]:
+        """Settings for the forwards this thread starts inside the block (per-request settings of a server),
+        checked like `reconfigure`; the model's own settings, and other threads', stay as they are."""
+        overrides = _thread_map("overrides")
+        previous = overrides.get(id(self))
+        candidate = self._checked(changes, base=previous.config if previous is not None else None)
+        overrides[id(self)] = Settings(candidate)
+        try:
+            yield candidate
+        finally:
+            if previous is None:
+                overrides.pop(id(self), None)
+            else:
+                overrides[id(self)] = previous
+
+    def _checked(self, changes: dict[str, Any], base: RealbConfig | None = None) -> RealbConfig:
+        """A copy of `base` (the model's config) with `changes` applied, after every check loading makes."""
         allowed = RealbConfig.get_runtime_fields()
         unknown = sorted(set(changes) - set(allowed))
         if unknown:
@@ -112,9 +203,8 @@ class RealbRuntime:
             raise ValueError(
                 f"ep_size is fixed at {self.ep.size} by the real expert parallelism this model was loaded with"
             )
-        candidate = copy.deepcopy(self.config)
-        candidate.update(**changes)  # validates the values; the model's config is untouched if this raises
+        candidate = copy.deepcopy(base if base is not None else self.config)
+        candidate.update(**changes)  # raises on a bad value
         for name, shape in self.layers.items():
             check_layer(name, shape, candidate)
-        self.config.update(**changes)
-        self._params.clear()
+        return candidate

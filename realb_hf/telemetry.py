@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -128,6 +130,17 @@ class _Shipped:
     chunks: list[tuple[torch.Tensor, Any]]  # per group: (host counts, CUDA event marking the copy done, or None)
 
 
+def _locked(method):
+    """Hold the telemetry's lock: threads sharing one model hand in and read records concurrently."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 @dataclass
 class Telemetry:
     """Records of one model; `enabled=False` keeps decisions running but stores nothing.
@@ -149,16 +162,29 @@ class Telemetry:
     _pending: list[tuple] = field(default_factory=list, repr=False)
     _pending_bytes: int = field(default=0, repr=False)
     _shipped: list[_Shipped] = field(default_factory=list, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:  # copies and pickles get a lock of their own
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     @property
+    @_locked
     def records(self) -> list[LayerRecord]:
         """The kept records, oldest first (a copy: adding a record stays O(1) however many are kept)."""
         self._flush()
         return list(self._records)
 
+    @_locked
     def next_forward(self) -> None:
         self.forwards += 1
 
+    @_locked
     def add(self, record: LayerRecord) -> None:
         if not self.enabled:
             return
@@ -193,6 +219,7 @@ class Telemetry:
             )
         return self.count_routing(indices, modalities, num_experts)
 
+    @_locked
     def add_deferred(
         self,
         layer: str,
@@ -291,6 +318,7 @@ class Telemetry:
             self.dropped += 1  # the append below pushes the oldest record out
         ring.append(record)
 
+    @_locked
     def reset(self) -> None:
         self._records.clear()
         self._pending.clear()
@@ -299,6 +327,7 @@ class Telemetry:
         self.forwards = 0
         self.dropped = 0
 
+    @_locked
     def last_forward(self) -> list[LayerRecord]:
         """Records of the most recent forward that reached an MoE layer."""
         self._flush()

@@ -8,6 +8,7 @@ the grouped GEMM then takes one offset per held slot, so a copy of only the expe
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from ..kernels import rows as row_kernels
 # Share of the SMs a side-stream conversion may fill: the token dispatch queued beside it keeps the rest, which is
 # what lets the two overlap instead of taking turns.
 SIDE_STREAM_SM_SHARE = 0.25
+_PERSISTENT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -90,12 +92,13 @@ def persistent(module: torch.nn.Module, fmt: str) -> PackedWeights:
     in telemetry's `extra_memory_bytes`."""
     cache = module.realb_weight_cache
     if fmt not in cache:
-        packed = convert(module, fmt)
-        cache[fmt] = packed
-        packer = get_format(fmt)
-        module.realb_runtime.telemetry.extra_memory_bytes += packer.weight_nbytes(packed.first) + packer.weight_nbytes(
-            packed.down
-        )
+        with _PERSISTENT_LOCK:  # threads sharing the model convert once
+            if fmt not in cache:
+                packed = convert(module, fmt)
+                packer = get_format(fmt)
+                extra = packer.weight_nbytes(packed.first) + packer.weight_nbytes(packed.down)
+                module.realb_runtime.telemetry.extra_memory_bytes += extra
+                cache[fmt] = packed
     return cache[fmt]
 
 
