@@ -19,6 +19,7 @@ setup: $(BIN)/python
 demo: setup
 	$(BIN)/realb-hf demo
 
+# -rs: every skipped test is listed with its reason at the end (Chromium, a CUDA GPU: see README "What the tests need")
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -x -p no:cacheprovider
+	$(BIN)/python -m pytest -q -x -p no:cacheprovider -rs

@@ -34,8 +34,9 @@ import torch
 
 if __package__ in (None, ""):  # `python demo/train.py`: make `demo` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from demo.tasks import IMAGE_SIZE, KINDS, Example, heldout_set, train_example, vocabulary  # noqa: E402
+    from demo.tasks import IMAGE_SIZE, KINDS, Example, heldout_set, train_example, vocabulary
+else:  # `python -m demo.train` in a checkout, `python -m realb_hf.demo.train` when installed
+    from .tasks import IMAGE_SIZE, KINDS, Example, heldout_set, train_example, vocabulary
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "model"
 

@@ -4,6 +4,10 @@ Importing this package registers the "realb" quantization method with transforme
 `from_pretrained(..., quantization_config=RealbConfig(...))` works and saved ReaLB models reload as ReaLB models.
 """
 
+from .noise import demote_harmless_import_warnings
+
+demote_harmless_import_warnings()  # before anything below imports torchao (through transformers' quantizers)
+
 from .apply import apply_realb, apply_realb_to_experts, get_runtime, get_telemetry
 from .config import RealbConfig
 from .experts import RealbExperts

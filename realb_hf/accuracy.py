@@ -4,9 +4,9 @@
 
 loads the model once in bf16, scores the stock model, converts it with `apply_realb` under virtual EP
 (`--ep-size`, default 4) and switches configurations with `get_runtime(model).reconfigure(...)`. Every row
-answers the same held-out questions (`demo/tasks.py`'s `heldout_set`) with greedy `generate`, many questions per
-forward (left padding), so the prefill forward carries `batch_size x prompt length` tokens and crosses the batch
-threshold. Exact match is scored per modality, and each row reports from telemetry how much ReaLB lowered.
+answers the same held-out questions (`heldout_set` of demo/tasks.py, or of `--tasks`) with greedy `generate`, many
+questions per forward (left padding), so the prefill forward carries `batch_size x prompt length` tokens and crosses
+the batch threshold. Exact match is scored per modality, and each row reports from telemetry how much ReaLB lowered.
 Writes a Markdown report to `--out` and the full numbers as JSON next to it (same name, `.json`).
 
 Library use: `evaluate(model, processor, examples, ...)` -> `AccuracyResult`, `run(model_dir, ...)` -> report dict,
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .apply import apply_realb, get_runtime, get_telemetry
+from .bundled import bundled_model_dir, demo_module
 from .config import RealbConfig
 
 MODALITIES = ("image", "text")
@@ -88,23 +89,21 @@ class AccuracyResult:
 # ---- tasks -----------------------------------------------------------------------------------------------
 
 
-def load_tasks(model_dir: str | Path | None = None, tasks: str | Path | None = None) -> ModuleType:
-    """The task generator: `tasks` (a .py path or module name), else `demo.tasks`, else `<model_dir>/../tasks.py`."""
-    if tasks is not None and str(tasks).endswith(".py"):
+def load_tasks(tasks: str | Path | None = None) -> ModuleType:
+    """The task generator: `tasks` (a .py file or a module name) when given, else the bundled demo's tasks.
+
+    Only code the caller named, or realb_hf's own demo, is ever imported: nothing is looked up next to a model.
+    """
+    if tasks is None:
+        return demo_module("tasks")
+    if str(tasks).endswith(".py"):
         return _module_from_file(Path(tasks))
-    if tasks is not None:
-        return importlib.import_module(str(tasks))
-    try:
-        return importlib.import_module("demo.tasks")
-    except ImportError:
-        if model_dir is None:
-            raise
-        return _module_from_file(Path(model_dir).resolve().parent / "tasks.py")
+    return importlib.import_module(str(tasks))
 
 
 def _module_from_file(path: Path) -> ModuleType:
     if not path.is_file():
-        raise FileNotFoundError(f"task generator {path} not found; pass --tasks PATH/TO/tasks.py")
+        raise FileNotFoundError(f"{path}: no such file")
     spec = importlib.util.spec_from_file_location("realb_demo_tasks", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
@@ -245,7 +244,7 @@ def run(
     ep_size: int = 4,
     batch_threshold: int = 2048,
     seed: int = 0,
-    tasks: str | Path | None = None,
+    tasks: str | Path | ModuleType | None = None,
     configs: list[EvalConfig] | None = None,
     progress: bool = True,
     batchings: tuple[str, ...] = BATCHINGS,
@@ -257,7 +256,7 @@ def run(
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    task_module = load_tasks(model_dir, tasks)
+    task_module = tasks if isinstance(tasks, ModuleType) else load_tasks(tasks)
     heldout = task_module.heldout_set(n, seed=seed)
     ordered = {b: order_for_batching(heldout, b) for b in batchings}
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -283,7 +282,7 @@ def run(
             )
     counts = {m: sum(1 for ex in heldout if ex.modality == m) for m in MODALITIES}
     return {
-        "model": str(model_dir),
+        "model": _model_label(model_dir),
         "n": n,
         "held_out_seed": seed,
         "counts": counts,
@@ -297,6 +296,15 @@ def run(
         "fp8/nvfp4/mxfp4 emulated (quantize-dequantize, bf16 matmul)",
         "runs": [{"batching": b, "results": [asdict(results[(b, i)]) for i in range(len(configs))]} for b in batchings],
     }
+
+
+def _model_label(model_dir: str | Path) -> str:
+    """How the report names the model: the bundled one by its checkout path, whatever folder it was installed in."""
+    try:
+        bundled = Path(model_dir).resolve() == bundled_model_dir().resolve()
+    except ImportError:  # no bundled demo here
+        bundled = False
+    return "demo/model" if bundled else str(model_dir)
 
 
 # ---- report ----------------------------------------------------------------------------------------------
@@ -482,7 +490,7 @@ def _findings(rows: list[dict], base: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m realb_hf.accuracy", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="demo/model", help="model directory (default: demo/model)")
+    parser.add_argument("--model", help="model directory (default: the bundled demo model, demo/model)")
     parser.add_argument("--n", type=int, default=300, help="held-out questions")
     parser.add_argument("--batch-size", type=int, default=64, help="questions per forward")
     parser.add_argument("--ep-size", type=int, default=4, help="virtual expert-parallel size")
@@ -497,20 +505,29 @@ def main(argv: list[str] | None = None) -> int:
         default=list(BATCHINGS),
         help="what shares a forward (one table each)",
     )
-    parser.add_argument("--tasks", help="task generator (.py path or module; default demo.tasks)")
+    parser.add_argument(
+        "--tasks", help="task generator (.py path or module name; default: the bundled demo's tasks.py)"
+    )
     parser.add_argument("--out", help="write the Markdown report here and the JSON next to it")
     parser.add_argument("--date", default=_dt.date.today().isoformat(), help="date printed in the report")
     parser.add_argument("--notes", help="Markdown file appended to the report (hand-written notes)")
     args = parser.parse_args(argv)
+    model_dir = Path(args.model) if args.model else bundled_model_dir()
+    if not (model_dir / "config.json").is_file():
+        parser.error(f"--model {model_dir}: not a model folder (no config.json)")
+    try:
+        tasks = load_tasks(args.tasks)  # fail before loading the model
+    except (ImportError, OSError) as err:
+        parser.error(f"--tasks: {err}" if args.tasks else f"no task generator: {err}; pass --tasks PATH/TO/tasks.py")
 
     report = run(
-        args.model,
+        model_dir,
         n=args.n,
         batch_size=args.batch_size,
         ep_size=args.ep_size,
         batch_threshold=args.batch_threshold,
         seed=args.seed,
-        tasks=args.tasks,
+        tasks=tasks,
         batchings=tuple(args.batching),
     )
     report["date"] = args.date

@@ -2,30 +2,107 @@
 
 `realb-hf run` (the README's first command) builds a tiny Qwen3-VL-MoE from its config, sends one image+text
 batch through it with ReaLB under virtual EP, and prints what every MoE layer saw and decided.
-`realb-hf demo` serves the Gradio demo (demo/app.py, in a source checkout); `realb-hf save` / `realb-hf push` load a
+`realb-hf demo` serves the Gradio demo (realb_hf/bundled.py finds it); `realb-hf save` / `realb-hf push` load a
 model with ReaLB and save or upload it with a model card (realb_hf/hub.py).
+
+Every argument is checked before anything is loaded or written; a mistake ends with one line naming the flag.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
+import re
 import sys
+from pathlib import Path
 
+from .card_inputs import CardInputError
 from .config import GRANULARITIES, LOW_PRECISION_CHOICES, POLICIES, WEIGHT_CACHES
+
+RUN_TOP_K = 2  # experts per token of the tiny model `realb-hf run` builds
+MERGE = 2  # its vision tower merges 2x2 patches into one token
+
+
+def _whole(minimum: int, multiple: int = 1):
+    """An argparse type: a whole number >= `minimum` (and a multiple of `multiple`)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < minimum or value % multiple:
+            even = f" and a multiple of {multiple}" if multiple > 1 else ""
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}{even}, got {value}")
+        return value
+
+    return parse
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _realb_config(knobs: dict):
+    """RealbConfig(**knobs); an invalid value is reported under its flag (--ep-size), not its field name."""
+    from . import RealbConfig
+
+    try:
+        return RealbConfig(**knobs)
+    except ValueError as err:
+        field = re.match(r"RealbConfig\.(\w+)", str(err))
+        if field and field.group(1) in knobs:
+            raise ValueError(f"{_flag(field.group(1))}: {err}") from None
+        raise
+
+
+def _check_output_file(flag: str, value: str | None) -> None:
+    if value is None:
+        return
+    path = Path(value)
+    if path.is_dir() or not path.parent.is_dir():
+        raise ValueError(f"{flag} {value}: " + ("is a folder" if path.is_dir() else f"no folder {path.parent}"))
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: torch sees no CUDA GPU here")
+
+
+REPORT_KEY = (
+    "pairs: token-expert pairs routed to the rank (top-k per token); vis: vision share of them.\n"
+    "balancedness: mean/max over ranks (1 = balanced), of the load before ReaLB -> of the predicted time as decided\n"
+    "(the cost model charges every bf16 pair the same, so before ReaLB the time balance is the load balance)."
+)
 
 
 def _format_report(records, summary: dict) -> str:
-    lines = []
+    lines = [REPORT_KEY]
     for r in records:
         ranks = "  ".join(
-            f"r{i}:{t:>4} tok {s * 100:>3.0f}% vis {p:<6}"
+            f"r{i}:{t:>5} pairs {s * 100:>3.0f}% vis {p:<6}"
             for i, (t, s, p) in enumerate(zip(r.tokens_per_rank, r.vision_share_per_rank, r.precision_per_rank))
         )
+        before = f"{r.balancedness_cost_before:.3f}"
+        if not math.isclose(r.balancedness_tokens, r.balancedness_cost_before, abs_tol=1e-9):
+            before += f" (load {r.balancedness_tokens:.3f})"  # only if a cost model ever breaks the identity
         lines.append(f"{r.layer}\n    {ranks}")
         lines.append(
-            f"    balancedness tokens {r.balancedness_tokens:.3f}  cost {r.balancedness_cost_before:.3f}"
-            f" -> {r.balancedness_cost_after:.3f}  lowered {r.lowered_fraction * 100:.1f}% of tokens  "
+            f"    balancedness {before} -> {r.balancedness_cost_after:.3f}  "
+            f"lowered {r.lowered_fraction * 100:.1f}% of pairs  "
             f"predicted layer speedup {r.predicted_speedup:.2f}x  ({r.reason})"
         )
     lines.append(
@@ -37,22 +114,28 @@ def _format_report(records, summary: dict) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.num_experts % args.ep_size:
+        raise ValueError(f"--ep-size {args.ep_size} must divide --num-experts {args.num_experts}")
+    _check_output_file("--json", args.json)
+    config = _realb_config(
+        dict(
+            low_precision=args.low_precision,
+            policy=args.policy,
+            ep_size=args.ep_size,
+            batch_threshold=args.batch_threshold,
+            modality_threshold=args.modality_threshold,
+            imbalance_threshold=args.imbalance_threshold,
+            granularity=args.granularity,
+            weight_cache=args.weight_cache,
+        )
+    )
     import torch
 
-    from . import RealbConfig, apply_realb, get_telemetry
+    from . import apply_realb, get_telemetry
+    from .card_inputs import save_telemetry
     from .tiny import build_tiny_model, qwen3_vl_image_batch, tiny_qwen3_vl_moe_config
 
-    config = RealbConfig(
-        low_precision=args.low_precision,
-        policy=args.policy,
-        ep_size=args.ep_size,
-        batch_threshold=args.batch_threshold,
-        modality_threshold=args.modality_threshold,
-        imbalance_threshold=args.imbalance_threshold,
-        granularity=args.granularity,
-        weight_cache=args.weight_cache,
-    )
-    model_config = tiny_qwen3_vl_moe_config(num_experts=args.num_experts)
+    model_config = tiny_qwen3_vl_moe_config(num_experts=args.num_experts, top_k=RUN_TOP_K)
     model = apply_realb(build_tiny_model(model_config, seed=args.seed), config)
     batch = qwen3_vl_image_batch(batch=args.batch, grid=(args.grid, args.grid), seed=args.seed, config=model_config)
     tokens = batch.kwargs["input_ids"].numel()
@@ -66,80 +149,88 @@ def cmd_run(args: argparse.Namespace) -> int:
     telemetry = get_telemetry(model)
     print(_format_report(telemetry.last_forward(), telemetry.summary()))
     if args.json:
-        telemetry.to_json(args.json)
-        print(f"telemetry written to {args.json}")
+        save_telemetry(model, args.json)
+        print(f"telemetry of this tiny model written to {args.json}")
     return 0
-
-
-def _find_demo():
-    """`demo.app.main`, importable from a source checkout (the demo is not part of the installed package)."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "demo" / "app.py").is_file():
-        raise ValueError("the demo ships with the source checkout (demo/app.py); run it from a clone of the repository")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from demo.app import main as demo_main
-
-    return demo_main
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     demo_args = args.demo_args[1:] if args.demo_args[:1] == ["--"] else args.demo_args
-    return _find_demo()(demo_args, prog="realb-hf demo")
+    from .bundled import demo_module
+
+    return demo_module("app").main(demo_args, prog="realb-hf demo")
 
 
-def _realb_config_from_args(args: argparse.Namespace):
-    """A RealbConfig with only the knobs given on the command line (the rest keep the saved values)."""
-    from . import RealbConfig
-
-    names = (
-        "policy",
-        "low_precision",
-        "granularity",
-        "weight_cache",
-        "ep_size",
-        "batch_threshold",
-        "modality_threshold",
-        "imbalance_threshold",
-    )
-    return RealbConfig(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
+KNOBS = (
+    "policy",
+    "low_precision",
+    "granularity",
+    "weight_cache",
+    "ep_size",
+    "batch_threshold",
+    "modality_threshold",
+    "imbalance_threshold",
+)
 
 
-def _accuracy_arg(value: str | None):
-    """--accuracy-table: a .json file (rows or {row: {col: value}}) or a markdown file, inserted as is."""
-    if value is None:
-        return None
-    from pathlib import Path
+def _checked_hub_args(args: argparse.Namespace) -> tuple:
+    """(source, RealbConfig or None, card kwargs): everything `save`/`push` can check before loading the model.
 
-    path = Path(value)
-    text = path.read_text()
-    return json.loads(text) if path.suffix == ".json" else text
+    Checks that need the model (base model architecture, telemetry provenance) run in `build_model_card`, which
+    `save_with_card` calls before writing anything."""
+    from .card_inputs import looks_like_hub_id, read_accuracy_file, read_telemetry_file
+    from .hub import check_source
 
-
-def _card_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
+    source = check_source(args.source)
+    knobs = {n: getattr(args, n) for n in KNOBS if getattr(args, n) is not None}
+    config = _realb_config(knobs) if knobs else None  # only the knobs given: the rest keep the saved values
+    if args.base_model is not None and not looks_like_hub_id(args.base_model):
+        raise CardInputError("base_model", f"{args.base_model!r} is not a Hub repo id like 'org/name'")
+    _check_device(args.device)
+    card = dict(
         base_model=args.base_model,
-        telemetry=args.telemetry,
-        accuracy_table=_accuracy_arg(args.accuracy_table),
+        telemetry=read_telemetry_file(args.telemetry) if args.telemetry else None,
+        accuracy_table=read_accuracy_file(args.accuracy_table) if args.accuracy_table else None,
         license=args.license,
     )
+    return source, config, card
+
+
+def _load(source: str, config, args: argparse.Namespace):
+    """`load_with_realb`; a knob the model refuses (e.g. --ep-size that does not divide its experts) is named."""
+    from .hub import load_with_realb
+
+    try:
+        return load_with_realb(source, config, device=args.device)
+    except ValueError as err:
+        given = [n for n in KNOBS if getattr(args, n) is not None and re.search(rf"\b{n}\b", str(err))]
+        if given:
+            raise ValueError(f"{_flag(given[0])} {getattr(args, given[0])}: {err}") from None
+        raise
 
 
 def cmd_save(args: argparse.Namespace) -> int:
-    from .hub import load_with_realb, save_with_card
+    from .hub import save_with_card
 
-    model, processor = load_with_realb(args.source, _realb_config_from_args(args), device=args.device)
-    path = save_with_card(model, processor, args.out, **_card_kwargs(args))
+    source, config, card = _checked_hub_args(args)
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT {args.out} is a file, not a folder")
+    if Path(source).is_dir() and out.resolve() == Path(source).resolve():
+        raise ValueError(f"OUT {args.out} is the source folder; save into another folder")
+    model, processor = _load(source, config, args)
+    path = save_with_card(model, processor, out, **card)
     print(f"saved {args.source} with ReaLB and a model card to {path}")
     return 0
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .hub import load_with_realb, push_with_card
+    from .hub import push_with_card
 
-    model, processor = load_with_realb(args.source, _realb_config_from_args(args), device=args.device)
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", args.repo_id):
+        raise ValueError(f"REPO_ID {args.repo_id!r} is not a Hub repo id like 'me/name'")
+    source, config, card = _checked_hub_args(args)
+    model, processor = _load(source, config, args)
     info = push_with_card(
         model,
         args.repo_id,
@@ -148,16 +239,26 @@ def cmd_push(args: argparse.Namespace) -> int:
         revision=args.revision,
         create_pr=args.create_pr,
         commit_message=args.commit_message,
-        **_card_kwargs(args),
+        **card,
     )
     print(f"pushed {args.source} with ReaLB and a model card to {args.repo_id}: {getattr(info, 'commit_url', info)}")
     return 0
 
 
 def _add_hub_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-model", help="Hub id of the base model, for the card (default: the source if a Hub id)")
-    p.add_argument("--telemetry", help="telemetry JSON (realb-hf run --json, Telemetry.to_json) summarised in the card")
-    p.add_argument("--accuracy-table", help="accuracy table for the card: .json rows, or a markdown file")
+    p.add_argument(
+        "--base-model",
+        help="Hub id of the model these weights come from, for the card (checked against its config; "
+        "default: the source if a Hub id)",
+    )
+    p.add_argument(
+        "--telemetry",
+        help="telemetry JSON recorded on this model with these settings (realb_hf.hub.save_telemetry(model, path)); "
+        "a file from another model is refused",
+    )
+    p.add_argument(
+        "--accuracy-table", help="accuracy table for the card: .json rows or {row: {column: value}}, or a .md file"
+    )
     p.add_argument("--license", help="license id for the card metadata")
     p.add_argument("--device", default="cpu", help="where to load the model (default cpu)")
     knobs = p.add_argument_group("ReaLB settings to save (default: the source's saved values, else the defaults)")
@@ -165,10 +266,10 @@ def _add_hub_options(p: argparse.ArgumentParser) -> None:
     knobs.add_argument("--low-precision", choices=LOW_PRECISION_CHOICES)
     knobs.add_argument("--granularity", choices=GRANULARITIES)
     knobs.add_argument("--weight-cache", choices=WEIGHT_CACHES)
-    knobs.add_argument("--ep-size", type=int)
-    knobs.add_argument("--batch-threshold", type=int)
-    knobs.add_argument("--modality-threshold", type=float)
-    knobs.add_argument("--imbalance-threshold", type=float)
+    knobs.add_argument("--ep-size", type=_whole(1))
+    knobs.add_argument("--batch-threshold", type=_whole(0))
+    knobs.add_argument("--modality-threshold", type=_number)
+    knobs.add_argument("--imbalance-threshold", type=_number)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,15 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--low-precision", choices=LOW_PRECISION_CHOICES, default="auto")
     run.add_argument("--granularity", choices=GRANULARITIES, default="rank")
     run.add_argument("--weight-cache", choices=WEIGHT_CACHES, default="on_the_fly")
-    run.add_argument("--ep-size", type=int, default=4)
-    run.add_argument("--num-experts", type=int, default=16)
-    run.add_argument("--batch", type=int, default=8, help="image+text requests in the batch")
-    run.add_argument("--grid", type=int, default=16, help="image patch grid side (tokens per image = grid^2 / 4)")
-    run.add_argument("--batch-threshold", type=int, default=256, help="tokens below which nothing is lowered")
-    run.add_argument("--modality-threshold", type=float, default=0.7)
-    run.add_argument("--imbalance-threshold", type=float, default=0.1)
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--json", help="also write the telemetry to this JSON file")
+    run.add_argument("--ep-size", type=_whole(1), default=4)
+    run.add_argument("--num-experts", type=_whole(RUN_TOP_K), default=16, help="experts per MoE layer (top-2)")
+    run.add_argument("--batch", type=_whole(1), default=8, help="image+text requests in the batch")
+    run.add_argument(
+        "--grid", type=_whole(MERGE, MERGE), default=16, help="image patch grid side, even (tokens per image = grid^2/4)"
+    )
+    run.add_argument("--batch-threshold", type=_whole(0), default=256, help="tokens below which nothing is lowered")
+    run.add_argument("--modality-threshold", type=_number, default=0.7)
+    run.add_argument("--imbalance-threshold", type=_number, default=0.1)
+    run.add_argument("--seed", type=_whole(0), default=0)
+    run.add_argument("--json", help="also write the telemetry (with the tiny model's provenance) to this JSON file")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser(
@@ -236,9 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:  # bad option combinations are reported, not dumped as tracebacks
-        print(f"realb-hf: error: {err}", file=sys.stderr)
-        return 2
+    except CardInputError as err:  # reported under the flag that gave the input
+        message = f"{_flag(err.field)}: {err.reason}"
+    except (ValueError, OSError) as err:  # ordinary mistakes (bad values, missing files, offline): one line
+        message = str(err)
+    print(f"realb-hf {args.command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

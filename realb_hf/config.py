@@ -210,6 +210,21 @@ class RealbConfig(QuantizationConfigMixin):
             names.add("rank_precisions")  # a new policy must not inherit the saved static map
         return {name: copy.deepcopy(getattr(self, name)) for name in _FIELDS if name in names}
 
+    def override_saved(self, saved: RealbConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Apply this config, passed at reload, to the `saved` one: what transformers' generic merge does, said
+        exactly. Returns (applied, ignored): the runtime fields this config set explicitly, now in `saved`, and
+        the fields it set that a saved model fixes (`high_precision`, `modules_to_not_convert`) where they differ
+        from the saved values, which stay."""
+        applied = self.get_loading_attributes()
+        for name, value in applied.items():
+            setattr(saved, name, value)
+        ignored = {
+            name: getattr(self, name)
+            for name in _FIELDS
+            if name in self._explicit and not _FIELDS[name].runtime and getattr(self, name) != getattr(saved, name)
+        }
+        return applied, ignored
+
     @staticmethod
     def get_runtime_fields() -> list[str]:
         """Fields that may change on a loaded model or be overridden at reload."""

@@ -15,12 +15,22 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .apply import get_runtime
+from .card_inputs import (
+    CardInputError,
+    accuracy_markdown,
+    architecture,
+    check_base_model,
+    checked_telemetry_summary,
+    looks_like_hub_id,
+    save_telemetry,
+)
 from .config import QUANT_METHOD
 from .telemetry import Telemetry
 
@@ -59,9 +69,9 @@ TELEMETRY_ROWS = (  # (summary key, label, formatter)
     ("records", "MoE layer records", lambda v: f"{int(v)}"),
     ("layers_lowered", "layer records with a lowered rank", lambda v: f"{int(v)}"),
     ("lowered_token_fraction", "token-expert pairs in low precision", lambda v: f"{100 * v:.1f}%"),
-    ("balancedness_tokens", "balancedness of token load (mean/max, 1 = balanced)", lambda v: f"{v:.3f}"),
-    ("balancedness_cost_before", "balancedness of predicted time, all bf16", lambda v: f"{v:.3f}"),
-    ("balancedness_cost_after", "balancedness of predicted time, with ReaLB", lambda v: f"{v:.3f}"),
+    # the cost model charges every bf16 pair the same, so "before" is also the balancedness of the token load
+    ("balancedness_cost_before", "balancedness before ReaLB (mean/max rank load, 1 = balanced)", lambda v: f"{v:.3f}"),
+    ("balancedness_cost_after", "balancedness with ReaLB (mean/max predicted rank time)", lambda v: f"{v:.3f}"),
     ("predicted_speedup", "mean predicted MoE-layer speedup (cost model)", lambda v: f"{v:.2f}x"),
     ("extra_memory_bytes", "persistent low-precision weight copies", lambda v: f"{int(v) / 2**20:.1f} MiB"),
 )
@@ -84,56 +94,51 @@ def find_template(template_path: str | Path | None = None) -> Path:
     raise FileNotFoundError(f"{TEMPLATE_NAME} is neither packaged with realb_hf nor next to it; pass template_path=...")
 
 
-def telemetry_summary(telemetry: Telemetry | Mapping[str, Any] | str | Path | None) -> dict[str, Any] | None:
-    """A `Telemetry.summary()` dict from a Telemetry, a summary dict, a `to_dict()` dict or a `to_json` file."""
-    if telemetry is None:
-        return None
-    if isinstance(telemetry, Telemetry):
-        return telemetry.summary()
-    if isinstance(telemetry, (str, Path)):
-        telemetry = json.loads(Path(telemetry).read_text())
-    if not isinstance(telemetry, Mapping):
-        raise TypeError(f"telemetry must be a Telemetry, a summary dict or a JSON file, got {type(telemetry).__name__}")
-    summary = telemetry.get("summary", telemetry)
-    if not isinstance(summary, Mapping):
-        raise ValueError("telemetry JSON has no summary")
-    return dict(summary)
-
-
-def _cell(value: Any) -> str:
-    text = f"{value:.4g}" if isinstance(value, float) else str(value)
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def accuracy_markdown(table: str | Sequence[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]] | None) -> str | None:
-    """A markdown table from rows (list of dicts), {row name: {column: value}}, or markdown text (kept as is)."""
-    if table is None:
-        return None
-    if isinstance(table, str):
-        return table.strip() or None
-    if isinstance(table, Mapping):
-        rows = [{"": name, **dict(values)} for name, values in table.items()]
-    else:
-        rows = [dict(r) for r in table]
-    if not rows:
-        return None
-    columns: list[str] = []
-    for row in rows:
-        columns += [c for c in row if c not in columns]
-    lines = ["| " + " | ".join(_cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _looks_like_hub_id(name: str | None) -> bool:
-    if not name or name.startswith((".", "/", "~")) or Path(name).exists():
-        return False
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts)
-
-
 def _is_vlm(model) -> bool:
     return hasattr(getattr(model, "config", None), "vision_config")
+
+
+def _low_text(low: str) -> str:
+    return "FP8 (NVFP4 on sm100+ GPUs)" if low == "auto" else low.upper()
+
+
+def behaviour_text(config) -> str:
+    """What ReaLB does to this model's experts under `config`, in one or two sentences for the card."""
+    low = _low_text(config.low_precision)
+    if config.policy == "off":
+        return "every expert runs in bf16, as in the stock model; ReaLB only records telemetry."
+    if config.policy == "all_low":
+        text = f"every expert runs in {low} (the low-precision-everywhere baseline)."
+    elif config.policy == "static":
+        text = f"the ranks named in `rank_precisions` run at their fixed precision ({low} for \"low\"), the others in bf16."
+    else:
+        what = (
+            "the compute precision of the overloaded, vision-dominated expert-parallel ranks"
+            if config.granularity == "rank"
+            else "the precision of the hottest vision-dominated experts of an overloaded expert-parallel rank"
+        )
+        text = (
+            f"per MoE layer and per batch of at least {config.batch_threshold} tokens, ReaLB lowers {what} to {low} "
+            "and keeps text-heavy ranks in bf16."
+        )
+    if config.weight_cache == "persistent":
+        cache = "low-precision copies of every expert are made when the model loads and kept in memory"
+    else:
+        cache = "low-precision weights are made on the fly for each lowered layer and not kept"
+    return f"{text} No experts are moved between ranks; {cache}."
+
+
+def architecture_text(model) -> str:
+    arch = architecture(model.config)
+    parts = [f"`{arch.get('model_type', type(model).__name__)}`"]
+    if "num_hidden_layers" in arch:
+        parts.append(f"{arch['num_hidden_layers']} decoder layers")
+    if "num_experts" in arch:
+        top_k = f", top-{arch['num_experts_per_tok']}" if "num_experts_per_tok" in arch else ""
+        parts.append(f"{arch['num_experts']} experts per MoE layer{top_k}")
+    if "hidden_size" in arch:
+        parts.append(f"hidden size {arch['hidden_size']}")
+    return ", ".join(parts)
 
 
 def build_model_card(
@@ -156,9 +161,11 @@ def build_model_card(
 
     runtime = get_runtime(model)  # raises for a model that does not run ReaLB
     config = runtime.config
+    source = getattr(model.config, "_name_or_path", None)
     if base_model is None:
-        source = getattr(model.config, "_name_or_path", None)
-        base_model = source if _looks_like_hub_id(source) else None
+        base_model = source if looks_like_hub_id(source) else None
+    else:
+        check_base_model(model, base_model)
     is_vlm = _is_vlm(model)
     tags = list(CARD_TAGS)
     model_type = getattr(model.config, "model_type", None)
@@ -171,9 +178,9 @@ def build_model_card(
         pipeline_tag="image-text-to-text" if is_vlm else "text-generation",
         license=license,
     )
-    summary = telemetry_summary(telemetry)
     telemetry_rows = None
-    if summary:
+    if telemetry is not None:
+        summary = checked_telemetry_summary(model, telemetry)
         telemetry_rows = [
             {"name": label, "value": fmt(summary[key])} for key, label, fmt in TELEMETRY_ROWS if key in summary
         ]
@@ -183,21 +190,30 @@ def build_model_card(
         if (meaning := SETTING_MEANINGS.get(name)) is not None
     ]
     dtype = str(getattr(model, "dtype", "bfloat16")).replace("torch.", "")
-    name = model_name or (repo_id.split("/")[-1] if repo_id else None) or "This model"
+    if model_name is None:
+        if repo_id:
+            model_name = repo_id.split("/")[-1]
+        elif base_model:
+            model_name = f"{base_model.split('/')[-1]} with ReaLB"
+        else:
+            model_name = f"{model_type or 'MoE'} model with ReaLB"
     return ModelCard.from_template(
         card_data,
         template_path=str(find_template(template_path)),
-        model_name=name,
+        model_name=model_name,
         repo_id=repo_id or "path/to/this/folder",
         base_model=base_model,
+        architecture=architecture_text(model),
+        behaviour=behaviour_text(config),
         dtype=dtype,
         auto_class="AutoModelForImageTextToText" if is_vlm else "AutoModelForCausalLM",
         has_processor=has_processor,
         settings=settings,
         telemetry=telemetry_rows,
         telemetry_note=(
-            "Recorded by `realb_hf.get_telemetry(model)` with these settings (means over MoE layer records; "
-            "predicted speedups come from the policy's cost model of the target hardware, not from wall-clock time)."
+            "Recorded on this model by `realb_hf.get_telemetry(model)` with these settings (means over MoE layer "
+            "records; predicted speedups come from the policy's cost model of the target hardware, not from "
+            "wall-clock time)."
         ),
         accuracy_table=accuracy_markdown(accuracy_table),
         realb_version=__version__,
@@ -233,13 +249,7 @@ def save_with_card(
 
     The folder reloads as a ReaLB model in any process that has run `import realb_hf`.
     """
-    get_runtime(model)  # fail before writing anything if the model does not run ReaLB
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, **save_kwargs)
-    if processor is not None:
-        processor.save_pretrained(path)
-    _check_saved_config(path)
+    # The card first: every check (ReaLB, base model, telemetry, accuracy table) runs before anything is written.
     card = build_model_card(
         model,
         repo_id=repo_id,
@@ -250,6 +260,12 @@ def save_with_card(
         license=license,
         template_path=template_path,
     )
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, **save_kwargs)
+    if processor is not None:
+        processor.save_pretrained(path)
+    _check_saved_config(path)
     card.save(path / "README.md")
     return path
 
@@ -291,7 +307,17 @@ def push_with_card(
     """
     from huggingface_hub import HfApi
 
-    get_runtime(model)
+    # every card check runs before the repo is created
+    build_model_card(
+        model,
+        repo_id=repo_id,
+        base_model=base_model,
+        telemetry=telemetry,
+        accuracy_table=accuracy_table,
+        has_processor=processor is not None,
+        license=license,
+        template_path=template_path,
+    )
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
     with tempfile.TemporaryDirectory(prefix="realb_push_") as tmp:
@@ -322,6 +348,23 @@ def push_with_card(
 # ---- loading for the CLI ----------------------------------------------------------------------------------
 
 
+def check_source(source: str) -> str:
+    """`source` as a model folder or a Hub id. Anything that looks like a path (or exists) is a path, and must be
+    a folder with config.json; raises FileNotFoundError or ValueError saying which."""
+    path = Path(source).expanduser()
+    if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1 or path.exists():
+        if not path.exists():
+            raise FileNotFoundError(f"{source}: no such folder")
+        if not path.is_dir():
+            raise ValueError(f"{source} is a file, not a model folder")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{source} has no config.json: not a transformers model folder")
+        return str(path)
+    if not (looks_like_hub_id(source) or re.fullmatch(r"[\w.-]+", source)):
+        raise ValueError(f"{source!r} is neither a model folder nor a Hub repo id like 'org/name'")
+    return source
+
+
 def load_with_realb(source: str, config=None, device: str = "cpu"):
     """(model, processor or None) of `source` loaded with ReaLB.
 
@@ -334,7 +377,12 @@ def load_with_realb(source: str, config=None, device: str = "cpu"):
 
     from .config import RealbConfig
 
-    model_config = AutoConfig.from_pretrained(source)
+    source = check_source(source)
+    try:
+        model_config = AutoConfig.from_pretrained(source)
+    except OSError as err:  # offline, no such repo, gated repo: one line, not transformers' whole story
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise OSError(f"could not load {source} from the Hub ({first}); there is no local folder {source} either") from err
     saved = getattr(model_config, "quantization_config", None)
     saved_method = saved.get("quant_method") if isinstance(saved, dict) else getattr(saved, "quant_method", None)
     kwargs = {}
@@ -357,12 +405,15 @@ def load_with_realb(source: str, config=None, device: str = "cpu"):
 
 __all__ = [
     "CARD_TAGS",
+    "CardInputError",
     "accuracy_markdown",
+    "behaviour_text",
     "build_model_card",
+    "check_source",
     "find_template",
     "folder_operations",
     "load_with_realb",
     "push_with_card",
+    "save_telemetry",
     "save_with_card",
-    "telemetry_summary",
 ]

@@ -12,13 +12,14 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 
 import realb_hf
 from realb_hf import cli
+from realb_hf.card_inputs import CardInputError, read_accuracy_file, telemetry_document
 from realb_hf.hub import (
     accuracy_markdown,
     build_model_card,
     folder_operations,
     push_with_card,
+    save_telemetry,
     save_with_card,
-    telemetry_summary,
 )
 from realb_hf.tiny import qwen3_vl_image_batch, tiny_qwen3_vl_moe_config
 
@@ -26,6 +27,8 @@ FAKE_TOKEN = "hf_FAKEtokenDoNotLeak0123456789abcdef"
 SETTINGS = dict(policy="all_low", low_precision="fp8", ep_size=2, modality_threshold=0.9)
 ACCURACY = [{"benchmark": "tiny held-out", "bf16": 0.97, "ReaLB": 0.96}]
 MODEL_FILES = ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+BASE = "me/tiny-qwen3-vl-base"  # a Hub model with the tiny model's architecture (its config is faked below)
+REAL = "Qwen/Qwen3-VL-30B-A3B-Instruct"
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +39,27 @@ def no_hub(monkeypatch):
     import transformers.utils.hub as tf_hub
 
     monkeypatch.setattr(tf_hub, "_hf_api", None)
+
+
+@pytest.fixture(autouse=True)
+def hub_configs(monkeypatch):
+    """AutoConfig answers for BASE (the tiny architecture) and REAL (the real one's numbers); any other id goes to
+    the closed port of `no_hub`, as if offline."""
+    from transformers import AutoConfig
+
+    configs = {
+        BASE: tiny_qwen3_vl_moe_config(),
+        REAL: tiny_qwen3_vl_moe_config(num_experts=128, top_k=8, layers=48, hidden=2048),
+    }
+    original = AutoConfig.from_pretrained.__func__
+
+    def from_pretrained(cls, name, *args, **kwargs):
+        if name in configs:
+            return configs[name]
+        return original(cls, name, *args, **kwargs)
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", classmethod(from_pretrained))
+    return configs
 
 
 @pytest.fixture
@@ -114,7 +138,7 @@ def test_save_with_card_and_reload(realb_model, qwen_batch, tmp_path):
         realb_model,
         tiny_tokenizer(),
         tmp_path / "saved",
-        base_model="Qwen/Qwen3-VL-30B-A3B-Instruct",
+        base_model=BASE,
         telemetry=telemetry,
         accuracy_table=ACCURACY,
     )
@@ -125,7 +149,9 @@ def test_save_with_card_and_reload(realb_model, qwen_batch, tmp_path):
 
     text = (out / "README.md").read_text()
     card = check_card(text)
-    assert card.data.base_model == "Qwen/Qwen3-VL-30B-A3B-Instruct"
+    assert card.data.base_model == BASE
+    assert card.text.splitlines()[1] == "# tiny-qwen3-vl-base with ReaLB"
+    assert f"This is [{BASE}](https://huggingface.co/{BASE})" in card.text
     assert "AutoProcessor.from_pretrained" in card.text
     summary = telemetry.summary()
     assert f"| token-expert pairs in low precision | {100 * summary['lowered_token_fraction']:.1f}% |" in text
@@ -151,7 +177,7 @@ def test_save_refuses_a_model_without_realb(qwen_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_card_inputs():
+def test_card_inputs(realb_model, tmp_path):
     assert accuracy_markdown(None) is None and accuracy_markdown("| a |\n|---|") == "| a |\n|---|"
     assert accuracy_markdown({"MMMU": {"bf16": 50.1, "ReaLB": 49.8}}).splitlines() == [
         "|  | bf16 | ReaLB |",
@@ -159,10 +185,13 @@ def test_card_inputs():
         "| MMMU | 50.1 | 49.8 |",
     ]
     assert accuracy_markdown([{"a": "x|y"}]).splitlines()[-1] == "| x\\|y |"
-    tel = realb_hf.Telemetry()
-    assert telemetry_summary(tel) == tel.summary()
-    assert telemetry_summary({"summary": {"records": 3}}) == {"records": 3}
-    assert telemetry_summary(json.loads(tel.to_json())) == tel.summary()
+    for bad in ("no table here", [], [1, 2], {"model": "x"}, 3):
+        with pytest.raises(CardInputError, match="accuracy_table"):
+            accuracy_markdown(bad)
+    document = telemetry_document(realb_model)
+    assert document["model"]["model_type"] == "qwen3_vl_moe" and document["summary"] == document["summary"]
+    assert document["model"]["moe_layers"] == {f"model.language_model.layers.{i}.mlp.experts": 8 for i in range(2)}
+    assert json.loads(save_telemetry(realb_model, tmp_path / "t.json").read_text()) == json.loads(json.dumps(document))
 
 
 # ---- push -------------------------------------------------------------------------------------------------
@@ -173,7 +202,7 @@ def test_push_with_card_sends_one_commit_and_never_shows_the_token(realb_model, 
     info = push_with_card(
         realb_model,
         "me/tiny-realb",
-        base_model="Qwen/Qwen3-VL-30B-A3B-Instruct",
+        base_model=BASE,
         telemetry=realb_hf.get_telemetry(realb_model),
         accuracy_table=ACCURACY,
         token=FAKE_TOKEN,
@@ -225,10 +254,9 @@ def test_folder_operations_skip_hidden_files(tmp_path):
 # ---- CLI --------------------------------------------------------------------------------------------------
 
 
-def test_cli_save_and_push(qwen_dir, hub_calls, tmp_path, monkeypatch, capsys, caplog):
+def test_cli_save_and_push(qwen_dir, realb_model, hub_calls, tmp_path, monkeypatch, capsys, caplog):
     caplog.set_level(logging.DEBUG)
-    telemetry = tmp_path / "realb.json"
-    realb_hf.Telemetry().to_json(telemetry)
+    telemetry = save_telemetry(realb_model, tmp_path / "realb.json")  # recorded on this model, these settings
     accuracy = tmp_path / "acc.json"
     accuracy.write_text(json.dumps(ACCURACY))
     knobs = ["--policy", "all_low", "--low-precision", "fp8", "--ep-size", "2", "--modality-threshold", "0.9"]
@@ -248,13 +276,65 @@ def test_cli_save_and_push(qwen_dir, hub_calls, tmp_path, monkeypatch, capsys, c
     # `push` of the saved folder: its saved settings come back without flags; the token comes from HF_TOKEN.
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     assert (
-        cli.main(["push", str(out), "me/tiny-realb", "--private", "--base-model", "Qwen/Qwen3-VL-30B-A3B-Instruct"])
+        cli.main(["push", str(out), "me/tiny-realb", "--private", "--base-model", BASE])
         == 0
     )
     (commit,) = hub_calls["create_commit"]
     assert commit["paths"] == MODEL_FILES and hub_calls["create_repo"][0]["private"] is True
     card = check_card(commit["files"]["README.md"].decode(), repo_id="me/tiny-realb")
-    assert card.data.base_model == "Qwen/Qwen3-VL-30B-A3B-Instruct"
+    assert card.data.base_model == BASE
     printed = capsys.readouterr()
     assert "pushed" in printed.out
     assert FAKE_TOKEN not in printed.out + printed.err + caplog.text
+
+
+# ---- the card states only what is true of the saved model ---------------------------------------------------
+
+
+def test_a_real_models_name_is_refused_for_other_weights(realb_model, tmp_path):
+    with pytest.raises(CardInputError, match=r"do not come from Qwen/Qwen3-VL-30B-A3B-Instruct .*num_hidden_layers 2 here, 48"):
+        save_with_card(realb_model, None, tmp_path / "out", base_model=REAL)
+    with pytest.raises(CardInputError, match="could not be read"):  # offline: cannot be checked, so not claimed
+        save_with_card(realb_model, None, tmp_path / "out", base_model="someone/unreachable")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_card_describes_the_weight_cache_and_policy_it_was_saved_with(qwen_dir):
+    persistent = build_model_card(load_qwen(qwen_dir, weight_cache="persistent", ep_size=2), has_processor=False).text
+    assert "kept in memory" in persistent and "on the fly" not in persistent
+    on_the_fly = build_model_card(load_qwen(qwen_dir, ep_size=2), has_processor=False).text
+    assert "made on the fly for each lowered layer" in on_the_fly and "kept in memory" not in on_the_fly
+    off = build_model_card(load_qwen(qwen_dir, policy="off"), has_processor=False).text
+    assert "every expert runs in bf16, as in the stock model" in off and "ReaLB lowers" not in off
+    assert off.splitlines()[1] == "# qwen3_vl_moe model with ReaLB"  # no base model given: no name borrowed
+    assert "(`qwen3_vl_moe`, 2 decoder layers, 8 experts per MoE layer, top-2, hidden size 64)" in off
+
+
+def test_telemetry_from_another_model_or_other_settings_is_refused(realb_model, qwen_dir, qwen_batch, tmp_path):
+    run_json = tmp_path / "run.json"  # what `realb-hf run --help` used to suggest: a different, tiny model
+    assert cli.main(["run", "--num-experts", "16", "--batch", "1", "--grid", "4", "--json", str(run_json)]) == 0
+    with pytest.raises(CardInputError, match=r"recorded on another model or with other settings: .*16 experts there"):
+        save_with_card(realb_model, None, tmp_path / "out", telemetry=run_json)
+    with pytest.raises(CardInputError, match="not the model's own"):
+        save_with_card(realb_model, None, tmp_path / "out", telemetry=realb_hf.Telemetry())
+    plain = tmp_path / "plain.json"
+    realb_hf.get_telemetry(realb_model).to_json(plain)  # no provenance: cannot be checked
+    with pytest.raises(CardInputError, match="does not say which model recorded it"):
+        save_with_card(realb_model, None, tmp_path / "out", telemetry=plain)
+
+    other = load_qwen(qwen_dir, policy="all_low", low_precision="fp8", ep_size=4, modality_threshold=0.9)
+    with torch.no_grad():
+        other(**qwen_batch.kwargs)
+    other.realb.reconfigure(ep_size=2)  # records of EP=4 next to a saved ep_size of 2
+    with pytest.raises(CardInputError, match=r"records have \[4\] ranks, the model is saved with ep_size=2"):
+        save_with_card(other, None, tmp_path / "out", telemetry=realb_hf.get_telemetry(other))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_accuracy_reports_title_does_not_become_a_second_h1(realb_model, tmp_path):
+    report = tmp_path / "accuracy.md"
+    report.write_text("# Accuracy of the model\n\n## Batching: mixed\n\n| config | overall |\n|---|---|\n| bf16 | 99 |\n")
+    card = build_model_card(realb_model, accuracy_table=read_accuracy_file(report), has_processor=False).text
+    lines = card.splitlines()
+    assert "# Accuracy of the model" not in lines and "## Batching: mixed" not in lines
+    assert "### Accuracy of the model" in card and "#### Batching: mixed" in card

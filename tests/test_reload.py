@@ -1,9 +1,11 @@
 """save_pretrained -> from_pretrained in a fresh process restores ReaLB (and says what happens without it)."""
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -70,14 +72,38 @@ def test_save_and_reload_in_a_fresh_process(qwen_dir, qwen_batch, tmp_path):
 
 
 def test_reload_config_overrides_runtime_knobs(qwen_dir, tmp_path):
+    """Only the fields the RealbConfig sets change, and the log says so (not transformers' "the rest will be
+    ignored", which reads as if the saved settings were lost)."""
     model = load_qwen(qwen_dir, policy="all_low", low_precision="fp8", ep_size=2)
     saved = tmp_path / "saved"
     model.save_pretrained(saved)
-    info, _, _ = run_child(
-        tmp_path, saved, kwargs="{'quantization_config': __import__('realb_hf').RealbConfig(policy='off')}"
+    info, _, stderr = run_child(
+        tmp_path,
+        saved,
+        imports="import logging; logging.basicConfig(level=logging.INFO); import realb_hf",
+        kwargs="{'quantization_config': __import__('realb_hf').RealbConfig(policy='off')}",
     )
     assert info["config"]["policy"] == "off"
     assert info["config"]["ep_size"] == 2 and info["config"]["low_precision"] == "fp8"
+    assert "will be overwritten" not in stderr and "The rest will be ignored" not in stderr
+    assert "reloading with the saved settings; the RealbConfig given to from_pretrained changes policy='off', " in stderr
+
+
+def test_reload_warns_about_fields_a_saved_model_fixes(qwen_dir, tmp_path, caplog):
+    from transformers import AutoModelForImageTextToText
+
+    saved = tmp_path / "saved"
+    load_qwen(qwen_dir, policy="all_low", low_precision="fp8").save_pretrained(saved)
+    passed = realb_hf.RealbConfig(policy="off", modules_to_not_convert=["layers.1"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = AutoModelForImageTextToText.from_pretrained(saved, dtype=torch.bfloat16, quantization_config=passed)
+    assert not [w for w in caught if "quantization_config" in str(w.message)]
+    config = realb_hf.get_runtime(model).config
+    assert config.policy == "off" and config.low_precision == "fp8" and config.modules_to_not_convert is None
+    (record,) = [r for r in caplog.records if r.name == "realb_hf.registration" and r.levelno == logging.WARNING]
+    assert "modules_to_not_convert=['layers.1']" in record.getMessage()
+    assert "a saved model keeps its own (modules_to_not_convert=None)" in record.getMessage()
 
 
 def test_reload_without_import_falls_back_to_the_stock_model(qwen_dir, qwen_batch, tmp_path):

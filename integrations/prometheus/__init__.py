@@ -12,6 +12,7 @@ Metrics (namespace `realb`, label `layer` is the experts module's name, `rank` t
 | realb_token_pairs_total{layer} | counter | token-expert pairs routed |
 | realb_lowered_token_pairs_total{layer} | counter | of those, computed in low precision |
 | realb_precision_switches_total{layer,rank} | counter | times a rank's precision changed between consecutive records |
+| realb_dropped_records_total | counter | records the telemetry window (`max_records`) dropped before they were read |
 | realb_rank_tokens{layer,rank} | gauge | token-expert pairs of the rank in the latest record |
 | realb_rank_vision_share{layer,rank} | gauge | vision share of the rank's load in the latest record |
 | realb_rank_low_precision{layer,rank} | gauge | 1 if the rank ran (partly) in low precision in the latest record |
@@ -22,10 +23,16 @@ Metrics (namespace `realb`, label `layer` is the experts module's name, `rank` t
 
 The lowered-token fraction is `rate(realb_lowered_token_pairs_total[5m]) / rate(realb_token_pairs_total[5m])`.
 Records are read at scrape time, so a scrape costs nothing on the serving path.
+
+Counters are monotonic and exact across `telemetry.reset()` whatever the scrape timing: the collector reads every
+record that is still unread just before the reset clears them (a server that resets per request pays for building
+those records then, instead of at the next scrape). Records are lost to the counters only when more than
+`Telemetry.max_records` layer calls happen between two scrapes; `realb_dropped_records_total` counts them.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from typing import Any
 
@@ -40,20 +47,49 @@ class RealbCollector:
     def __init__(self, telemetry, namespace: str = "realb"):
         self.telemetry = telemetry
         self.namespace = namespace
-        self._seen = 0  # records ingested so far, counting those the telemetry window dropped
+        self._lock = threading.Lock()  # scrapes run on the HTTP server's thread, resets on the serving thread
+        self._seen = 0  # records of the current telemetry window ingested or dropped, since the last reset
+        self._forwards_before = 0  # forwards counted by the telemetry before its resets
+        self._last_forwards = 0
+        self._dropped = 0
         self._records = defaultdict(int)
         self._pairs = defaultdict(int)
         self._lowered = defaultdict(float)
         self._switches = defaultdict(int)
         self._last: dict[str, Any] = {}
+        self._ingest_before_reset()
+
+    def _ingest_before_reset(self) -> None:
+        """Make `telemetry.reset()` hand every unread record to this collector before it clears them.
+
+        Telemetry has no reset hook, so the instance's `reset` is wrapped; several collectors on one telemetry
+        chain their wrappers. A reset that bypasses the instance attribute (`Telemetry.reset(t)`) is still
+        noticed at the next scrape, but the records it cleared before that scrape are not counted.
+        """
+        telemetry, inner = self.telemetry, self.telemetry.reset
+
+        def reset() -> None:
+            with self._lock:
+                self._ingest()
+                self._forwards_before += telemetry.forwards
+                inner()
+                self._seen = self._last_forwards = 0
+
+        telemetry.reset = reset
 
     def _ingest(self) -> None:
+        """Count the records added since the last call (caller holds the lock)."""
+        forwards = self.telemetry.forwards
+        if forwards < self._last_forwards:  # reset outside the wrapper: forwards restarted from 0
+            self._forwards_before += self._last_forwards
+        self._last_forwards = forwards
         records = self.telemetry.records
-        total = self.telemetry.dropped + len(records)
-        if total < self._seen:  # telemetry was reset: counters keep counting from here
+        total = self.telemetry.dropped + len(records)  # records this window has ever held
+        if total < self._seen:  # reset outside the wrapper: everything in the window is new
             self._seen = 0
-        new = records[max(0, len(records) - (total - self._seen)) :]
-        for r in new:
+        unread = total - self._seen
+        self._dropped += max(0, unread - len(records))
+        for r in records[max(0, len(records) - unread) :]:
             pairs = sum(r.tokens_per_rank)
             self._records[r.layer] += 1
             self._pairs[r.layer] += pairs
@@ -68,7 +104,12 @@ class RealbCollector:
 
     def collect(self):
         core = require("prometheus_client.core", EXTRA)
-        self._ingest()
+        with self._lock:  # built whole under the lock: a reset never lands between two families
+            self._ingest()
+            families = list(self._families(core))
+        yield from families
+
+    def _families(self, core):
         ns = self.namespace
 
         def family(kind, name, doc, labels=()):
@@ -76,8 +117,11 @@ class RealbCollector:
             return cls(f"{ns}_{name}", doc, labels=list(labels))
 
         forwards = family("counter", "forwards", "Model forwards seen by ReaLB.")
-        forwards.add_metric([], self.telemetry.forwards)
+        forwards.add_metric([], self._forwards_before + self._last_forwards)
         yield forwards
+        dropped = family("counter", "dropped_records", "Records the window dropped before a scrape read them.")
+        dropped.add_metric([], self._dropped)
+        yield dropped
         for name, doc, values in (
             ("layer_records", "MoE layer executions recorded.", self._records),
             ("token_pairs", "Token-expert pairs routed.", self._pairs),
