@@ -81,7 +81,7 @@ def load(path: str, mode: str, realb: dict | None, batch_threshold: int = 2048):
 
 def time_prefill(model, batch, warmup: int, repeats: int, device: torch.device) -> dict:
     """Slowest rank's median ms of one prefill forward ("ms"), and back to back ("back_to_back_ms")."""
-    from .ep_gpu_check import Timer
+    from .ep_layer import Timer
     from .model import _forward
 
     with torch.no_grad():
