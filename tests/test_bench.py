@@ -8,22 +8,21 @@ import torch
 
 import realb_hf
 from realb_hf.bench.layer import (
+    MODALITY_SOURCE,
     VARIANTS,
     LayerBenchSettings,
     build_experts,
     get_preset,
     oracle_inputs,
-    rank_call_mode,
     rank_inputs,
     rank_module,
-    rank_realb_config,
     realb_rank_call,
     routing_stats,
     run_layer_bench,
-    to_realb,
 )
 from realb_hf.bench.trace import Trace, record_trace, replay_routing
 from realb_hf.bench.workload import WorkloadSpec, generate, rank_load, workload_for_skew
+from realb_hf.experts import DEVICE, HOST, host_path
 from realb_hf.policy import RoutingStats, decide, rank_loads
 from realb_hf.runtime import RealbRuntime
 from realb_hf.tiny import build_tiny_model, qwen3_vl_image_batch, tiny_qwen3_vl_moe_config
@@ -165,32 +164,57 @@ def test_rank_modules_partition_the_layer_exactly(form):
         assert calls[0][1].shape[0] == 64  # 64 tokens x top-4 / 4 ranks, or all 64 tokens (all_reduce)
 
 
-@pytest.mark.parametrize("mode", ["auto", "static"])
+@pytest.mark.parametrize("form", ["all_to_all", "all_reduce"])
+@pytest.mark.parametrize("device_path", ["never", "always"])
 @pytest.mark.parametrize("variant", ["realb_rank_otf", "realb_expert_persistent"])
-def test_a_realb_rank_runs_the_global_decision(variant, mode, monkeypatch):
-    """The rank call (EP entry point or static per-rank config) computes exactly the globally decided precisions."""
-    import realb_hf.bench.layer as layer_mod
+def test_a_realb_rank_runs_the_global_decision(variant, device_path, form):
+    """A rank's call plans from the layer's global routing (as the all-reduce EP does) and runs exactly the globally
+    decided precisions on its own experts: bit-equal to the reference executor given those precisions, whether
+    the host or the device executor (held bit-equal on CPU) runs it."""
+    preset = get_preset("tiny")
+    full = build_experts(preset, torch.device("cpu"), torch.bfloat16)
+    w, _ = workload_for_skew(WorkloadSpec(tokens=256, num_experts=16, top_k=4), 1.6, 4)
+    config = LayerBenchSettings(batch_threshold=0).realb_config(VARIANTS[variant], 4)
+    params = RealbRuntime(config=config).params(torch.device("cpu"))
+    decision = decide(routing_stats(w), params)
+    assert decision.rank_precision[0] in ("fp8", "mixed") and decision.rank_precision[1:] == ("bf16",) * 3
+    hidden = torch.randn(256, preset.hidden).to(torch.bfloat16)
+    inputs = rank_inputs(w, [hidden], 0, 4, form)
+    with torch.no_grad():
+        module = rank_module(full, 0, 4, True, config)
+        module.realb_device_path = device_path
+        plan = module.realb_plan(hidden, w.top_k_index, (w.modality, MODALITY_SOURCE))
+        assert plan.executor == (DEVICE if device_path == "always" else HOST)
+        if plan.precisions is not None:  # decided on the host: the rank's slice of the global decision
+            assert plan.precisions == decision.expert_precision[0:4]
+        got = realb_rank_call(module, w)(*inputs.realb_calls()[0])
+        reference = rank_module(full, 0, 4, True, config)
+        expected = host_path.run(reference, *inputs.calls[0], decision.expert_precision[0:4], params.high)
+        stock = rank_module(full, 0, 4, True)(*inputs.calls[0])
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, stock) and ((got - stock).float().norm() / stock.float().norm()) < 0.1  # fp8
 
-    if mode == "static":
-        monkeypatch.setattr(layer_mod, "rank_call_mode", lambda: "static")
+
+@pytest.mark.parametrize("variant", ["realb_rank_otf", "realb_expert_persistent", "all_low"])
+def test_all_reduce_rank_calls_add_up_to_the_one_module_layer(variant):
+    """Every rank's call in the all_reduce form, summed (the all-reduce), equals one ReaLB module holding the whole
+    layer under virtual EP: each rank plans the layer's decision and runs it on exactly its placed experts."""
     preset = get_preset("tiny")
     full = build_experts(preset, torch.device("cpu"), torch.float32)
     w, _ = workload_for_skew(WorkloadSpec(tokens=256, num_experts=16, top_k=4), 1.6, 4)
-    v = VARIANTS[variant]
-    params = RealbRuntime(config=LayerBenchSettings(batch_threshold=0).realb_config(v, 4)).params(torch.device("cpu"))
-    decision = decide(routing_stats(w), params)
-    assert decision.rank_precision[0] in ("fp8", "mixed") and decision.rank_precision[1:] == ("bf16",) * 3
-    inputs = rank_inputs(w, [torch.randn(256, preset.hidden)], 0, 4, "all_to_all")
-    config = rank_realb_config(v, decision, params, 0, 4, v.weight_cache)
+    config = LayerBenchSettings(batch_threshold=0).realb_config(VARIANTS[variant], 4)
+    hidden = torch.randn(256, preset.hidden)
     with torch.no_grad():
-        static, runtime = to_realb(rank_module(full, 0, 4, True), config)
-        runtime.modality.codes = inputs.modality
-        expected = static(*inputs.calls[0])
-        mode_module, _ = to_realb(rank_module(full, 0, 4, True), config)
-        got = realb_rank_call(mode_module, w, params, 0, 4)(*inputs.calls[0])
-        stock = rank_module(full, 0, 4, True)(*inputs.calls[0])
-    assert torch.equal(got, expected), rank_call_mode()
-    assert not torch.equal(got, stock) and ((got - stock).norm() / stock.norm()) < 0.1  # fp8 (bf16 outputs)
+        whole = realb_hf.apply_realb_to_experts(rank_module(full, 0, 16, False), config)
+        whole.realb_runtime.modality.codes, whole.realb_runtime.modality.source = w.modality, MODALITY_SOURCE
+        reference = whole(hidden, w.top_k_index, w.top_k_weights)
+        total = torch.zeros_like(reference)
+        for r in range(4):
+            inputs = rank_inputs(w, [hidden], r, 4, "all_reduce")
+            total += realb_rank_call(rank_module(full, 4 * r, 4 * r + 4, True, config), w)(*inputs.realb_calls()[0])
+        stock = full(hidden, w.top_k_index, w.top_k_weights)
+    assert torch.allclose(total, reference, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(total, stock, atol=1e-3)  # something ran in low precision
 
 
 def test_layer_bench_tiny_produces_every_variant():
@@ -289,6 +313,12 @@ def test_hot_rank_and_decode_overhead_clis_on_cpu(tmp_path, monkeypatch):
             decode_overhead.main(["--preset", "tiny-test", *bad])
     with pytest.raises(SystemExit):
         hot_rank.main(["--preset", "tiny-test", "--repeats", "0"])
+    # the host-only measurement ran on modules whose stock computation is transformers' registered no-op
+    cpu = torch.device("cpu")
+    x, index, weights = hot_rank.routing(8, 4, 2, 64, cpu, 0)
+    assert hot_rank.build_experts(64, 32, 4, cpu, decode_overhead.NOOP_IMPLEMENTATION)(x, index, weights) is x
+    computed = hot_rank.build_experts(64, 32, 4, cpu)(x, index, weights)  # the stock class itself is untouched
+    assert computed.shape == x.shape and not torch.equal(computed, x)
 
 
 # ---- profiling -------------------------------------------------------------------------------------
@@ -340,12 +370,11 @@ def test_profile_summary_splits_gpu_time_into_compute_communication_and_idle():
 
 
 def test_profile_calls_reads_the_sections_of_a_real_run(tmp_path):
-    from realb_hf.distributed import _section
-
     from realb_hf.bench.profiling import profile_calls
+    from realb_hf.ep.groups import section
 
     def fn():
-        with _section("decide"):
+        with section("decide"):
             torch.ones(64, 64) @ torch.ones(64, 64)
 
     calls = []
@@ -353,6 +382,6 @@ def test_profile_calls_reads_the_sections_of_a_real_run(tmp_path):
     s = profile_calls(fn, calls=2, trace_path=str(trace), before=lambda: calls.append(1))
     assert calls == [1, 1] and s["calls"] == 2 and s["wall_ms"] > 0
     assert "realb::decide" in trace.read_text()
-    assert isinstance(_section("decide"), contextlib.nullcontext)  # no profiler running: no label, no cost
+    assert isinstance(section("decide"), contextlib.nullcontext)  # no profiler running: no label, no cost
     assert set(s["sections_host_ms"]) == {"realb::decide"}
     assert any(name == "aten::mm" for name, _ in s["top_host_ops_self_ms"])

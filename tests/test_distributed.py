@@ -1,6 +1,6 @@
 """ReaLB under real expert parallelism on CPU (gloo): torchrun with 2 and 4 processes.
 
-- Equality (realb_hf/bench/ep_gpu_check.py, the script the GPU run uses): a tiny Qwen3-VL-MoE and a tiny
+- Equality (tests/ep_check.py, the harness GPUs run over NCCL): a tiny Qwen3-VL-MoE and a tiny
   DeepSeek-V3 loaded with `DistributedConfig(tp_size=N, ep_size=N)` (dense layers replicated, and with the model's
   own TP plan) and `DistributedConfig(fsdp_size=N, ep_size=N)`, in both token movements (all-reduce, all-to-all),
   against one process with virtual EP of the same size: same logits (bf16 tolerance), same decisions on every
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECK = ROOT / "realb_hf" / "bench" / "ep_gpu_check.py"
+CHECK = ROOT / "tests" / "ep_check.py"
 FAMILIES = ("qwen3_vl_moe", "deepseek_v3")
 MODES = ("all_reduce", "all_to_all")
 STALL_TIMEOUT_S = 2.0
@@ -78,7 +78,7 @@ def test_real_ep_equals_virtual_ep(nproc, sync_free, workdir, tmp_path):
     out = tmp_path / "check.json"
     forms = ("tp_replicated", "tp", "fsdp") if nproc == 2 else ("tp_replicated", "fsdp")
     extra = ("--sync-free-on-cpu", "--forms", "tp_replicated") if sync_free else ("--forms", *forms)
-    proc = torchrun(nproc, CHECK, "--skip-timing", "--workdir", str(workdir), "--out", str(out), *extra)
+    proc = torchrun(nproc, CHECK, "--workdir", str(workdir), "--out", str(out), *extra)
     assert out.exists(), _tail(proc)
     checks = json.loads(out.read_text())["checks"]
     failed = [c for c in checks if not c["ok"]]
@@ -134,11 +134,11 @@ def test_end_to_end_prefill_benchmark_runs_under_real_ep(tmp_path):
 
 
 def test_layer_timing_with_profile_runs_under_real_ep(tmp_path):
-    """The EP layer timing of ep_gpu_check (tiny dims, gloo) with `--profile`: every variant timed and profiled on
-    every rank; ReaLB's all-to-all reports the host time of its five stages, the stock layer none."""
+    """`realb_hf.bench.ep_layer` (tiny dims, gloo) with `--profile`: every variant timed and profiled on every rank;
+    ReaLB's all-to-all reports the host time of its five stages, the stock layer none."""
     out = tmp_path / "timing.json"
-    args = ["--tiny", "--skip-check", "--modes", "all_to_all", "--iters", "2", "--warmup", "1", "--profile", "1"]
-    proc = torchrun(2, CHECK, *args, "--out", str(out), timeout=240)
+    args = ["--tiny", "--modes", "all_to_all", "--iters", "2", "--warmup", "1", "--profile", "1"]
+    proc = torchrun(2, "realb_hf.bench.ep_layer", *args, "--out", str(out), timeout=240)
     assert proc.returncode == 0 and out.exists(), _tail(proc)
     rows = json.loads(out.read_text())["timing"]["rows"]
     assert {r["variant"] for r in rows} >= {"stock transformers bf16", "ReaLB policy realb, persistent copies"}
@@ -314,9 +314,9 @@ def _nonfinite_rows(path: Path) -> dict:
 def _stall_worker(workdir: Path) -> dict | None:
     import torch
     import torch.distributed as dist
+    from ep_check import replicated_tp_plan  # tests/ is the script's directory
     from transformers.distributed import DistributedConfig
 
-    from realb_hf.bench.ep_gpu_check import replicated_tp_plan
     from realb_hf.ep import set_collective_timeout
     from realb_hf.tiny import qwen3_vl_image_batch
 

@@ -7,7 +7,8 @@
 - `report`: environment record, markdown, JSON/plot files.
 - `hot_rank`, `decode_overhead`: one EP rank's experts forward, stock vs ReaLB (a straggler's prefill; a decode
   batch where nothing is lowered).
-- `ep_gpu_check`, `ep_prefill`: real expert parallelism under torchrun (equality and layer timing; end-to-end prefill).
+- `ep_layer`, `ep_prefill`: real expert parallelism under torchrun (one layer timed; end-to-end prefill). Their
+  equality with one process is checked by the repository's harness, `tests/ep_check.py`.
 
 Command line: `python -m realb_hf.bench {layer,model,trace-info} --help`, `python -m realb_hf.bench.<script> --help`.
 """

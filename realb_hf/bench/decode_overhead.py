@@ -5,7 +5,8 @@ around that call and, with telemetry on, keeping the routing to count later. An 
 bound by the host, whose speed drifts over seconds, so the variants are timed in alternating blocks and the
 median of the blocks is reported. A second, sustained measurement runs each variant for many calls back to back
 (past `telemetry.MAX_PENDING`, so the periodic counting and copy of the deferred routing is inside the time),
-and a third repeats it with the stock experts computation replaced by a no-op, which leaves only host Python.
+and a third repeats it on modules whose stock experts computation is a no-op (an experts implementation registered
+with transformers for this), which leaves only host Python.
 
     python -m realb_hf.bench.decode_overhead --tokens 64 256 --out out/decode.json
 """
@@ -23,6 +24,19 @@ import torch
 
 from ..telemetry import MAX_PENDING
 from .hot_rank import PRESETS, build_experts, finish, realb_variant, routing, time_ms
+
+NOOP_IMPLEMENTATION = "realb_bench_noop"  # transformers experts implementation that computes nothing
+
+
+def noop_experts(module, hidden_states, top_k_index, top_k_weights):
+    """An experts forward that returns its input: what is left of a call is the host work around it."""
+    return hidden_states
+
+
+def register_noop_implementation() -> None:
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(NOOP_IMPLEMENTATION, noop_experts)
 
 
 def variants(stock: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -52,15 +66,10 @@ def sustained_ms(module: torch.nn.Module, inputs: list, calls: int) -> float:
 
 
 def host_only(modules: dict, inputs: list, calls: int, rounds: int) -> dict[str, list[float]]:
-    """The sustained measurement with the stock experts computation replaced by a no-op: what is left is the
-    host time of each variant's own Python (ReaLB's decision and telemetry, the stock implementation dispatch)."""
-    stock_class = type(modules["stock bf16"])
-    forward = stock_class.forward
-    stock_class.forward = lambda self, hidden_states, top_k_index, top_k_weights: hidden_states
-    try:
-        return alternating(modules, rounds, partial(sustained_ms, inputs=inputs, calls=calls))
-    finally:
-        stock_class.forward = forward
+    """The sustained measurement on `variants` of a stock module built with `NOOP_IMPLEMENTATION`: what is left
+    is the host time of each variant's own Python (ReaLB's decision and telemetry, the stock implementation
+    dispatch)."""
+    return alternating(modules, rounds, partial(sustained_ms, inputs=inputs, calls=calls))
 
 
 def alternating(modules: dict, blocks: int, measure) -> dict[str, list[float]]:
@@ -86,15 +95,21 @@ def run(
 ) -> list[dict]:
     dims = PRESETS[preset]
     modules = variants(build_experts(dims["hidden"], dims["inter"], dims["local_experts"], device))
+    if sustained:
+        register_noop_implementation()
+        stock_noop = build_experts(dims["hidden"], dims["inter"], dims["local_experts"], device, NOOP_IMPLEMENTATION)
+        noop_modules = variants(stock_noop)
     rows = []
     with torch.no_grad():
         for tokens in tokens_list:
-            inputs = [routing(tokens, dims["local_experts"], dims["top_k"], dims["hidden"], device, s) for s in range(3)]
+            inputs = [
+                routing(tokens, dims["local_experts"], dims["top_k"], dims["hidden"], device, s) for s in range(3)
+            ]
             measured = {"interleaved": alternating(modules, blocks, partial(time_ms, inputs=inputs, repeats=repeats))}
             if sustained:
                 sustained_call = partial(sustained_ms, inputs=inputs, calls=sustained)
                 measured["sustained"] = alternating(modules, sustained_rounds, sustained_call)
-                measured["host only"] = host_only(modules, inputs, sustained, sustained_rounds)
+                measured["host only"] = host_only(noop_modules, inputs, sustained, sustained_rounds)
             for mode, per_variant in measured.items():
                 base = statistics.median(per_variant["stock bf16"])
                 for name, samples in per_variant.items():
@@ -104,7 +119,9 @@ def run(
                         dict(tokens=tokens, mode=mode, variant=name, ms=ms, vs_stock=base / ms,
                              extra_us_vs_stock=extra_us, samples_ms=samples)
                     )  # fmt: skip
-                    print(f"{tokens:>5} tok  {mode:<11} {name:<40} {ms:8.4f} ms  {base / ms:6.3f}x  {extra_us:+6.1f} us")
+                    print(
+                        f"{tokens:>5} tok  {mode:<11} {name:<40} {ms:8.4f} ms  {base / ms:6.3f}x  {extra_us:+6.1f} us"
+                    )
     return rows
 
 
@@ -115,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=10, help="alternating blocks per variant")
     parser.add_argument("--repeats", type=int, default=40, help="timed calls per block")
     parser.add_argument(
-        "--sustained", type=int, default=MAX_PENDING + 1000,
+        "--sustained",
+        type=int,
+        default=MAX_PENDING + 1000,
         help="back-to-back calls per variant and round in the sustained measurement (4 rounds; 0: skip it)",
     )
     parser.add_argument("--out", help="write the results as JSON here")
@@ -133,8 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         f"| {r['tokens']} | {r['mode']} | {r['variant']} | {r['ms']:.4f} | {r['vs_stock']:.3f}x | {r['extra_us_vs_stock']:+.1f} |"
         for r in rows
     ]
-    header = "| tokens | mode | variant | ms per call (median) | vs stock | extra µs per call |\n|---|---|---|---|---|---|"
-    finish(dict(preset=args.preset, results=rows), device, "realb_hf.bench.decode_overhead", argv, header, lines, args.out)
+    header = (
+        "| tokens | mode | variant | ms per call (median) | vs stock | extra µs per call |\n|---|---|---|---|---|---|"
+    )
+    finish(
+        dict(preset=args.preset, results=rows), device, "realb_hf.bench.decode_overhead", argv, header, lines, args.out
+    )
     return 0
 
 

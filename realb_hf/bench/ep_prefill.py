@@ -81,11 +81,11 @@ def load(path: str, mode: str, realb: dict | None, batch_threshold: int = 2048):
 
 def time_prefill(model, batch, warmup: int, repeats: int, device: torch.device) -> dict:
     """Slowest rank's median ms of one prefill forward ("ms"), and back to back ("back_to_back_ms")."""
-    from .ep_gpu_check import Timer
-    from .model import _forward
+    from .ep_layer import Timer
+    from .model import prefill_forward
 
     with torch.no_grad():
-        return Timer(device)(lambda: _forward(model, batch), repeats, warmup)
+        return Timer(device)(lambda: prefill_forward(model, batch), repeats, warmup)
 
 
 def run(args) -> dict:

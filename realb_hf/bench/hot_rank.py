@@ -26,12 +26,20 @@ PRESETS = {
 }
 
 
-def build_experts(hidden: int, inter: int, local_experts: int, device: torch.device):
+def build_experts(
+    hidden: int, inter: int, local_experts: int, device: torch.device, implementation: str = "grouped_mm"
+) -> torch.nn.Module:
+    """A stock Qwen3-VL-MoE experts module with random weights, running transformers' `implementation` (its
+    registered experts forward; grouped_mm is the default inside a model)."""
     from transformers import Qwen3VLMoeTextConfig
     from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
 
-    config = Qwen3VLMoeTextConfig(hidden_size=hidden, moe_intermediate_size=inter, num_experts=local_experts)
-    config._experts_implementation = "grouped_mm"
+    config = Qwen3VLMoeTextConfig(
+        hidden_size=hidden,
+        moe_intermediate_size=inter,
+        num_experts=local_experts,
+        experts_implementation=implementation,
+    )
     module = Qwen3VLMoeTextExperts(config).to(device=device, dtype=torch.bfloat16)
     with torch.no_grad():
         module.gate_up_proj.normal_(0, hidden**-0.5)
@@ -111,7 +119,9 @@ def run(
     variants = {
         "stock bf16 (grouped_mm)": stock,
         "realb policy=off": realb_variant(stock, policy="off"),
-        "realb fp8 persistent (fused kernels)": realb_variant(stock, policy="all_low", low_precision="fp8", weight_cache="persistent"),
+        "realb fp8 persistent (fused kernels)": realb_variant(
+            stock, policy="all_low", low_precision="fp8", weight_cache="persistent"
+        ),
         "realb fp8 on_the_fly (conversion included)": realb_variant(stock, policy="all_low", low_precision="fp8"),
     }
     host_sync = realb_variant(stock, policy="all_low", low_precision="fp8", weight_cache="persistent")
@@ -125,7 +135,9 @@ def run(
 
     rows = []
     for tokens in tokens_list:
-        inputs = [routing(tokens, dims["local_experts"], dims["top_k"], dims["hidden"], device, seed + i) for i in range(3)]
+        inputs = [
+            routing(tokens, dims["local_experts"], dims["top_k"], dims["hidden"], device, seed + i) for i in range(3)
+        ]
         with torch.no_grad():
             reference = stock(*inputs[0]).float()
             base = None
@@ -134,7 +146,9 @@ def run(
                 err = ((out - reference).norm() / reference.norm()).item()
                 ms = time_ms(module, inputs, repeats=repeats)
                 base = base or ms
-                row = dict(tokens=tokens, rows=tokens * dims["top_k"], variant=name, ms=ms, speedup=base / ms, rel_err=err)
+                row = dict(
+                    tokens=tokens, rows=tokens * dims["top_k"], variant=name, ms=ms, speedup=base / ms, rel_err=err
+                )
                 if graphs and device.type == "cuda":
                     row["graph_ms"] = graph_ms(module, inputs[0])
                 rows.append(row)
@@ -144,7 +158,13 @@ def run(
 
 
 def finish(
-    result: dict, device: torch.device, module: str, argv: list[str] | None, header: str, lines: list[str], out: str | None
+    result: dict,
+    device: torch.device,
+    module: str,
+    argv: list[str] | None,
+    header: str,
+    lines: list[str],
+    out: str | None,
 ) -> None:
     """Stamp `result` with the card, versions, date and command; print the markdown table; write the JSON."""
     result.update(
@@ -176,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = []
     for r in result["results"]:
         graph = "-" if "graph_ms" not in r else "not capturable" if r["graph_ms"] is None else f"{r['graph_ms']:.3f}"
-        lines.append(f"| {r['tokens']} | {r['variant']} | {r['ms']:.3f} | {r['speedup']:.2f}x | {r['rel_err']:.4f} | {graph} |")
+        lines.append(
+            f"| {r['tokens']} | {r['variant']} | {r['ms']:.3f} | {r['speedup']:.2f}x | {r['rel_err']:.4f} | {graph} |"
+        )
     header = "| tokens | variant | ms | speedup vs stock | rel. error | CUDA graph ms |\n|---|---|---|---|---|---|"
     finish(result, device, "realb_hf.bench.hot_rank", argv, header, lines, args.out)
     return 0

@@ -11,19 +11,17 @@ Latency model (printed with every result):
     tokens, top-k local ids with other ranks' experts as the sentinel id and weight 0.
   With ep=1 the single module gets the layer's own (T, k) routing.
 - Per-rank time = the median time of that module call (the whole experts forward: sort, gather, GEMMs,
-  activation, and for ReaLB its routing statistics, decision, host sync and, with `on_the_fly`, the
-  conversion of the lowered experts' weights). Layer EP latency = max over ranks: the slowest rank decides
-  when the combine can finish. Not included: router, dispatch/combine communication, shared experts.
-  The paper hides on-the-fly conversion inside the dispatch; here it is counted in full on the rank
-  (`convert_ms` reports its share, so it can be subtracted where the dispatch is long enough to hide it).
-- ReaLB's decision comes from the global routing (`realb_hf.decide` with ep_size=ep), as every real rank
-  computes it. A ReaLB rank's timed call is what realb_hf.distributed's all-reduce EP runs per layer: on CUDA
-  at rank granularity, global routing counts and the decision on the device (`kernels.counts`) and the
-  sync-free experts path on the rank's rows; a config-only decision (static, all_low, off) is made without the
-  routing; otherwise (expert granularity) global routing counts (one host sync) -> decide -> telemetry record
-  -> `RealbExperts.realb_run_local` on the rank's rows. (If
-  RealbExperts lacks that entry point, the rank module's own forward runs a `policy="static"` per-rank
-  config that reproduces the global decision; the result JSON says which in `realb_rank_call`.)
+  activation, and for ReaLB its routing statistics, decision and, with `on_the_fly`, the conversion of the
+  lowered experts' weights). Layer EP latency = max over ranks: the slowest rank decides when the combine can
+  finish. Not included: router, dispatch/combine communication, shared experts. Real EP can hide on-the-fly
+  conversion behind the dispatch; here it is counted in full on the rank (`convert_ms` reports its share, so it
+  can be subtracted where the dispatch is long enough to hide it).
+- A ReaLB rank is what one rank of real EP holds: experts [lo, hi) of the layer, converted with the variant's
+  config for the EP size planned, with `realb_placement` naming its experts in the layer. Its timed call is what
+  the all-reduce EP runs per layer (`realb_hf.ep.RealbAllReduceEP`): `realb_plan` from the global routing (every
+  rank plans from the same global ids, so every rank reaches the same decision), then `realb_run` on the rank's
+  rows with local ids. The plan decides where the decision is made (config alone, on the device, or on the host)
+  and which executor runs, exactly as in a model.
 - oracle_bf16: the same total pairs spread perfectly evenly over ranks and experts, stock bf16: the bound
   any load balancer could reach without lowering precision.
 
@@ -42,35 +40,26 @@ from typing import Any
 
 import torch
 
+from ..apply import apply_realb_to_experts
 from ..config import RealbConfig
-from ..formats import get_format
-from ..kernels.counts import counts_and_flags, routing_counts
-from ..modality import TEXT
-from ..policy import (
-    Decision,
-    PolicyParams,
-    RoutingStats,
-    decide,
-    decide_without_routing,
-    decides_on_device,
-    expert_ranges,
-    lowered_experts_on_device,
-    needs_routing,
-)
-from ..quantizer import replace_with_realb_experts
+from ..experts import Placement, RealbExperts
+from ..experts.plan import routing_stats as count_routing
+from ..experts.weights import convert
+from ..policy import Decision, PolicyParams, RoutingStats, decide, expert_ranges
 from ..runtime import RealbRuntime
-from ..telemetry import Telemetry, make_record
+from ..telemetry import make_record
 from .workload import Workload, uniform_pairs
 
 LATENCY_MODEL = (
     "Virtual EP on one device: the experts are split into `ep` contiguous blocks (as transformers' EP shards "
     "them); each rank is a separate experts module holding only its block, called on exactly the rows a real EP "
-    "rank computes ({form}). Per-rank time = median of that call (ReaLB's routing stats, decision, host sync and "
+    "rank computes ({form}). Per-rank time = median of that call (ReaLB's routing stats, decision and "
     "on-the-fly weight conversion included). Layer EP latency = max over ranks. Excluded: router, dispatch/combine "
     "communication, shared experts. oracle_bf16 = the same total work spread perfectly evenly over ranks and "
     "experts in bf16 (the best any load balancer could do without lowering precision)."
 )
 EP_FORMS = ("all_to_all", "all_reduce")
+MODALITY_SOURCE = "bench"  # telemetry's name for where the modality codes of a rank call came from
 
 
 # ---- presets -------------------------------------------------------------------------------------
@@ -96,6 +85,7 @@ class LayerPreset:
                 num_experts=self.num_experts,
                 num_experts_per_tok=self.top_k,
                 hidden_act="silu",
+                experts_implementation="grouped_mm",  # transformers' default inside a model
             )
         elif self.family == "deepseek_v2":
             from transformers import DeepseekV2Config
@@ -106,10 +96,10 @@ class LayerPreset:
                 n_routed_experts=self.num_experts,
                 num_experts_per_tok=self.top_k,
                 hidden_act="silu",
+                experts_implementation="grouped_mm",
             )
         else:
             raise ValueError(f"unknown family {self.family!r}")
-        config._experts_implementation = "grouped_mm"  # transformers' default inside a model
         return config
 
     def experts_class(self) -> type:
@@ -180,31 +170,27 @@ def build_experts(
     return module.eval()
 
 
-def rank_module(full: torch.nn.Module, lo: int, hi: int, expert_parallel: bool) -> torch.nn.Module:
-    """A stock experts module holding experts [lo, hi) of `full` (weight views, no copy), as one EP rank holds them."""
+def rank_module(
+    full: torch.nn.Module, lo: int, hi: int, expert_parallel: bool, config: RealbConfig | None = None
+) -> torch.nn.Module:
+    """An experts module holding experts [lo, hi) of `full` (weight views, no copy), as one EP rank holds them.
+
+    With `config`, a ReaLB module converted as real EP converts it: the layer's module first (the conversion's
+    layout checks see the layer's experts), then it keeps its experts and `realb_placement` places them in the layer.
+    """
     with torch.device("meta"):
         module = type(full)(full.config)
+    if config is not None:
+        apply_realb_to_experts(module, config, name=f"experts[{lo}:{hi}]")
     module.num_experts = hi - lo
     for name in ("gate_up_proj", "down_proj"):
         setattr(module, name, torch.nn.Parameter(getattr(full, name)[lo:hi], requires_grad=False))
-    module._is_expert_parallel = expert_parallel  # what transformers' EP sharding sets on every rank
+    # transformers' EP sharding sets this private flag on every rank (no public setter exists): with it the stock
+    # forward skips the sentinel ids that stand for other ranks' experts (the all_reduce form)
+    module._is_expert_parallel = expert_parallel
+    if config is not None:
+        module.realb_placement = Placement(lo, hi - lo, full.num_experts)
     return module.eval()
-
-
-class _Holder(torch.nn.Module):
-    """The smallest "model" `replace_with_realb_experts` converts: one `experts` child."""
-
-    def __init__(self, experts: torch.nn.Module):
-        super().__init__()
-        self.experts = experts
-        self.config = experts.config
-
-
-def to_realb(module: torch.nn.Module, config: RealbConfig) -> tuple[torch.nn.Module, RealbRuntime]:
-    """Convert one experts module in place with its own runtime (telemetry off: the bench reads the decision)."""
-    runtime = RealbRuntime(config=config, telemetry=Telemetry(enabled=False))
-    replace_with_realb_experts(_Holder(module), config, runtime)
-    return module, runtime
 
 
 # ---- variants ------------------------------------------------------------------------------------
@@ -412,11 +398,15 @@ class _Memory:
 
 @dataclass
 class RankInputs:
-    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # one per input set
-    modality: torch.Tensor  # (rows,) int8 of the rows the module receives
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (rows, local ids, weights), one per input set
+    hidden: list[torch.Tensor]  # the layer's (T, H) rows of each input set: what a ReaLB rank plans from
     pairs: int
     vision_pairs: int
     expert_rows: torch.Tensor  # (local experts,) pairs per local expert (CPU)
+
+    def realb_calls(self) -> list[tuple[torch.Tensor, ...]]:
+        """The arguments of `realb_rank_call` for every input set."""
+        return [(h, *c) for h, c in zip(self.hidden, self.calls)]
 
 
 def rank_inputs(
@@ -434,14 +424,15 @@ def rank_inputs(
     vision_pairs = int((on_rank & vision_slots).sum())
     expert_rows = torch.bincount((flat[on_rank] - lo).cpu(), minlength=e_local)
     dtype = hidden_sets[0].dtype
+    hidden = list(hidden_sets)
     if ep_size == 1:
         calls = [(h, index, weights.to(dtype)) for h in hidden_sets]
-        return RankInputs(calls, modality, pairs, vision_pairs, expert_rows)
+        return RankInputs(calls, hidden, pairs, vision_pairs, expert_rows)
     if form == "all_reduce":
         local = torch.where(on_rank, flat - lo, torch.full_like(flat, e_local)).view_as(index)
         masked = weights.to(dtype).masked_fill(~on_rank.view_as(index), 0.0)
         calls = [(h, local, masked) for h in hidden_sets]
-        return RankInputs(calls, modality, pairs, vision_pairs, expert_rows)
+        return RankInputs(calls, hidden, pairs, vision_pairs, expert_rows)
     slots = on_rank.nonzero().squeeze(1)
     local_ids = flat[slots] - lo
     order = torch.sort(local_ids, stable=True).indices
@@ -450,7 +441,7 @@ def rank_inputs(
     ids = local_ids.unsqueeze(1)
     ones = torch.ones(ids.shape, dtype=dtype, device=ids.device)
     calls = [(h[tokens], ids, ones) for h in hidden_sets]
-    return RankInputs(calls, modality[tokens], pairs, vision_pairs, expert_rows)
+    return RankInputs(calls, hidden, pairs, vision_pairs, expert_rows)
 
 
 def oracle_inputs(
@@ -483,110 +474,29 @@ def oracle_inputs(
     return [(h[rows], ids, ones) for h in hidden_sets]
 
 
-# ---- decisions -----------------------------------------------------------------------------------
+# ---- decisions and the rank call ----------------------------------------------------------------
 
 
 def routing_stats(workload: Workload) -> RoutingStats:
     """Pairs and vision pairs per global expert: what every rank's ReaLB policy sees."""
-    index = workload.top_k_index.cpu()
-    flat = index.reshape(-1)
-    vision = (workload.modality.cpu() != 0).repeat_interleave(index.shape[1])
-    counts = torch.bincount(flat, minlength=workload.num_experts).tolist()
-    vision_counts = torch.bincount(flat[vision], minlength=workload.num_experts).tolist()
-    return RoutingStats(tuple(counts), tuple(vision_counts), workload.tokens)
+    return count_routing(workload.top_k_index, workload.modality, workload.num_experts)
 
 
-def rank_realb_config(
-    variant: Variant, decision: Decision, params: PolicyParams, lo: int, hi: int, weight_cache: str
-) -> RealbConfig:
-    """The config that makes a rank module run exactly `decision` for experts [lo, hi).
-
-    `policy="static"` with one virtual rank per local expert reproduces any per-expert decision through
-    the public config; a rank with nothing lowered gets `policy="off"` (ReaLB's bookkeeping, stock forward).
-    """
-    e_local = hi - lo
-    common = dict(low_precision=params.low, weight_cache=weight_cache, batch_threshold=0, ep_size=e_local)
-    if variant.policy == "all_low":
-        return RealbConfig(policy="all_low", **common)
-    lowered = {
-        j: decision.expert_precision[lo + j] for j in range(e_local) if decision.expert_precision[lo + j] != params.high
-    }
-    if not lowered:
-        return RealbConfig(policy="off", **common)
-    return RealbConfig(policy="static", rank_precisions=lowered, **common)
-
-
-def _convert_fn(module: torch.nn.Module, fmt_name: str, experts: list[int]) -> Callable[[], Any]:
-    """What ReaLB's on_the_fly mode converts on this rank per call (lowered experts with rows)."""
-    if hasattr(module, "realb_convert"):  # RealbExperts' own conversion (the one distributed.py prefetches)
-        return lambda: module.realb_convert(fmt_name, experts)
-    fmt = get_format(fmt_name)
-    first = module.gate_up_proj if module.has_gate else module.up_proj
-    down = module.down_proj
-    if module.is_transposed:
-        first, down = first.transpose(-2, -1), down.transpose(-2, -1)
-    contiguous = experts == list(range(experts[0], experts[-1] + 1))
-    idx = torch.tensor(experts, device=first.device)
-
-    def convert():
-        with torch.no_grad():
-            if contiguous:
-                a, b = first[experts[0] : experts[-1] + 1], down[experts[0] : experts[-1] + 1]
-            else:
-                a, b = first.index_select(0, idx), down.index_select(0, idx)
-            return fmt.quantize_weight(a), fmt.quantize_weight(b)
-
-    return convert
-
-
-RANK_CALL_RUN_LOCAL = (
-    "on CUDA, the dynamic policy: global routing counts and the decision in one launch on the device, then the "
-    "rank's sync-free experts forward (as the all-reduce EP implementation does); config-only policies: the "
-    "cached decision, no routing read; otherwise global counts (one host sync) -> realb_hf.decide -> "
-    "RealbExperts.realb_run_local on the rank's rows"
+RANK_CALL = (
+    "as the all-reduce EP runs a layer on each rank: RealbExperts.realb_plan from the layer's global routing "
+    "(config-only decisions without the routing; the dynamic policy on the device where the device executor runs, "
+    "else from counts read back once), then RealbExperts.realb_run of the planned executor on the rank's rows"
 )
-RANK_CALL_STATIC = "RealbExperts.forward with a per-rank policy='static' config reproducing the global decision"
 
 
-def rank_call_mode() -> str:
-    """How a ReaLB rank is run: the EP entry point when RealbExperts has it, else the static-config forward."""
-    from ..experts import RealbExperts
+def realb_rank_call(module: RealbExperts, workload: Workload) -> Callable[..., torch.Tensor]:
+    """One EP rank's ReaLB layer call, `call(hidden, x, local_ids, weights)`: plan from the layer's `hidden` rows
+    and global routing (the same plan on every rank), then run this rank's experts on its rows `x`."""
+    index, modality = workload.top_k_index, (workload.modality, MODALITY_SOURCE)
 
-    return "run_local" if hasattr(RealbExperts, "realb_run_local") else "static"
-
-
-def realb_rank_call(
-    module: torch.nn.Module, workload: Workload, params: PolicyParams, lo: int, hi: int
-) -> Callable[..., torch.Tensor]:
-    """One EP rank's ReaLB layer call: decide from the global routing (every rank does), run its experts.
-
-    With `rank_call_mode() == "static"` the module itself (converted with `rank_realb_config`) is the call.
-    """
-    if rank_call_mode() != "run_local":
-        return module
-    index, vision, num_experts = workload.top_k_index, workload.modality != 0, workload.num_experts
-
-    def call(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if decides_on_device(params) and module._realb_sync_free_ok(x, params.high, params.low):
-            # as the all-reduce EP implementation on CUDA: counts and decision on the device, no host sync
-            if needs_routing(params, index.shape[0]):
-                flags = counts_and_flags(index, workload.modality, num_experts, params.device_rule(), TEXT)[1]
-            else:  # below the batch threshold: nothing lowered
-                counts = routing_counts(index, workload.modality, num_experts, TEXT)
-                flags = lowered_experts_on_device(counts, index.shape[0], params)
-            flags = flags[lo:hi]
-            return module._realb_sync_free(x, ids, weights, flags, params.high, params.low)
-        if not needs_routing(params, index.shape[0]):  # config-only decisions (static, all_low, off): no sync
-            precisions = decide_without_routing(params, num_experts).expert_precision[lo:hi]
-            return module.realb_run_local(x, ids, weights, precisions, params.high)
-        flat = index.reshape(-1)
-        counts = torch.bincount(flat, minlength=num_experts)
-        vis = torch.bincount(flat[vision.repeat_interleave(index.shape[1])], minlength=num_experts)
-        both = torch.stack([counts, vis]).tolist()  # the layer's host sync
-        stats = RoutingStats(tuple(both[0]), tuple(both[1]), index.shape[0])
-        decision = decide(stats, params)
-        make_record(0, "bench", stats, decision, params, "bench")
-        return module.realb_run_local(x, ids, weights, decision.expert_precision[lo:hi], params.high)
+    def call(hidden: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        plan = module.realb_plan(hidden, index, modality)
+        return module.realb_run(plan, x, ids, weights)
 
     return call
 
@@ -697,7 +607,7 @@ def run_layer_bench(
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
         "device": str(device),
         "latency_model": LATENCY_MODEL.format(form=settings.ep_form),
-        "realb_rank_call": RANK_CALL_RUN_LOCAL if rank_call_mode() == "run_local" else RANK_CALL_STATIC,
+        "realb_rank_call": RANK_CALL,
         "variants": {v.name: v.description for v in variants},
         "workloads": out_workloads,
     }
@@ -709,8 +619,9 @@ def _bench_ep(experts, wl, hidden_sets, stats, ep, variants, settings, device, b
     for v in variants:
         if v.kind == "realb":
             params = RealbRuntime(config=settings.realb_config(v, ep)).params(device)
-            decision = decide(stats, params)
-            decisions[v.name] = (decision, params, make_record(0, "bench", stats, decision, params, "bench"))
+            decision = decide(stats, params)  # what every rank's plan decides: reported per variant
+            record = make_record(0, "bench", stats, decision, params, MODALITY_SOURCE)
+            decisions[v.name] = (decision, params, record)
     load = wl.rank_load(ep)
     rank_results: dict[str, list[RankResult]] = {v.name: [] for v in variants if v.kind != "oracle"}
     for r in range(ep):
@@ -775,35 +686,33 @@ def _bench_ep(experts, wl, hidden_sets, stats, ep, variants, settings, device, b
     }
 
 
+def _convert_ms(module: RealbExperts, fmt: str, experts: list[int], settings, device: torch.device) -> float:
+    """What on_the_fly converts on a rank per call (its lowered experts with rows), timed alone."""
+    t = time_calls(lambda: convert(module, fmt, experts), [()], 1, max(3, settings.repeats // 4), device)
+    return t.median_ms
+
+
 def _bench_rank(experts, wl, variant, decided, inputs, lo, hi, ep, rank, vision_share, settings, device) -> RankResult:
     if inputs.pairs == 0 and ep > 1 and settings.ep_form == "all_to_all":
         return RankResult(rank, 0, 0.0, "idle", 0.0, 0.0, 0.0, 0.0)
-    module = rank_module(experts, lo, hi, ep > 1)
-    runtime = None
-    precision = "bf16"
-    convert_ms = None
-    call = module
+    precision, convert_ms, cache = "bf16", None, 0
     if variant.kind == "realb":
         decision, params, _ = decided
-        config = rank_realb_config(variant, decision, params, lo, hi, variant.weight_cache)
-        module, runtime = to_realb(module, config)
-        runtime.modality.codes = inputs.modality
-        runtime.modality.source = "bench"
-        call = realb_rank_call(module, wl, params, lo, hi)
-        kinds = {decision.expert_precision[e] for e in range(lo, hi)} if variant.policy != "all_low" else {params.low}
+        module = rank_module(experts, lo, hi, ep > 1, settings.realb_config(variant, ep))
+        call, calls = realb_rank_call(module, wl), inputs.realb_calls()
+        kinds = set(decision.expert_precision[lo:hi])
         precision = kinds.pop() if len(kinds) == 1 else "mixed"
-        lowered = [
-            j
-            for j in range(hi - lo)
-            if (variant.policy == "all_low" or decision.expert_precision[lo + j] != params.high)
-        ]
+        lowered = [j for j in range(hi - lo) if decision.expert_precision[lo + j] != params.high]
         with_rows = [j for j in lowered if int(inputs.expert_rows[j]) > 0]
         if variant.weight_cache == "on_the_fly" and with_rows:
-            t = time_calls(_convert_fn(module, params.low, with_rows), [()], 1, max(3, settings.repeats // 4), device)
-            convert_ms = t.median_ms
+            convert_ms = _convert_ms(module, params.low, with_rows, settings, device)
+    else:
+        module = rank_module(experts, lo, hi, ep > 1)
+        call, calls = module, inputs.calls
     with _Memory(device) as mem:
-        t = time_calls(call, inputs.calls, settings.warmup, settings.repeats, device)
-    cache = runtime.telemetry.extra_memory_bytes if runtime is not None else 0
+        t = time_calls(call, calls, settings.warmup, settings.repeats, device)
+    if variant.kind == "realb":
+        cache = module.realb_runtime.telemetry.extra_memory_bytes
     del module, call
     return RankResult(
         rank,
@@ -835,11 +744,8 @@ __all__ = [
     "oracle_inputs",
     "rank_inputs",
     "rank_module",
-    "rank_call_mode",
-    "rank_realb_config",
     "realb_rank_call",
     "routing_stats",
     "run_layer_bench",
     "time_calls",
-    "to_realb",
 ]

@@ -7,7 +7,7 @@ batch in one process: the model is timed unconverted first (stock), then convert
 What single-process numbers mean: all experts live on one GPU, so a forward costs the SUM of every virtual
 rank's work; the EP straggler effect (the layer waits for its slowest rank) is not present. ReaLB's gain
 here is only the lowered work running faster, minus its bookkeeping. The EP latency effect is measured by
-the layer benchmark (max over ranks) or under real EP (torchrun hook below).
+the layer benchmark (max over ranks) or under real EP (`realb_hf.bench.ep_prefill` under torchrun).
 
 Vision-skewed routing, two ways:
 1. `VisionRouterBias` (BENCHMARK-ONLY, changes the model's routing): a forward hook on every router adds
@@ -18,11 +18,6 @@ Vision-skewed routing, two ways:
 2. Replaying a recorded trace (`--trace`, see `realb_hf.bench.trace`): the recorded routing of a real model
    replaces every experts module's routing; the batch is text-only tokens of the recorded shape with the
    recorded modality as `mm_token_type_ids` (the vision tower does not run in this mode).
-
-Real EP (torchrun): `load_distributed_model` is the hook. It loads a checkpoint directory with
-`DistributedConfig(tp_size=world, ep_size=world)`; timing and reporting then run per rank. UNTESTED here
-(CPU-only machine); realb_hf/distributed.py (in progress) supplies the global routing statistics ReaLB needs
-under real EP.
 """
 
 from __future__ import annotations
@@ -131,24 +126,6 @@ def build_model(config, device: torch.device, dtype: torch.dtype = torch.bfloat1
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     return model.eval()
-
-
-def load_distributed_model(checkpoint: str, realb_config=None, dtype: torch.dtype = torch.bfloat16):
-    """HOOK for real EP under torchrun (one process per GPU): UNTESTED here.
-
-    `torchrun --nproc-per-node N -m realb_hf.bench model --checkpoint DIR ...` lands here. Loads DIR with
-    `DistributedConfig(tp_size=N, ep_size=N)` (the form FACTS.md says works in transformers 5.23) and, when
-    given, `quantization_config=realb_config`. ReaLB under real EP needs the global routing statistics on every
-    rank; that is realb_hf/distributed.py's job (in progress).
-    """
-    from transformers import AutoModelForImageTextToText
-    from transformers.distributed import DistributedConfig
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    extra = {"quantization_config": realb_config} if realb_config is not None else {}
-    return AutoModelForImageTextToText.from_pretrained(
-        checkpoint, dtype=dtype, distributed_config=DistributedConfig(tp_size=world, ep_size=world), **extra
-    ).eval()
 
 
 # ---- batches -------------------------------------------------------------------------------------
@@ -290,7 +267,8 @@ class VisionRouterBias:
         return [rank_load(idx, self.num_experts, ep_size).max_over_mean for idx in self.recorded]
 
 
-def _forward(model, batch: PrefillBatch):
+def prefill_forward(model, batch: PrefillBatch):
+    """One prefill forward as the benchmarks time it: no KV cache, logits of the last position only."""
     return model(**batch.kwargs, use_cache=False, logits_to_keep=1)
 
 
@@ -298,7 +276,7 @@ def measure_skew(model, batch: PrefillBatch, biaser: VisionRouterBias, bias: flo
     biaser.bias = bias
     biaser.record, biaser.recorded = True, []
     with torch.no_grad():
-        _forward(model, batch)
+        prefill_forward(model, batch)
     biaser.record = False
     skew = biaser.layer_skew(ep_size)
     biaser.recorded = []
@@ -399,9 +377,9 @@ def run_model_bench(settings: ModelBenchSettings) -> dict[str, Any]:
     from .trace import RoutingReplayer, Trace
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise NotImplementedError(
-            "real-EP model benchmark under torchrun is not wired yet: see load_distributed_model() in "
-            "realb_hf/bench/model.py (hook) and realb_hf/distributed.py"
+        raise ValueError(
+            "the model benchmark runs in one process (virtual EP); under torchrun use the real-EP prefill "
+            "benchmark: torchrun --nproc_per_node N -m realb_hf.bench.ep_prefill ..."
         )
     device = resolve_device(settings.device)
     dtype = DTYPES[settings.dtype]
@@ -494,7 +472,7 @@ def run_model_bench(settings: ModelBenchSettings) -> dict[str, Any]:
                             }
                             continue
                 runtime.telemetry.reset()
-            t = time_calls(lambda: _forward(model, batch), [()], settings.warmup, settings.repeats, device)
+            t = time_calls(lambda: prefill_forward(model, batch), [()], settings.warmup, settings.repeats, device)
             entry: dict[str, Any] = {
                 "ms": t.median_ms,
                 "min_ms": t.min_ms,
@@ -558,8 +536,8 @@ __all__ = [
     "build_model",
     "calibrate_bias",
     "image_text_batch",
-    "load_distributed_model",
     "model_config",
+    "prefill_forward",
     "run_model_bench",
     "trace_batch",
 ]

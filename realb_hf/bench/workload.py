@@ -17,7 +17,7 @@ on every machine):
   router with `norm_topk_prob`).
 
 `workload_for_skew` searches `concentration` so that the busiest EP rank's load over the mean load
-(max/mean of token-expert pairs per rank, the quantity FACTS.md quotes as 1.3 / 1.6 / 1.95) hits a target.
+(max/mean of token-expert pairs per rank) hits a target.
 """
 
 from __future__ import annotations
