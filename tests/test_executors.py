@@ -143,3 +143,24 @@ def test_cuda_nothing_lowered_matches_stock():
         stock = module(x, index, weights)
         free = device_path.run(module, x, index, weights, flags, "bf16", weights_for(module, "fp8", flags=flags))
     torch.testing.assert_close(free, stock, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_rows_too_large_for_fp8_run_in_high_precision(device, path):
+    """GPU fp8 epilogues scale the accumulator by the activation scale first and overflow near 1e30: rows beyond
+    `LOW_PRECISION_LIMIT` (and inf/NaN rows) run in bf16 on every path, so they give the stock result exactly."""
+    from realb_hf.kernels.sort import LOW_PRECISION_LIMIT
+
+    stock = build_experts(64, 32, 8, device)
+    with torch.no_grad():
+        stock.gate_up_proj.mul_(1e-15)  # so that SwiGLU of rows near 1e31 stays finite in bf16
+    module = realb_copy(stock, policy="all_low", low_precision="fp8")
+    module.realb_device_path = "always" if path == "device" else "never"
+    x, index, weights = routing(40, 8, 2, 64, device, 0)
+    x[3] *= 1e31  # past the limit; the stock outputs stay finite
+    x[5, 0] = LOW_PRECISION_LIMIT * 2
+    with torch.no_grad():
+        want, got = stock(x, index, weights), module(x, index, weights)
+    assert torch.isfinite(got[3]).all() and torch.equal(got[3], want[3]) and torch.equal(got[5], want[5])
+    assert not torch.equal(got[0], want[0])  # the other rows ran in fp8

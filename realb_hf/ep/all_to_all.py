@@ -2,7 +2,7 @@
 `_combine_tokens`; transformers' own `__call__` strings them together.
 
 - The count exchange carries the global routing counts: one all-gather of (pairs per expert, vision pairs per
-  expert, rows, non-finite flag) from every rank replaces transformers' all-to-all of counts. Still one small
+  expert, rows, a flag for rows that do not fit low precision) from every rank replaces transformers' all-to-all of counts. Still one small
   collective and the layer's one host sync, now with everything the decision and the split sizes need.
 - This rank's lowered experts start converting before the token exchange is queued (`RealbEP.prefetch`).
 - Ranks lowered to fp8 receive their rows as e4m3 + one fp32 scale per row (about half the bytes), quantized in the
@@ -23,6 +23,7 @@ from ..experts import RECEIVED, LayerPlan, Prefetch
 from ..formats.fp8 import quantize_rowwise
 from ..kernels import rows as row_kernels
 from ..kernels.combine import weighted_combine
+from ..kernels.sort import rows_fit_low_precision
 from ..policy import RoutingStats
 from .base import RealbEP, grad_flows
 from .groups import all_gather_into, collective, section
@@ -81,10 +82,10 @@ class RealbAllToAllEP(RealbEP, AllToAllEP):
         with section("count_exchange"):
             counts = module.realb_routing_counts(top_k_index, modality, num_global).reshape(-1)
             check_finite = state.fp8_dispatch and no_grad
-            nonfinite = (~torch.isfinite(hidden_states)).any().reshape(1) if check_finite else counts.new_zeros(1)
+            unfit = (~rows_fit_low_precision(hidden_states)).any().reshape(1) if check_finite else counts.new_zeros(1)
             # a host scalar through `new_tensor` would be a pageable copy: a stream stall before the exchange
             rows_here = torch.full((1,), hidden_states.size(0), dtype=counts.dtype, device=device)
-            mine = torch.cat([counts, rows_here, nonfinite.to(counts.dtype)])
+            mine = torch.cat([counts, rows_here, unfit.to(counts.dtype)])
             gathered = torch.empty(ep_size * mine.numel(), dtype=mine.dtype, device=device)
             with collective("all_gather of the routing counts", module):
                 all_gather_into(gathered, mine, ep_group)

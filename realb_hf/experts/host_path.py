@@ -15,6 +15,7 @@ from ..formats import get_format
 from ..kernels import counts as count_kernels
 from ..kernels import rows as row_kernels
 from ..kernels.combine import weighted_combine
+from ..kernels.sort import rows_fit_low_precision
 from .mlp import group_mlp
 from .plan import on_device
 from .weights import Prefetch, weights_for
@@ -30,7 +31,8 @@ def run(
     ready: Prefetch | None = None,
 ) -> torch.Tensor:
     """`module`'s experts with local expert e in `precisions[e]`. Ids >= num_experts are other EP ranks' experts
-    (they contribute nothing); rows of tokens holding inf/NaN run in `high`."""
+    (they contribute nothing); rows of tokens that do not fit low precision (inf/NaN, or beyond
+    `kernels.sort.LOW_PRECISION_LIMIT`) run in `high`."""
     device = hidden.device
     num_tokens, top_k = top_k_index.shape
     num_experts = module.num_experts
@@ -42,7 +44,7 @@ def run(
     sentinel = ids >= num_experts
     safe_ids = ids.clamp(max=num_experts - 1)
     row_code = expert_code[safe_ids]
-    finite = torch.isfinite(hidden).all(dim=-1).repeat_interleave(top_k)
+    finite = rows_fit_low_precision(hidden).repeat_interleave(top_k)
     row_code = torch.where(finite, row_code, torch.zeros_like(row_code))
     row_code = torch.where(sentinel, torch.full_like(row_code, len(formats)), row_code)
 

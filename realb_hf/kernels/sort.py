@@ -25,9 +25,19 @@ except ImportError:
     tl = None
 
 _BLOCK = 1024  # rows per program
+# Rows whose magnitude exceeds this run in high precision, like rows holding inf/NaN: fp8 GEMM epilogues multiply
+# the accumulator by the activation scale before the weight scale, and for activation scales near 1e30 that
+# product overflows fp32 even where the output (the product with both scales) is finite in bf16.
+LOW_PRECISION_LIMIT = 2.0**100
+
+
+def rows_fit_low_precision(hidden: torch.Tensor) -> torch.Tensor:
+    """(T,) bool: rows of `hidden (T, H)` whose entries are finite and at most `LOW_PRECISION_LIMIT` in magnitude."""
+    return (hidden.abs() <= LOW_PRECISION_LIMIT).all(dim=-1)  # NaN compares false, inf exceeds
 
 
 if triton is not None:
+    _LIMIT = tl.constexpr(LOW_PRECISION_LIMIT)
 
     @triton.jit(do_not_specialize=["rows", "tokens", "NB"])
     def _keys_kernel(
@@ -61,7 +71,7 @@ if triton is not None:
         first_row = pid.to(tl.int64) * 1024
         offs = first_row + tl.arange(0, 1024)
         m = offs < rows
-        # finite check of the tokens these rows belong to (rows of a token holding inf/NaN run in high precision)
+        # the tokens these rows belong to must fit low precision (see LOW_PRECISION_LIMIT), else they run high
         t0 = first_row // TOP_K
         tok = t0 + tl.arange(0, TOK_BLOCK)
         tm = (tok < tokens) & (tok <= (first_row + 1023) // TOP_K)
@@ -73,7 +83,7 @@ if triton is not None:
                 mask=tm[:, None] & (cols < H)[None, :],
                 other=0.0,
             ).to(tl.float32)
-            bad += tl.sum(((x - x) != 0).to(tl.int32), axis=1)  # inf - inf and NaN - NaN are NaN
+            bad += tl.sum((~(tl.abs(x) <= _LIMIT)).to(tl.int32), axis=1)  # NaN compares false, inf exceeds
         finite = tl.gather(bad, tl.where(m, offs // TOP_K - t0, 0).to(tl.int32), 0) == 0
 
         ids = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int64)
@@ -139,7 +149,7 @@ if triton is not None:
 
 class SortedRows(NamedTuple):
     """Every (token, slot) row sorted by `code * E + expert`, code 0 high precision, 1 low, 2 another EP rank's
-    expert (rows of tokens holding inf/NaN run high). Stable: rows of one key keep their order."""
+    expert (rows of tokens that do not fit low precision, `rows_fit_low_precision`, run high). Stable: rows of one key keep their order."""
 
     rows: torch.Tensor  # (R,) token of each sorted row: high rows, then low rows, then other ranks'
     position: torch.Tensor  # (R,) per (token, slot): high rows 0..n_high-1, low rows R + 0..n_low-1, else -1
@@ -153,7 +163,7 @@ def _sort_reference(
     ids = top_k_index.reshape(-1)
     top_k = top_k_index.shape[-1]
     num_rows = ids.numel()
-    finite = torch.isfinite(hidden).all(dim=-1).repeat_interleave(top_k)
+    finite = rows_fit_low_precision(hidden).repeat_interleave(top_k)
     code = torch.where(finite, low_experts[ids.clamp(max=num_experts - 1)].long(), 0)
     code = torch.where(ids >= num_experts, 2, code)
     keys = code * num_experts + ids.clamp(max=num_experts - 1)
