@@ -26,10 +26,29 @@ NAMESPACE = "realb_kernels"
 _LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")  # kept alive: dropping it unregisters the operators
 
 
+class KernelOp:
+    """A registered operator and its implementations. Code being compiled calls the operator (one opaque graph
+    node); eager code calls the implementation for its first argument's device (a tensor in every operator here)
+    directly, as the dispatcher would, without the host time of boxing every argument on each of a layer's
+    launches. Both run the same function, so eager and compiled results are the same."""
+
+    __slots__ = ("op", "reference", "cuda")
+
+    def __init__(self, op: torch._ops.OpOverload, reference: Callable, cuda: Callable | None):
+        self.op, self.reference, self.cuda = op, reference, cuda
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return self.op(*args)
+        if self.cuda is not None and args[0].is_cuda:
+            return self.cuda(*args)
+        return self.reference(*args)
+
+
 def define_op(
     name: str, schema: str, *, reference: Callable, fake: Callable, cuda: Callable | None = None
-) -> torch._ops.OpOverload:
-    """Register `realb_kernels::<name><schema>` and return the overload to call.
+) -> KernelOp:
+    """Register `realb_kernels::<name><schema>` and return it with its implementations.
 
     `reference` runs on every device, `cuda` (when given) replaces it on CUDA, `fake` maps input metadata to
     empty outputs of the right shapes and dtypes."""
@@ -39,4 +58,4 @@ def define_op(
         _LIBRARY.impl(name, cuda, "CUDA")
     _LIBRARY.impl(name, torch.library.fallthrough_kernel, "Autograd")
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIBRARY)
-    return getattr(getattr(torch.ops, NAMESPACE), name).default
+    return KernelOp(getattr(getattr(torch.ops, NAMESPACE), name).default, reference, cuda)
