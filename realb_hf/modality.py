@@ -64,8 +64,16 @@ def modality_from_inputs(
     return None, SOURCE_NONE
 
 
-# Per thread: (codes, source) of the forward in flight, keyed by tracker id.
-_THREAD = threading.local()
+class _PerThread(threading.local):
+    """Per thread: (codes, source) of the forward in flight, keyed by tracker id (an attribute from the start, so
+    reading it never raises)."""
+
+    def __init__(self) -> None:
+        self.state: dict[int, tuple[torch.Tensor | None, str]] = {}
+
+
+_THREAD = _PerThread()
+_UNKNOWN = (None, SOURCE_NONE)
 
 
 @dataclass(eq=False)
@@ -78,17 +86,13 @@ class ModalityTracker:
     _hooks: list = field(default_factory=list, repr=False)
 
     def _state(self) -> tuple[torch.Tensor | None, str]:
-        found = getattr(_THREAD, "state", None)
-        return found.get(id(self), (None, SOURCE_NONE)) if found else (None, SOURCE_NONE)
+        return _THREAD.state.get(id(self), _UNKNOWN)
 
     def _set(self, codes: torch.Tensor | None, source: str) -> None:
-        found = getattr(_THREAD, "state", None)
-        if found is None:
-            found = _THREAD.state = {}
         if codes is None and source == SOURCE_NONE:
-            found.pop(id(self), None)
+            _THREAD.state.pop(id(self), None)
         else:
-            found[id(self)] = (codes, source)
+            _THREAD.state[id(self)] = (codes, source)
 
     @property
     def codes(self) -> torch.Tensor | None:
@@ -124,21 +128,24 @@ class ModalityTracker:
         self._set(None, SOURCE_NONE)
 
     def for_rows(self, num_rows: int, pool: str | None = None) -> torch.Tensor | None:
-        """Modality of the `num_rows` rows an experts module received, or None if unknown.
+        """Modality of the `num_rows` rows an experts module received, or None if unknown."""
+        return self.rows(num_rows, pool)[0]
+
+    def rows(self, num_rows: int, pool: str | None = None) -> tuple[torch.Tensor | None, str]:
+        """(codes, source) of the `num_rows` rows an experts module received; (None, "none") if unknown.
 
         A modality-isolated expert pool (ERNIE-4.5-VL's text_moe / vision_moe) receives only the rows of
         its modality, in their original order, whenever the batch holds both.
         """
-        codes = self._state()[0]
-        if codes is None:
-            return None
-        if codes.numel() == num_rows:
-            return codes
+        state = _THREAD.state.get(id(self), _UNKNOWN)
+        codes = state[0]
+        if codes is None or codes.numel() == num_rows:
+            return state
         if pool == POOL_TEXT:
             codes = codes[codes == TEXT]
         elif pool == POOL_VISION:
             codes = codes[codes != TEXT]
-        return codes if codes.numel() == num_rows else None
+        return (codes, state[1]) if codes.numel() == num_rows else _UNKNOWN
 
     def attach(self, model: torch.nn.Module, on_forward=None, on_end=None) -> None:
         """Capture at every forward of `model` (generate's decode steps included) and clear afterwards, also when

@@ -97,16 +97,16 @@ class Settings:
         return params
 
 
-# Per thread: the settings of the forward in flight and those of `configured` blocks, keyed by runtime id.
-_THREAD = threading.local()
+class _PerThread(threading.local):
+    """Per thread, keyed by runtime id: the settings of the forward in flight and of `configured` blocks (attributes
+    from the start, so reading them never raises)."""
+
+    def __init__(self) -> None:
+        self.in_flight: dict[int, Settings] = {}
+        self.overrides: dict[int, Settings] = {}
 
 
-def _thread_map(name: str) -> dict[int, Settings]:
-    found = getattr(_THREAD, name, None)
-    if found is None:
-        found = {}
-        setattr(_THREAD, name, found)
-    return found
+_THREAD = _PerThread()
 
 
 @dataclass(eq=False)
@@ -138,12 +138,9 @@ class RealbRuntime:
         """The settings a layer call decides with: those of the forward in flight in this thread, else of this
         thread's `configured` block, else the model's."""
         key = id(self)
-        for name in ("in_flight", "overrides"):
-            found = getattr(_THREAD, name, None)
-            if found:
-                settings = found.get(key)
-                if settings is not None:
-                    return settings
+        settings = _THREAD.in_flight.get(key) or _THREAD.overrides.get(key)
+        if settings is not None:
+            return settings
         if self._settings_of is not self.config:  # first use, or a config object swapped in by hand
             self._refresh()
         return self._settings
@@ -154,16 +151,18 @@ class RealbRuntime:
         self._settings_of = self.config
 
     def params(self, device: torch.device) -> PolicyParams:
-        """Policy parameters for `device` from `settings`."""
-        return self.settings.params(device)
+        """Policy parameters for `device` from `settings` (every layer call asks: kept to two lookups)."""
+        settings = self.settings
+        found = settings._params.get(device)
+        return found if found is not None else settings.params(device)
 
     def begin_forward(self) -> None:
         """At the start of a model forward (its pre-hook): the forward decides every layer with today's settings."""
-        _thread_map("in_flight")[id(self)] = self.settings
+        _THREAD.in_flight[id(self)] = self.settings
         self.telemetry.next_forward()
 
     def end_forward(self) -> None:
-        _thread_map("in_flight").pop(id(self), None)
+        _THREAD.in_flight.pop(id(self), None)
 
     def add_layer(self, name: str, shape: LayerShape) -> None:
         """Register a converted experts layer, after checking the config against it."""
@@ -181,7 +180,7 @@ class RealbRuntime:
     def configured(self, **changes: Any) -> Iterator[RealbConfig]:
         """Settings for the forwards this thread starts inside the block (per-request settings of a server),
         checked like `reconfigure`; the model's own settings, and other threads', stay as they are."""
-        overrides = _thread_map("overrides")
+        overrides = _THREAD.overrides
         previous = overrides.get(id(self))
         candidate = self._checked(changes, base=previous.config if previous is not None else None)
         overrides[id(self)] = Settings(candidate)

@@ -162,7 +162,7 @@ class Telemetry:
     _pending: list[tuple] = field(default_factory=list, repr=False)
     _pending_bytes: int = field(default=0, repr=False)
     _shipped: list[_Shipped] = field(default_factory=list, repr=False)
-    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __getstate__(self) -> dict:  # copies and pickles get a lock of their own
         state = self.__dict__.copy()
@@ -171,7 +171,7 @@ class Telemetry:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
 
     @property
     @_locked
@@ -195,11 +195,12 @@ class Telemetry:
         """One layer call's `LayerCounts`: a record now (counts on the host) or deferred (counted when read)."""
         if not self.enabled:
             return
-        if type(counts.counts) is RoutingStats:
-            stats, decision = counts.counts, counts.decision
-            self.add(make_record(self.forwards, layer, stats, decision, counts.params, counts.source))
-        else:
-            self.add_deferred(layer, counts.counts, counts.num_tokens, counts.decision, counts.params, counts.source)
+        held, decision, num_tokens, params, source = counts
+        if type(held) is RoutingStats:
+            self.add(make_record(self.forwards, layer, held, decision, params, source))
+            return
+        with self._lock:
+            self._defer(layer, held, num_tokens, decision, params, source)
 
     def host_stats(self, counts: LayerCounts) -> RoutingStats:
         """`counts` as host `RoutingStats` now (one host sync unless they are there already)."""
@@ -234,6 +235,9 @@ class Telemetry:
         (`policy.lowered_experts_on_device`); `decide` recomputes it when the record is built."""
         if not self.enabled:
             return
+        self._defer(layer, counts, num_tokens, decision, params, modality_source)
+
+    def _defer(self, layer: str, counts: Any, num_tokens: int, decision, params, modality_source: str) -> None:
         held = counts.nbytes if type(counts) is DeferredRouting else 0
         if len(self._pending) >= MAX_PENDING or self._pending_bytes + held > MAX_PENDING_BYTES:
             self._ship()

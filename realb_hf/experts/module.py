@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..kernels import counts as count_kernels
-from ..modality import SOURCE_NONE, TEXT
+from ..modality import TEXT
 from ..policy import RoutingStats
 from ..runtime import RealbRuntime
 from . import device_path, host_path, received
@@ -70,9 +70,7 @@ class RealbExperts(torch.nn.Module):
 
     def realb_modality(self, num_rows: int) -> tuple[torch.Tensor | None, str]:
         """Modality codes of the rows this module received in the forward in flight, and where they came from."""
-        tracker = self.realb_runtime.modality
-        modality = tracker.for_rows(num_rows, self.realb_pool)
-        return modality, tracker.source if modality is not None else SOURCE_NONE
+        return self.realb_runtime.modality.rows(num_rows, self.realb_pool)
 
     def realb_routing_counts(
         self, top_k_index: torch.Tensor, modality: torch.Tensor | None, num_experts: int
@@ -89,13 +87,13 @@ class RealbExperts(torch.nn.Module):
         host_stats: RoutingStats | None = None,
         quantized_dispatch: bool = False,
         ep_rank: int = 0,
+        record: bool = True,
     ) -> LayerPlan:
         """`plan_layer` for this module: global ids in `top_k_index`, this module's placement and params."""
-        codes, source = modality if modality is not None else self.realb_modality(top_k_index.shape[0])
         params = self.realb_runtime.params(hidden_states.device)
         return plan_layer(
-            self, hidden_states, top_k_index, params, codes, source, self.realb_placement, host_stats,
-            quantized_dispatch, ep_rank, self.realb_plan_cache,
+            self, hidden_states, top_k_index, params, self.realb_placement, modality, host_stats, quantized_dispatch,
+            ep_rank, self.realb_plan_cache, record,
         )  # fmt: skip
 
     # ---- execution -------------------------------------------------------------------------------
@@ -152,6 +150,8 @@ class RealbExperts(torch.nn.Module):
         runtime = self.realb_runtime
         if runtime is None:
             return super().forward(hidden_states, top_k_index, top_k_weights)
-        plan = self.realb_plan(hidden_states, top_k_index)
-        runtime.telemetry.receive(self.realb_name, plan.telemetry)
+        telemetry = runtime.telemetry
+        plan = self.realb_plan(hidden_states, top_k_index, record=telemetry.enabled)
+        if plan.telemetry is not None:
+            telemetry.receive(self.realb_name, plan.telemetry)
         return self.realb_run(plan, hidden_states, top_k_index, top_k_weights)

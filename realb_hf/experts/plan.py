@@ -67,7 +67,7 @@ class LayerPlan(NamedTuple):
     precisions: tuple[str, ...] | None  # one per local expert; None when decided on the device
     decision: Decision | None  # the global decision, when made on the host or from the config
     fp8_ranks: tuple[bool, ...] | None  # EP all-to-all: ranks whose rows travel as fp8 (None: none do)
-    telemetry: LayerCounts
+    telemetry: LayerCounts | None  # None when the caller records nothing (telemetry off)
 
 
 _ON_DEVICE: dict[tuple, torch.Tensor] = {}
@@ -91,7 +91,7 @@ class ConfigDecision(NamedTuple):
     placement: Placement
     decision: Decision
     precisions: tuple[str, ...]
-    all_high: bool
+    stock: LayerPlan | None  # the plan when every local expert stays high (telemetry not attached)
 
 
 def config_decision(cache: list, params: PolicyParams, placement: Placement) -> ConfigDecision:
@@ -101,7 +101,9 @@ def config_decision(cache: list, params: PolicyParams, placement: Placement) -> 
     if hit is None or hit.params is not params or hit.placement is not placement:
         decision = decide_without_routing(params, placement.num_global)
         precisions = decision.expert_precision[placement.local]
-        hit = ConfigDecision(params, placement, decision, precisions, precisions.count(params.high) == len(precisions))
+        all_high = precisions.count(params.high) == len(precisions)
+        stock = LayerPlan(STOCK, params.high, None, None, precisions, decision, None, None) if all_high else None
+        hit = ConfigDecision(params, placement, decision, precisions, stock)
         cache[:] = [hit]
     return hit
 
@@ -117,37 +119,45 @@ def plan_layer(
     hidden: torch.Tensor,
     top_k_index: torch.Tensor,
     params: PolicyParams,
-    modality: torch.Tensor | None,
-    source: str,
     placement: Placement,
+    modality: tuple[torch.Tensor | None, str] | None = None,
     host_stats: RoutingStats | None = None,
     quantized_dispatch: bool = False,
     ep_rank: int = 0,
     cache: list | None = None,
+    record: bool = True,
 ) -> LayerPlan:
     """Plan one call of `module` on `hidden` routed by `top_k_index` (global expert ids).
 
+    `modality`: (codes, source) of the rows; None: asked of `module.realb_modality` only when needed.
     `host_stats`: the global counts when the caller already holds them on the host (EP all-to-all).
     `quantized_dispatch`: EP all-to-all may send fp8 rows to ranks lowered to fp8 (this rank is `ep_rank`).
     `cache`: the caller's slot for config-only decisions (`config_decision`).
+    `record`: whether telemetry takes this call; a config-only call with nothing lowered then costs a few lookups.
     """
     num_tokens = top_k_index.shape[0]
     if host_stats is None and not needs_routing(params, num_tokens):
         hit = config_decision(cache if cache is not None else [], params, placement)
-        counts = LayerCounts(DeferredRouting(top_k_index, modality, placement.num_global), hit.decision, num_tokens,
-                             params, source)  # fmt: skip
-        if hit.all_high:
+        if not record and hit.stock is not None:
+            return hit.stock
+        counts = None
+        if record:
+            codes, source = modality if modality is not None else module.realb_modality(num_tokens)
+            routing = DeferredRouting(top_k_index, codes, placement.num_global)
+            counts = LayerCounts(routing, hit.decision, num_tokens, params, source)
+        if hit.stock is not None:
             return LayerPlan(STOCK, params.high, None, None, hit.precisions, hit.decision, None, counts)
         return _from_precisions(module, hidden, params, hit.precisions, hit.decision, counts)
+    codes, source = modality if modality is not None else module.realb_modality(num_tokens)
     supported = device_path.supports(module, hidden)
     if host_stats is None and decides_on_device(params) and supported and device_path.runs_formats(params.high, params.low):
         device_counts, flags = count_kernels.counts_and_flags(
-            top_k_index, modality, placement.num_global, params.device_rule(), TEXT
+            top_k_index, codes, placement.num_global, params.device_rule(), TEXT
         )
         counts = LayerCounts(device_counts, None, num_tokens, params, source)
         return LayerPlan(DEVICE, params.high, params.low, flags[placement.local], None, None, None, counts)
     if host_stats is None:
-        host_stats = routing_stats(top_k_index, modality, placement.num_global)
+        host_stats = routing_stats(top_k_index, codes, placement.num_global)
     decision = decide(host_stats, params)
     precisions = decision.expert_precision[placement.local]
     counts = LayerCounts(host_stats, decision, host_stats.num_tokens, params, source)
@@ -165,7 +175,7 @@ def _from_precisions(
     params: PolicyParams,
     precisions: Sequence[str],
     decision: Decision,
-    counts: LayerCounts,
+    counts: LayerCounts | None,
     supported: bool | None = None,
 ) -> LayerPlan:
     """The executor for a decision known on the host: stock when every local expert stays high, the device path for
