@@ -158,6 +158,9 @@ class Telemetry:
     forwards: int = 0
     dropped: int = 0
     extra_memory_bytes: int = 0  # persistent low-precision weight copies
+    # called with this telemetry at the start of `reset()`, before anything is cleared (exporters count what is
+    # there, so their counters stay exact whoever resets)
+    reset_hooks: list[Callable[[Telemetry], None]] = field(default_factory=list, repr=False, compare=False)
     _records: deque[LayerRecord] = field(default_factory=deque, repr=False)  # a ring of at most max_records
     _pending: list[tuple] = field(default_factory=list, repr=False)
     _pending_bytes: int = field(default=0, repr=False)
@@ -322,8 +325,14 @@ class Telemetry:
             self.dropped += 1  # the append below pushes the oldest record out
         ring.append(record)
 
-    @_locked
     def reset(self) -> None:
+        """Forget every record and restart the forward count; `reset_hooks` read what is there first."""
+        for hook in list(self.reset_hooks):
+            hook(self)
+        with self._lock:
+            self._clear()
+
+    def _clear(self) -> None:
         self._records.clear()
         self._pending.clear()
         self._shipped.clear()

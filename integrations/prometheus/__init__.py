@@ -60,33 +60,21 @@ class RealbCollector:
         self._ingest_before_reset()
 
     def _ingest_before_reset(self) -> None:
-        """Make `telemetry.reset()` hand every unread record to this collector before it clears them.
+        """Count every unread record when the telemetry resets (its `reset_hooks`), whoever resets it."""
 
-        Telemetry has no reset hook, so the instance's `reset` is wrapped; several collectors on one telemetry
-        chain their wrappers. A reset that bypasses the instance attribute (`Telemetry.reset(t)`) is still
-        noticed at the next scrape, but the records it cleared before that scrape are not counted.
-        """
-        telemetry, inner = self.telemetry, self.telemetry.reset
-
-        def reset() -> None:
+        def before_reset(telemetry) -> None:
             with self._lock:
                 self._ingest()
                 self._forwards_before += telemetry.forwards
-                inner()
                 self._seen = self._last_forwards = 0
 
-        telemetry.reset = reset
+        self.telemetry.reset_hooks.append(before_reset)
 
     def _ingest(self) -> None:
         """Count the records added since the last call (caller holds the lock)."""
-        forwards = self.telemetry.forwards
-        if forwards < self._last_forwards:  # reset outside the wrapper: forwards restarted from 0
-            self._forwards_before += self._last_forwards
-        self._last_forwards = forwards
+        self._last_forwards = self.telemetry.forwards
         records = self.telemetry.records
         total = self.telemetry.dropped + len(records)  # records this window has ever held
-        if total < self._seen:  # reset outside the wrapper: everything in the window is new
-            self._seen = 0
         unread = total - self._seen
         self._dropped += max(0, unread - len(records))
         for r in records[max(0, len(records) - unread) :]:
