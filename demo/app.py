@@ -3,8 +3,9 @@
     realb-hf demo                      # or: python -m demo.app   (serves http://127.0.0.1:7860)
     realb-hf demo --model Qwen/Qwen3-VL-30B-A3B-Instruct --device cuda
 
-The default model is the tiny Qwen3-VL-MoE trained on `demo/tasks.py` that ships in `demo/model/`; any local
-folder or Hub id of a supported fused-MoE model can be loaded from the model box. Each request can be replicated
+The default model is the tiny Qwen3-VL-MoE trained on `demo/tasks.py` that ships in `demo/model/`. The page
+serves that model (or `--model`) only, unless the operator allows other folders or Hub ids with `--allow-model`
+(demo/models.py decides what a client may load). Each request can be replicated
 N times in one forward ("batch of N copies") so that a CPU run crosses ReaLB's batch threshold; the answer shown is
 row 0's. After every answer the panels show, for the prefill forward, the token load of each (virtual) EP rank per
 MoE layer, the precision each rank ran at, balancedness before/after and the predicted layer speedup.
@@ -25,25 +26,36 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from demo.models import (
+    BUNDLED_MODEL,
+    BUNDLED_MODEL_DIR,
+    LoadedModel,
+    ModelAllowlist,
+    ModelLoadError,
+    ModelStore,
+    display_name,
+    ep_size_choices,
+    load_model,
+    resolve_model,
+)
 
 # Gradio phones home (analytics, version check) unless told not to; this demo must run offline.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 logger = logging.getLogger("realb_hf.demo")
 
-DEMO_DIR = Path(__file__).resolve().parent
-BUNDLED_MODEL_DIR = DEMO_DIR / "model"
-BUNDLED_MODEL = "demo/model"  # what the model box shows; resolves to BUNDLED_MODEL_DIR
-
 MAX_UPLOAD_BYTES = 10 * 2**20  # 10 MB, enforced by the server (gradio's max_file_size) and again here
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused before decoding (decompression bombs)
 MAX_IMAGES = 4  # per message
 MAX_COPIES = 128
 MAX_NEW_TOKENS = 256
+MAX_QUESTION_CHARS = 4000  # refused before tokenizing, so a huge paste cannot hold the queue
+MAX_PROMPT_TOKENS = 1024  # per copy, after the chat template and image tokens (server option --max-prompt-tokens)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 # Only the policies that need no extra input; "static" needs a per-rank map (use the Python API for it).
@@ -122,15 +134,14 @@ class DemoSettings:
         return self
 
 
-def ep_size_choices(num_experts: int) -> list[int]:
-    """Virtual EP sizes the model allows (divisors of its per-layer expert count)."""
-    return [d for d in range(1, num_experts + 1) if num_experts % d == 0]
-
-
 # ---- uploads and messages ---------------------------------------------------------------------------------
 
 
-class UploadError(ValueError):
+class InputRefused(ValueError):
+    """A message the demo refuses (too long, empty, ...); the text is shown to the user as is."""
+
+
+class UploadError(InputRefused):
     """An attachment the demo refuses; the message is shown to the user as is."""
 
 
@@ -179,17 +190,19 @@ def validate_upload(item: Any, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: in
 
 
 def parse_message(message: Any) -> tuple[str, list, list[str]]:
-    """(question text, PIL images, their paths) from a MultimodalTextbox value; raises `UploadError` when refused."""
+    """(question text, PIL images, their paths) from a MultimodalTextbox value; raises `InputRefused` when refused."""
     if isinstance(message, str):
         message = {"text": message, "files": []}
     message = message or {}
     text = (message.get("text") or "").strip()
+    if len(text) > MAX_QUESTION_CHARS:
+        raise InputRefused(f"the question is {len(text)} characters long; this demo takes at most {MAX_QUESTION_CHARS}")
     files = list(message.get("files") or [])
     if len(files) > MAX_IMAGES:
         raise UploadError(f"attach at most {MAX_IMAGES} images to one message (got {len(files)})")
     images = [validate_upload(f) for f in files]
     if not text and not images:
-        raise UploadError("type a question (and optionally attach an image)")
+        raise InputRefused("type a question (and optionally attach an image)")
     return text, images, [str(_file_path(f)) for f in files]
 
 
@@ -484,121 +497,6 @@ def render_panels(result: RequestResult | None, use_matplotlib: bool = True) -> 
     )
 
 
-# ---- models -----------------------------------------------------------------------------------------------
-
-
-class ModelLoadError(RuntimeError):
-    """A model the demo could not load; the message says why and what to do."""
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def resolve_model(spec: str | None) -> str:
-    """The bundled model's folder for ''/'demo/model'/'bundled', a local folder as an absolute path, or a Hub id."""
-    spec = (spec or "").strip()
-    if spec in ("", "bundled", BUNDLED_MODEL, "demo/model/", "./demo/model"):
-        return str(BUNDLED_MODEL_DIR)
-    local = Path(spec).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise ModelLoadError(f"{spec!r} is a folder without config.json: not a transformers model folder")
-        return str(local.resolve())
-    if spec.startswith((".", "/", "~")):
-        raise ModelLoadError(f"there is no model folder at {spec}")
-    if not _HUB_ID.match(spec) or spec.count("/") > 1:
-        raise ModelLoadError(f"{spec!r} is neither a local model folder nor a Hub repo id (like 'org/name')")
-    return spec
-
-
-@dataclass
-class LoadedModel:
-    source: str
-    model: Any
-    processor: Any
-    num_experts: int
-    moe_layers: int
-    is_vlm: bool
-    device: str
-
-    def describe(self) -> str:
-        name = BUNDLED_MODEL if self.source == str(BUNDLED_MODEL_DIR) else self.source
-        kind = getattr(self.model.config, "model_type", "?")
-        return (
-            f"Loaded **{name}** ({kind}): {self.moe_layers} MoE expert modules with {self.num_experts} experts each, "
-            f"on `{self.device}`; virtual EP sizes: {ep_size_choices(self.num_experts)}."
-        )
-
-
-def _pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError("--device cuda was asked for but torch sees no CUDA GPU")
-    return device
-
-
-def load_model(source: str, device: str = "auto") -> LoadedModel:
-    """Load `source` (from `resolve_model`) with ReaLB, and its processor; raise `ModelLoadError` with advice."""
-    from realb_hf.experts import RealbExperts
-    from realb_hf.hub import load_with_realb
-
-    if source == str(BUNDLED_MODEL_DIR) and not (BUNDLED_MODEL_DIR / "config.json").is_file():
-        raise ModelLoadError(
-            "the bundled model is not in demo/model yet: build it with `python -m demo.train` "
-            "(about 15 minutes on 2 CPU cores), or enter another model's local folder or Hub id"
-        )
-    device = _pick_device(device)
-    try:
-        # Knobs come per request through reconfigure; a model saved with ReaLB keeps its saved settings meanwhile.
-        model, processor = load_with_realb(source, device="auto" if device == "cuda" else device)
-    except Exception as err:  # OSError for missing/offline repos, ValueError for unknown or unsupported models
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"could not load {source!r} with ReaLB: {first}") from err
-    if processor is None:
-        raise ModelLoadError(f"{source!r} has no processor or tokenizer files")
-    is_vlm = hasattr(model.config, "vision_config")
-    experts = [m for m in model.modules() if isinstance(m, RealbExperts)]
-    if not experts:
-        raise ModelLoadError(f"{source!r} has no fused-MoE experts that ReaLB can drive")
-    return LoadedModel(
-        source=source,
-        model=model,
-        processor=processor,
-        num_experts=int(experts[0].num_experts),
-        moe_layers=len(experts),
-        is_vlm=is_vlm,
-        device=str(getattr(model, "device", device)),
-    )
-
-
-class ModelStore:
-    """Lazily loads one model at a time and keeps it: asking again for the same model is free."""
-
-    def __init__(self, device: str = "auto", loader: Callable[[str, str], LoadedModel] = load_model):
-        self.device = device
-        self._loader = loader
-        self._current: LoadedModel | None = None
-        self._lock = threading.Lock()
-        self.run_lock = threading.Lock()  # one generation at a time: the runtime's knobs are per model
-
-    @property
-    def current(self) -> LoadedModel | None:
-        return self._current
-
-    def get(self, spec: str | None) -> LoadedModel:
-        source = resolve_model(spec)
-        with self._lock:
-            if self._current is not None and self._current.source == source:
-                return self._current
-            previous, self._current = self._current, None
-            del previous  # free the old model before loading the next one
-            self._current = self._loader(source, self.device)
-            return self._current
-
-
 # ---- one request ------------------------------------------------------------------------------------------
 
 
@@ -613,8 +511,27 @@ def _row0_streamer(tokenizer, timeout: float):
     return Row0Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
 
 
-def prepare_inputs(loaded: LoadedModel, text: str, images: Sequence[Any], copies: int) -> dict[str, Any]:
-    """Tokenize one request with the model's chat template and replicate it `copies` times."""
+def prompt_token_limit(loaded: LoadedModel, max_prompt_tokens: int, max_new_tokens: int) -> tuple[int, str]:
+    """(tokens one copy's prompt may have, why): the server's cap, or less when the model's context is shorter."""
+    text_config = loaded.model.config.get_text_config()
+    context = getattr(text_config, "max_position_embeddings", None)
+    if context is not None and context - max_new_tokens < max_prompt_tokens:
+        return max(context - max_new_tokens, 0), f"the model's context of {context} positions minus {max_new_tokens} new"
+    return max_prompt_tokens, "the server's --max-prompt-tokens"
+
+
+def prepare_inputs(
+    loaded: LoadedModel,
+    text: str,
+    images: Sequence[Any],
+    copies: int,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+    max_new_tokens: int = 0,
+) -> dict[str, Any]:
+    """Tokenize one request with the model's chat template and replicate it `copies` times.
+
+    Raises `InputRefused` when one copy's prompt is longer than `prompt_token_limit` allows.
+    """
     if images and not loaded.is_vlm:
         raise UploadError("this model reads text only: remove the image")
     processor = loaded.processor
@@ -626,6 +543,13 @@ def prepare_inputs(loaded: LoadedModel, text: str, images: Sequence[Any], copies
     else:  # no chat template: plain text (and images) straight through the processor
         kwargs = {"images": list(images)} if images else {}
         inputs = processor(text=text, return_tensors="pt", **kwargs)
+    tokens = int(inputs["input_ids"].shape[1])
+    limit, why = prompt_token_limit(loaded, max_prompt_tokens, max_new_tokens)
+    if tokens > limit:
+        raise InputRefused(
+            f"the prompt is {tokens} tokens (chat template and image tokens included); "
+            f"this demo takes at most {limit} per copy ({why}): shorten the question or attach fewer images"
+        )
     return replicate_batch(dict(inputs), copies)
 
 
@@ -636,6 +560,7 @@ def run_request(
     settings: DemoSettings,
     lock: threading.Lock | None = None,
     timeout: float = 600.0,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
 ) -> Iterator[str | RequestResult]:
     """Generate row 0's answer: yields the growing answer text, then one `RequestResult` at the end."""
     import torch
@@ -643,7 +568,7 @@ def run_request(
     import realb_hf
 
     settings.validate(loaded.num_experts)
-    inputs = prepare_inputs(loaded, text, images, settings.copies)
+    inputs = prepare_inputs(loaded, text, images, settings.copies, max_prompt_tokens, settings.max_new_tokens)
     model = loaded.model
     device = model.device
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
@@ -701,7 +626,7 @@ def run_request(
         new_tokens=new_tokens,
         seconds=seconds,
         settings=settings,
-        model=BUNDLED_MODEL if loaded.source == str(BUNDLED_MODEL_DIR) else loaded.source,
+        model=display_name(loaded.source),
     )
 
 
@@ -740,8 +665,12 @@ def build_app(
     store: ModelStore | None = None,
     default_model: str = BUNDLED_MODEL,
     defaults: DemoSettings | None = None,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
 ):
-    """The gr.Blocks app. Every panel has a stable elem_id (see docs/demo.md) for tests and styling."""
+    """The gr.Blocks app. Every panel has a stable elem_id (see docs/demo.md) for tests and styling.
+
+    The model box offers what `store.allowlist` admits; with the default allowlist it shows the bundled model only.
+    """
     gr = _import_gradio()
     store = store or ModelStore()
     d = defaults or DemoSettings()
@@ -766,13 +695,18 @@ def build_app(
                 max_new = gr.Slider(1, 64, value=d.max_new_tokens, step=1, label="max new tokens")
             with gr.Column(scale=2):
                 with gr.Group():
+                    others = not store.allowlist.only_bundled
                     model_box = gr.Textbox(
                         value=default_model,
-                        label="model (local folder or Hub id)",
+                        label="model" + (" (local folder or Hub id)" if others else ""),
                         elem_id="realb-model",
-                        info="default: the bundled tiny Qwen3-VL-MoE; a Hub id is downloaded when loaded",
+                        interactive=others,
+                        info=f"this server offers: {store.allowlist.describe()}"
+                        if others
+                        else "this server offers the bundled model only (its operator can allow others: "
+                        "realb-hf demo --allow-model FOLDER_OR_HUB_ID)",
                     )
-                    load_btn = gr.Button("Load model", elem_id="realb-load")
+                    load_btn = gr.Button("Load model", elem_id="realb-load", visible=others)
                     status = store.current.describe() if store.current else "Model loads on first use."
                     model_status = gr.Markdown(status, elem_id="realb-model-status")
                 policy = gr.Dropdown(list(DEMO_POLICIES), value=d.policy, label="policy", elem_id="realb-policy")
@@ -798,9 +732,9 @@ def build_app(
         def load(spec, current):
             try:
                 loaded = store.get(spec)
-            except ModelLoadError as err:
-                gr.Warning(str(err))
-                return f"**Not loaded:** {html.escape(str(err))}", gr.update()
+            except ModelLoadError as err:  # the message a client may see; the current model stays loaded
+                kept = f" Still loaded: **{html.escape(display_name(store.current.source))}**." if store.current else ""
+                return f"**Not loaded:** {html.escape(err.public)}.{kept}", gr.update()
             choices = ep_size_choices(loaded.num_experts)
             if current not in choices:
                 current = max(c for c in choices if c <= 8)
@@ -815,7 +749,7 @@ def build_app(
             try:
                 text, images, paths = parse_message(message)
                 settings = DemoSettings(pol, lowp, mdv, btv, itv, granv, epv, n, new_tokens).validate()
-            except (UploadError, ValueError) as err:
+            except ValueError as err:  # InputRefused, or a control's value
                 raise gr.Error(str(err)) from None
             for path in paths:
                 history.append({"role": "user", "content": {"path": path}})
@@ -828,14 +762,21 @@ def build_app(
                 loaded = store.get(spec)
                 status = loaded.describe()
                 result = None
-                for item in run_request(loaded, text, images, settings, lock=store.run_lock):
+                requests = run_request(
+                    loaded, text, images, settings, lock=store.run_lock, max_prompt_tokens=max_prompt_tokens
+                )
+                for item in requests:
                     if isinstance(item, RequestResult):
                         result = item
                     else:
                         history[-1] = {"role": "assistant", "content": item}
                         yield (history, gr.update(), *keep, gr.update())
             except Exception as err:  # shown in the page; the input box must come back either way
-                if not isinstance(err, (ModelLoadError, UploadError, ValueError)):
+                if isinstance(err, ModelLoadError):
+                    err = err.public
+                elif isinstance(err, ValueError):  # a refused input or setting: expected, no traceback
+                    logger.debug("request refused: %s", err, exc_info=True)
+                else:
                     logger.exception("request failed")
                     err = f"{type(err).__name__}: {err}"
                 gr.Warning(str(err))  # a toast, as for refused uploads, and the reason in the chat
@@ -865,15 +806,22 @@ def launch(
     block: bool = True,
     quiet: bool = False,
     store: ModelStore | None = None,
+    allow_models: Sequence[str] = (),
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
 ):
     """Serve the demo. Binds 127.0.0.1 unless told otherwise; uploads over `max_file_size_mb` are refused.
 
-    With `block=False` it returns once the server is up (tests); `app.close()` stops it.
+    Clients get `model` and the bundled model; `allow_models` (folders or Hub ids) opens more to them. Prompts
+    longer than `max_prompt_tokens` per copy are refused. With `block=False` it returns once the server is up
+    (tests); `app.close()` stops it.
     """
-    store = store or ModelStore(device=device)
+    if max_prompt_tokens < 1:
+        raise ValueError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
+    store = store or ModelStore(device=device, allowlist=ModelAllowlist(allow_models))
+    store.offer(model)
     if preload:
         store.get(model)
-    app = build_app(store=store, default_model=model)
+    app = build_app(store=store, default_model=model, max_prompt_tokens=max_prompt_tokens)
     app.queue(default_concurrency_limit=1, max_size=32)
     app.launch(
         server_name=host,
@@ -899,14 +847,37 @@ def build_parser(prog: str = "python -m demo.app") -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--max-file-size-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20)
     parser.add_argument("--preload", action="store_true", help="load the model before serving (default: on first use)")
+    parser.add_argument(
+        "--allow-model",
+        action="append",
+        default=[],
+        metavar="FOLDER_OR_HUB_ID",
+        help="let the page load this Hub id, or any model folder under this folder (repeatable; default: clients "
+        "get --model and the bundled model only)",
+    )
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=MAX_PROMPT_TOKENS,
+        help=f"longest prompt per copy, chat template and image tokens included (default {MAX_PROMPT_TOKENS})",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m demo.app") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
-        launch(args.host, args.port, args.model, args.device, args.max_file_size_mb, args.preload)
-    except ModelLoadError as err:
+        launch(
+            args.host,
+            args.port,
+            args.model,
+            args.device,
+            args.max_file_size_mb,
+            args.preload,
+            allow_models=args.allow_model,
+            max_prompt_tokens=args.max_prompt_tokens,
+        )
+    except (ModelLoadError, ValueError) as err:
         print(f"realb-hf demo: error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -914,8 +885,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m demo.app") -> int
 
 __all__ = [
     "BUNDLED_MODEL",
+    "BUNDLED_MODEL_DIR",
     "DemoSettings",
+    "InputRefused",
     "LoadedModel",
+    "ModelAllowlist",
     "ModelLoadError",
     "ModelStore",
     "RequestResult",
@@ -923,6 +897,7 @@ __all__ = [
     "balance_html",
     "build_app",
     "build_messages",
+    "ep_size_choices",
     "heatmap_html",
     "launch",
     "load_model",

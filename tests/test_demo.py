@@ -17,6 +17,8 @@ import realb_hf  # noqa: E402
 from demo import app as demo_app  # noqa: E402
 from demo.app import (  # noqa: E402
     DemoSettings,
+    InputRefused,
+    ModelAllowlist,
     ModelLoadError,
     ModelStore,
     RequestResult,
@@ -158,7 +160,7 @@ def test_parse_message(tmp_path):
     text, images, paths = parse_message({"text": "  what colour is the shape ? ", "files": [str(img)]})
     assert text == "what colour is the shape ?" and len(images) == 1 and paths == [str(img)]
     assert parse_message("2 + 3 =")[0] == "2 + 3 ="
-    with pytest.raises(UploadError, match="type a question"):
+    with pytest.raises(InputRefused, match="type a question"):
         parse_message({"text": " ", "files": []})
     with pytest.raises(UploadError, match="at most 4 images"):
         parse_message({"text": "x", "files": [str(img)] * 5})
@@ -255,19 +257,121 @@ def test_resolve_model(tmp_path):
         demo_app.load_model(str(tmp_path))  # an empty config.json is not a model
 
 
-def test_model_store_is_lazy_and_caches():
-    calls = []
+def recording_loader(calls, failing=()):
+    """A loader that records what it was asked for and fails (like load_model does) for the sources in `failing`."""
 
     def loader(source, device):
         calls.append(source)
+        if source in failing:
+            raise ModelLoadError(f"could not load {source!r} with ReaLB: OSError at {source}", public="it did not load")
         return demo_app.LoadedModel(source, object(), object(), 8, 2, True, device)
 
-    store = ModelStore(device="cpu", loader=loader)
+    return loader
+
+
+def test_model_store_is_lazy_and_caches():
+    calls = []
+    store = ModelStore(device="cpu", loader=recording_loader(calls), allowlist=ModelAllowlist(["org/a", "org/b"]))
     assert store.current is None and calls == []
     first = store.get("org/a")
     assert store.get("org/a") is first and calls == ["org/a"]
     store.get("org/b")
     assert calls == ["org/a", "org/b"] and store.current.source == "org/b"
+
+
+def test_clients_get_only_the_bundled_model_by_default(tmp_path):
+    """Without --allow-model no client spec reaches the disk or the Hub, and every refusal reads the same."""
+    calls = []
+    store = ModelStore(device="cpu", loader=recording_loader(calls))
+    assert store.get("").source == store.get("demo/model").source == str(demo_app.BUNDLED_MODEL_DIR)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "plain").mkdir()
+    probes = [str(tmp_path / "model"), str(tmp_path / "plain"), str(tmp_path / "missing"), "org/name", "/etc", "../x"]
+    messages = []
+    for spec in probes:
+        with pytest.raises(ModelLoadError, match="is not a model this demo serves") as err:
+            store.get(spec)
+        assert err.value.public == str(err.value)
+        messages.append(str(err.value).replace(repr(spec), "SPEC"))
+    assert len(set(messages)) == 1, messages  # a model folder, a plain folder, nothing, a Hub id: one message
+    assert "--allow-model" in messages[0]
+    assert calls == [str(demo_app.BUNDLED_MODEL_DIR)]
+
+
+def test_allowlist_admits_hub_ids_exactly_and_model_folders_inside_allowed_folders(tmp_path):
+    root = tmp_path / "models"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "config.json").write_text("{}")
+    (root / "empty").mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")
+    (root / "link").symlink_to(outside)  # resolves outside the allowed folder
+    allow = ModelAllowlist([str(root), "org/name"])
+    assert allow.admit(str(root / "a")) == str((root / "a").resolve())
+    assert allow.admit("org/name") == "org/name"
+    refused = [root / "empty", root / "missing", root / "link", outside, root / "a" / ".." / "..",
+               "org/name2", "ORG/name", "demo/model/../../etc"]  # fmt: skip
+    for spec in refused:
+        with pytest.raises(ModelLoadError, match="is not a model this demo serves. It serves: demo/model"):
+            allow.admit(str(spec))
+    with pytest.raises(ModelLoadError, match="--allow-model ./no/such: there is no folder"):
+        ModelAllowlist(["./no/such"])
+    with pytest.raises(ModelLoadError, match="neither a local folder nor a Hub repo id"):
+        ModelAllowlist(["a/b/c d"])
+
+
+def test_a_failed_load_keeps_the_current_model_and_hides_the_reason_from_clients(tmp_path):
+    calls = []
+    store = ModelStore(device="cpu", loader=recording_loader(calls, failing={"org/bad"}))
+    store.allowlist.allow("org/bad")
+    good = store.get("demo/model")
+    with pytest.raises(ModelLoadError) as err:
+        store.get("org/bad")
+    assert store.current is good and calls == [str(demo_app.BUNDLED_MODEL_DIR), "org/bad"]
+    assert err.value.public == "could not load 'org/bad': it did not load" and "OSError" in str(err.value)
+    assert store.get("demo/model") is good and len(calls) == 2  # still loaded, not reloaded
+
+    # The real loader: the operator's message names the folder, the client's does not.
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError) as err:
+        demo_app.load_model(str(tmp_path))
+    assert str(tmp_path) in str(err.value) and str(tmp_path) not in err.value.public
+    assert "server's log" in err.value.public
+
+
+def test_demo_options_reach_launch_through_the_cli(capsys):
+    """`realb-hf demo` forwards its arguments whole to the demo's parser, so the demo's flags are the CLI's."""
+    from realb_hf import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    shown = capsys.readouterr().out
+    assert "--allow-model" in shown and "--max-prompt-tokens" in shown
+    args = demo_app.build_parser().parse_args(["--allow-model", "org/a", "--allow-model", "./models"])
+    assert args.allow_model == ["org/a", "./models"] and args.max_prompt_tokens == demo_app.MAX_PROMPT_TOKENS
+    assert demo_app.build_parser().parse_args([]).allow_model == []
+    assert demo_app.main(["--max-prompt-tokens", "0"]) == 2
+    assert "--max-prompt-tokens must be >= 1" in capsys.readouterr().err
+    assert demo_app.main(["--allow-model", "./no/such/folder"]) == 2
+    assert "--allow-model ./no/such/folder: there is no folder" in capsys.readouterr().err
+
+
+def test_long_questions_and_prompts_are_refused_with_the_limit(random_bundled_like):
+    with pytest.raises(InputRefused, match=f"at most {demo_app.MAX_QUESTION_CHARS}"):
+        parse_message("1 + " * 2000)
+    loaded = demo_app.load_model(str(random_bundled_like), device="cpu")
+    settings = DemoSettings(copies=2, max_new_tokens=8)
+    run = demo_app.run_request(loaded, "a " * 40, [], settings, max_prompt_tokens=20)
+    server_cap = r"is 4\d tokens .* at most 20 per copy \(the server's --max-prompt-tokens\)"
+    with pytest.raises(InputRefused, match=server_cap):
+        next(run)
+    run = demo_app.run_request(loaded, "a " * 300, [], settings)  # the bundled model has 256 positions
+    with pytest.raises(InputRefused, match="at most 248 per copy .the model's context of 256 positions minus 8 new"):
+        next(run)
+    *_, result = demo_app.run_request(loaded, "3 + 4 =", [], settings, max_prompt_tokens=20)
+    assert result.prompt_tokens <= 20
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +418,21 @@ def test_run_request_streams_row_0_and_records_the_prefill(random_bundled_like):
         out = loaded.model.generate(**inputs, max_new_tokens=3, do_sample=False)
     alone = loaded.processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     assert result.answer == alone
+
+
+def test_the_model_box_is_read_only_unless_the_operator_allows_other_models():
+    pytest.importorskip("gradio", reason="gradio is not installed (pip install 'gradio>=6,<7')")
+
+    def model_controls(store):
+        blocks = demo_app.build_app(store=store).blocks.values()
+        return {c.elem_id: c for c in blocks if getattr(c, "elem_id", None) in ("realb-model", "realb-load")}
+
+    default = model_controls(ModelStore(loader=lambda s, d: None))
+    assert default["realb-model"].interactive is False and default["realb-load"].visible is False
+    assert "bundled model only" in default["realb-model"].info and "--allow-model" in default["realb-model"].info
+    opened = model_controls(ModelStore(loader=lambda s, d: None, allowlist=ModelAllowlist(["org/a"])))
+    assert opened["realb-model"].interactive is True and opened["realb-load"].visible is True
+    assert "demo/model (bundled), org/a" in opened["realb-model"].info
 
 
 def test_app_builds_with_stable_element_ids():
