@@ -71,6 +71,14 @@ PRECISION_COLOURS = {  # background, text
 
 # ---- settings ---------------------------------------------------------------------------------------------
 
+# Settings that must be whole numbers, by the label of their control in the page (refusals name the control).
+WHOLE_NUMBER_CONTROLS = {
+    "batch_threshold": "batch threshold",
+    "ep_size": "virtual EP size",
+    "copies": "batch of N copies",
+    "max_new_tokens": "max new tokens",
+}
+
 
 @dataclass
 class DemoSettings:
@@ -105,7 +113,7 @@ class DemoSettings:
 
     def validate(self, num_experts: int | None = None) -> DemoSettings:
         """Coerce slider floats to ints and raise `ValueError` with a readable message for bad values."""
-        for name in ("batch_threshold", "ep_size", "copies", "max_new_tokens"):
+        for name, label in WHOLE_NUMBER_CONTROLS.items():
             value = getattr(self, name)
             try:
                 whole = int(float(value))
@@ -113,7 +121,7 @@ class DemoSettings:
             except (TypeError, ValueError, OverflowError):
                 ok = False
             if not ok:
-                raise ValueError(f"{name.replace('_', ' ')} must be a whole number, got {value!r}")
+                raise ValueError(f"{label} must be a whole number, got {value!r}")
             setattr(self, name, whole)
         if self.policy not in DEMO_POLICIES:
             raise ValueError(f"policy {self.policy!r} is not offered here; choose one of {list(DEMO_POLICIES)}")
@@ -516,7 +524,8 @@ def prompt_token_limit(loaded: LoadedModel, max_prompt_tokens: int, max_new_toke
     text_config = loaded.model.config.get_text_config()
     context = getattr(text_config, "max_position_embeddings", None)
     if context is not None and context - max_new_tokens < max_prompt_tokens:
-        return max(context - max_new_tokens, 0), f"the model's context of {context} positions minus {max_new_tokens} new"
+        why = f"the model's context of {context} positions minus {max_new_tokens} new"
+        return max(context - max_new_tokens, 0), why
     return max_prompt_tokens, "the server's --max-prompt-tokens"
 
 
@@ -633,6 +642,15 @@ def run_request(
 # ---- the Gradio app ---------------------------------------------------------------------------------------
 
 
+def refusal_notice(err: BaseException) -> str:
+    """The notice line under the input for a refused or failed request (markdown, with the reason escaped)."""
+    if isinstance(err, ModelLoadError):
+        return f"**Not loaded:** {html.escape(err.public)}"
+    if isinstance(err, ValueError):
+        return f"**Refused:** {html.escape(str(err))}"
+    return f"**Failed:** {type(err).__name__} (the server's log has the details)"
+
+
 def _import_gradio():
     try:
         import gradio as gr
@@ -689,6 +707,7 @@ def build_app(
                     show_label=False,
                     sources=["upload"],
                 )
+                notice = gr.Markdown("", elem_id="realb-notice")
                 copies = gr.Slider(
                     1, MAX_COPIES, value=d.copies, step=1, label="batch of N copies", elem_id="realb-copies"
                 )
@@ -745,19 +764,26 @@ def build_app(
         controls = [model_box, policy, low, md, bt, it, gran, ep, copies, max_new]
 
         def respond(message, history, spec, pol, lowp, mdv, btv, itv, granv, epv, n, new_tokens):
+            """Answer one message. A refused one leaves the chat as it was and says why in the notice line under
+            the input; a refused attachment is dropped from the input, the question stays for another try."""
             history = list(history or [])
+            before = list(history)
+            keep = (gr.update(),) * 6  # summary, 3 panels, model status, EP choices
+            text = (message or {}).get("text", "") if isinstance(message, dict) else (message or "")
             try:
                 text, images, paths = parse_message(message)
                 settings = DemoSettings(pol, lowp, mdv, btv, itv, granv, epv, n, new_tokens).validate()
             except ValueError as err:  # InputRefused, or a control's value
-                raise gr.Error(str(err)) from None
+                logger.debug("request refused: %s", err)
+                kept = gr.update(value={"text": text, "files": []}) if isinstance(err, UploadError) else gr.update()
+                yield (before, kept, refusal_notice(err), *keep)
+                return
             for path in paths:
                 history.append({"role": "user", "content": {"path": path}})
             if text:
                 history.append({"role": "user", "content": text})
             history.append({"role": "assistant", "content": "..."})
-            keep = (gr.update(),) * 5  # summary, 3 panels, model status
-            yield (history, gr.update(value=None, interactive=False), *keep, gr.update())
+            yield (history, gr.update(value=None, interactive=False), "", *keep)
             try:
                 loaded = store.get(spec)
                 status = loaded.describe()
@@ -770,28 +796,27 @@ def build_app(
                         result = item
                     else:
                         history[-1] = {"role": "assistant", "content": item}
-                        yield (history, gr.update(), *keep, gr.update())
-            except Exception as err:  # shown in the page; the input box must come back either way
-                if isinstance(err, ModelLoadError):
-                    err = err.public
-                elif isinstance(err, ValueError):  # a refused input or setting: expected, no traceback
-                    logger.debug("request refused: %s", err, exc_info=True)
-                else:
-                    logger.exception("request failed")
-                    err = f"{type(err).__name__}: {err}"
-                gr.Warning(str(err))  # a toast, as for refused uploads, and the reason in the chat
-                history[-1] = {"role": "assistant", "content": f"(error) {err}"}
-                yield (history, gr.update(value=None, interactive=True), *keep, gr.update())
+                        yield (history, gr.update(), "", *keep)
+            except (ValueError, ModelLoadError) as err:  # refused before generating: the message comes back
+                logger.debug("request refused: %s", err)
+                again = {"text": text, "files": [] if isinstance(err, UploadError) else paths}
+                yield (before, gr.update(value=again, interactive=True), refusal_notice(err), *keep)
+                return
+            except Exception as err:  # a real failure: logged with its traceback, reported in the chat
+                logger.exception("request failed")
+                history[-1] = {"role": "assistant", "content": f"(failed: {type(err).__name__})"}
+                yield (history, gr.update(value=None, interactive=True), refusal_notice(err), *keep)
                 return
             history[-1] = {"role": "assistant", "content": result.answer or "(empty answer)"}
             panels = render_panels(result)
             ep_update = gr.update(choices=ep_size_choices(loaded.num_experts), value=settings.ep_size)
-            yield (history, gr.update(value=None, interactive=True), *panels, status, ep_update)
+            yield (history, gr.update(value=None, interactive=True), "", *panels, status, ep_update)
 
         box.submit(
             respond,
             [box, chatbot, *controls],
-            [chatbot, box, summary, heatmap, precision, balance, model_status, ep],
+            [chatbot, box, notice, summary, heatmap, precision, balance, model_status, ep],
+            show_progress_on=[chatbot],
         )
     return app
 

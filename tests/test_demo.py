@@ -219,7 +219,7 @@ def test_settings_validation():
         DemoSettings(ep_size=3).validate(num_experts=8)
     with pytest.raises(ValueError, match="between 1 and 128"):
         DemoSettings(copies=0).validate()
-    with pytest.raises(ValueError, match="whole number"):
+    with pytest.raises(ValueError, match="batch of N copies must be a whole number, got 2.5"):
         DemoSettings(copies=2.5).validate()
     with pytest.raises(ValueError, match="batch threshold must be a whole number"):
         DemoSettings(batch_threshold=None).validate()  # an emptied number box
