@@ -56,6 +56,11 @@ MAX_COPIES = 128
 MAX_NEW_TOKENS = 256
 MAX_QUESTION_CHARS = 4000  # refused before tokenizing, so a huge paste cannot hold the queue
 MAX_PROMPT_TOKENS = 1024  # per copy, after the chat template and image tokens (server option --max-prompt-tokens)
+# What the server keeps between requests. Gradio holds, per browser session, the last value of every output (the
+# chat history and the panels' HTML with the heatmap PNG) for `state_session_capacity` sessions, 10000 by default;
+# every page load and API client is a session. Both bounds below keep that memory flat.
+MAX_CHAT_MESSAGES = 40  # the chat shows the last 40 messages; every question is answered on its own anyway
+MAX_SESSIONS = 64  # sessions whose state gradio keeps; an evicted one keeps working, its state is rebuilt
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 # Only the policies that need no extra input; "static" needs a per-rank map (use the Python API for it).
@@ -749,11 +754,14 @@ def build_app(
         balance = gr.HTML(balance_html([]), elem_id="realb-balance")
 
         def load(spec, current):
+            previous = store.current
             try:
                 loaded = store.get(spec)
             except ModelLoadError as err:  # the message a client may see; the current model stays loaded
                 kept = f" Still loaded: **{html.escape(display_name(store.current.source))}**." if store.current else ""
-                return f"**Not loaded:** {html.escape(err.public)}.{kept}", gr.update()
+                return f"**Not loaded:** {html.escape(err.public)}.{kept}", current
+            if loaded is previous:  # same model, same EP choices: a plain value (see the note on gr.update below)
+                return loaded.describe(), current
             choices = ep_size_choices(loaded.num_experts)
             if current not in choices:
                 current = max(c for c in choices if c <= 8)
@@ -763,30 +771,42 @@ def build_app(
 
         controls = [model_box, policy, low, md, bt, it, gran, ep, copies, max_new]
 
-        def respond(message, history, spec, pol, lowp, mdv, btv, itv, granv, epv, n, new_tokens):
-            """Answer one message. A refused one leaves the chat as it was and says why in the notice line under
-            the input; a refused attachment is dropped from the input, the question stays for another try."""
-            history = list(history or [])
-            before = list(history)
-            keep = (gr.update(),) * 6  # summary, 3 panels, model status, EP choices
-            text = (message or {}).get("text", "") if isinstance(message, dict) else (message or "")
+        # Components get plain values, not `gr.update()`: gradio (6.x) keeps one more copy of a component's config
+        # per request in the session when the component gets updates and also values or input. So the input box is
+        # emptied and refilled in the browser (js), the chat history lives in a State, and only a change of model
+        # updates the EP choices.
+        held = gr.MultimodalTextbox(visible=False, file_types=["image"], file_count="multiple")  # message sent
+        history = gr.State([])  # the chat, server side: a message queued behind another sees that one's answer
+        # null: answered; {"keep_files": ...}: the refused message goes back, without its files when they were why
+        refused_files = gr.JSON(None, visible=False)
+        shown = gr.State(None)  # what the panels show: summary, 3 panels, model status, EP choices, EP size
+
+        def respond(message, chat, spec, pol, lowp, mdv, btv, itv, granv, epv, n, new_tokens):
+            """Answer one message. A refused one leaves the chat as it was, says why in the notice line under the
+            input and goes back into the input (without a refused attachment)."""
+            chat = list(chat or [])[-MAX_CHAT_MESSAGES:]
+            before = list(chat)
+
+            def refused(err: BaseException):
+                logger.debug("request refused: %s", err)
+                return before, before, refusal_notice(err), gr.update(), {"keep_files": not isinstance(err, UploadError)}
+
             try:
                 text, images, paths = parse_message(message)
                 settings = DemoSettings(pol, lowp, mdv, btv, itv, granv, epv, n, new_tokens).validate()
             except ValueError as err:  # InputRefused, or a control's value
-                logger.debug("request refused: %s", err)
-                kept = gr.update(value={"text": text, "files": []}) if isinstance(err, UploadError) else gr.update()
-                yield (before, kept, refusal_notice(err), *keep)
+                yield refused(err)
                 return
             for path in paths:
-                history.append({"role": "user", "content": {"path": path}})
+                chat.append({"role": "user", "content": {"path": path}})
             if text:
-                history.append({"role": "user", "content": text})
-            history.append({"role": "assistant", "content": "..."})
-            yield (history, gr.update(value=None, interactive=False), "", *keep)
+                chat.append({"role": "user", "content": text})
+            chat.append({"role": "assistant", "content": "..."})
+            del chat[:-MAX_CHAT_MESSAGES]
+            yield chat, gr.update(), "", gr.update(), None
             try:
+                previous = store.current
                 loaded = store.get(spec)
-                status = loaded.describe()
                 result = None
                 requests = run_request(
                     loaded, text, images, settings, lock=store.run_lock, max_prompt_tokens=max_prompt_tokens
@@ -795,29 +815,48 @@ def build_app(
                     if isinstance(item, RequestResult):
                         result = item
                     else:
-                        history[-1] = {"role": "assistant", "content": item}
-                        yield (history, gr.update(), "", *keep)
-            except (ValueError, ModelLoadError) as err:  # refused before generating: the message comes back
-                logger.debug("request refused: %s", err)
-                again = {"text": text, "files": [] if isinstance(err, UploadError) else paths}
-                yield (before, gr.update(value=again, interactive=True), refusal_notice(err), *keep)
+                        chat[-1] = {"role": "assistant", "content": item}
+                        yield chat, gr.update(), "", gr.update(), None
+            except (ValueError, ModelLoadError) as err:  # refused before generating
+                yield refused(err)
                 return
             except Exception as err:  # a real failure: logged with its traceback, reported in the chat
                 logger.exception("request failed")
-                history[-1] = {"role": "assistant", "content": f"(failed: {type(err).__name__})"}
-                yield (history, gr.update(value=None, interactive=True), refusal_notice(err), *keep)
+                chat[-1] = {"role": "assistant", "content": f"(failed: {type(err).__name__})"}
+                yield chat, chat, refusal_notice(err), gr.update(), None
                 return
-            history[-1] = {"role": "assistant", "content": result.answer or "(empty answer)"}
-            panels = render_panels(result)
-            ep_update = gr.update(choices=ep_size_choices(loaded.num_experts), value=settings.ep_size)
-            yield (history, gr.update(value=None, interactive=True), "", *panels, status, ep_update)
+            chat[-1] = {"role": "assistant", "content": result.answer or "(empty answer)"}
+            choices = ep_size_choices(loaded.num_experts) if previous is not loaded else None  # a new model
+            yield chat, chat, "", (*render_panels(result), loaded.describe(), choices, settings.ep_size), None
 
-        box.submit(
+        def show_panels(panels, current_ep):
+            if panels is None:  # no answer yet in this session
+                status = store.current.describe() if store.current else "Model loads on first use."
+                return (*render_panels(None), status, current_ep)
+            *texts, choices, ep_size = panels
+            return (*texts, ep_size if choices is None else gr.update(choices=choices, value=ep_size))
+
+        # "multiple": a message sent while the previous one's steps still run is queued, never dropped.
+        box.submit(None, [box], [held, box], js="(m) => [m, {text: '', files: []}]", trigger_mode="multiple").then(
             respond,
-            [box, chatbot, *controls],
-            [chatbot, box, notice, summary, heatmap, precision, balance, model_status, ep],
+            [held, history, *controls],
+            [chatbot, history, notice, shown, refused_files],
             show_progress_on=[chatbot],
+            trigger_mode="multiple",
+        ).then(
+            show_panels,
+            [shown, ep],
+            [summary, heatmap, precision, balance, model_status, ep],
+            show_progress="hidden",
+            trigger_mode="multiple",
+        ).then(
+            None,
+            [refused_files, held, box],
+            [box],
+            js="(r, sent, typed) => r === null ? typed : {text: sent.text, files: r.keep_files ? sent.files : []}",
+            trigger_mode="multiple",
         )
+        chatbot.clear(lambda: [], None, [history])
     return app
 
 
@@ -833,12 +872,13 @@ def launch(
     store: ModelStore | None = None,
     allow_models: Sequence[str] = (),
     max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+    max_sessions: int = MAX_SESSIONS,
 ):
     """Serve the demo. Binds 127.0.0.1 unless told otherwise; uploads over `max_file_size_mb` are refused.
 
     Clients get `model` and the bundled model; `allow_models` (folders or Hub ids) opens more to them. Prompts
-    longer than `max_prompt_tokens` per copy are refused. With `block=False` it returns once the server is up
-    (tests); `app.close()` stops it.
+    longer than `max_prompt_tokens` per copy are refused. Gradio keeps the state of the last `max_sessions`
+    sessions. With `block=False` it returns once the server is up (tests); `app.close()` stops it.
     """
     if max_prompt_tokens < 1:
         raise ValueError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
@@ -860,6 +900,7 @@ def launch(
         prevent_thread_lock=not block,
         quiet=quiet,
         inbrowser=False,
+        state_session_capacity=max_sessions,
     )
     return app
 

@@ -450,3 +450,98 @@ def test_app_builds_with_stable_element_ids():
         "realb-precision",
         "realb-balance",
     } <= ids
+
+
+# ---- a long-running server --------------------------------------------------------------------------------
+
+
+class PageLikeClient:
+    """Gradio's HTTP protocol as the demo page speaks it: a message runs the server-side events of the chain the
+    input box's submit starts (the others run in the browser), and every new session is a new page load."""
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.http = httpx.Client(base_url=url, timeout=120)
+        self.dependencies = self.http.get("config").json()["dependencies"]
+        self.respond, self.show_panels = (
+            next(i for i, d in enumerate(self.dependencies) if d.get("api_name") == name)
+            for name in ("respond", "show_panels")
+        )
+        assert self.dependencies[self.show_panels]["trigger_after"] == self.respond
+
+    def upload(self, path: Path) -> dict:
+        with open(path, "rb") as f:
+            server_path = self.http.post("gradio_api/upload", files={"files": (path.name, f, "image/png")}).json()[0]
+        return {"path": server_path, "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
+
+    def call(self, fn: int, data: list, session: str) -> list:
+        """The outputs of one queued event once it completed (State inputs are sent as None, as the page does)."""
+        import json
+
+        body = {"data": data, "fn_index": fn, "event_data": None, "session_hash": session}
+        self.http.post("gradio_api/queue/join", json=body).raise_for_status()
+        with self.http.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as events:
+            for line in events.iter_lines():
+                if line.startswith("data:") and (event := json.loads(line[5:])).get("msg") == "process_completed":
+                    assert event.get("success"), event
+                    return event["output"]["data"]
+        raise AssertionError("the server closed the event stream before the event completed")
+
+    def send(self, session: str, text: str, files: list, copies: int = 1, max_new_tokens: int = 1) -> tuple[list, str]:
+        """One message; returns the chat the page shows after it and the notice line (empty unless refused)."""
+        controls = ["demo/model", "realb", "auto", 0.7, 2048, 0.1, "rank", 4, copies, max_new_tokens]
+        chat, _, notice, *_ = self.call(self.respond, [{"text": text, "files": files}, None, *controls], session)
+        self.call(self.show_panels, [None, 4], session)
+        return chat, notice
+
+
+@pytest.mark.slow
+def test_server_memory_levels_off_over_many_sessions_and_a_long_chat(tmp_path):
+    """What a served demo keeps between requests stays flat once its bounds are reached.
+
+    Gradio keeps, per session, the last value of every output (chat history, panels with the heatmap PNG); every
+    page load is a session. Half the requests continue one chat with an image per turn (each turn also sends one
+    refused message), half come from new sessions. After a warm-up that fills both bounds, another as many
+    requests add nothing.
+    """
+    pytest.importorskip("gradio", reason="gradio is not installed (pip install 'gradio>=6,<7')")
+    import json
+    import socket
+    import uuid
+
+    from demo.tasks import heldout_set
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    image_ex, text_ex = heldout_set(1, kinds=("colour",))[0], heldout_set(1, kinds=("add",))[0]
+    image = tmp_path / "question.png"
+    image_ex.image.save(image)
+    store = ModelStore(device="cpu")
+    app = demo_app.launch(port=port, block=False, quiet=True, store=store, preload=True, max_sessions=8)
+    try:
+        client = PageLikeClient(f"http://127.0.0.1:{port}/")
+        chat, history = str(uuid.uuid4()), []
+
+        def held() -> tuple[int, int]:
+            sessions = app.state_holder.session_data.values()
+            return len(sessions), sum(len(json.dumps(s.config_values, default=str)) for s in sessions)
+
+        def requests(n: int) -> None:
+            nonlocal history
+            for _ in range(n):
+                history, notice = client.send(chat, image_ex.question, [client.upload(image)])
+                assert history[-1]["content"][0]["text"] == image_ex.answer and notice == ""
+                assert client.send(chat, " ", [])[1].startswith("**Refused:** type a question")
+                assert client.send(str(uuid.uuid4()), text_ex.question, [])[1] == ""
+
+        requests(20)  # 20 turns of 3 messages > 40; 21 sessions > 8
+        warm_sessions, warm_bytes = held()
+        assert len(history) == demo_app.MAX_CHAT_MESSAGES and warm_sessions == 8
+        requests(20)
+        sessions, held_bytes = held()
+        assert len(history) == demo_app.MAX_CHAT_MESSAGES and sessions == 8
+        assert held_bytes < 1.05 * warm_bytes, f"session state grew from {warm_bytes} to {held_bytes} bytes"
+    finally:
+        app.close()
