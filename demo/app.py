@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from demo.examples import QUESTION_FORMS, example_messages, forms_markdown
 from demo.models import (
     BUNDLED_MODEL,
     BUNDLED_MODEL_DIR,
@@ -61,6 +63,7 @@ MAX_PROMPT_TOKENS = 1024  # per copy, after the chat template and image tokens (
 # every page load and API client is a session. Both bounds below keep that memory flat.
 MAX_CHAT_MESSAGES = 40  # the chat shows the last 40 messages; every question is answered on its own anyway
 MAX_SESSIONS = 64  # sessions whose state gradio keeps; an evicted one keeps working, its state is rebuilt
+EXAMPLE_FOLDER = Path(tempfile.gettempdir()) / "realb-demo-examples"  # the examples' images, written at start-up
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 # Only the policies that need no extra input; "static" needs a per-rank map (use the Python API for it).
@@ -713,6 +716,20 @@ def build_app(
                     sources=["upload"],
                 )
                 notice = gr.Markdown("", elem_id="realb-notice")
+                if display_name(resolve_model(default_model)) == BUNDLED_MODEL:
+                    with gr.Accordion("Questions the bundled model knows", open=True):
+                        gr.Markdown(
+                            "It was trained on these forms only; other phrasings get wrong answers.\n"
+                            + forms_markdown(),
+                            elem_id="realb-forms",
+                        )
+                        gr.Examples(
+                            [[m] for m in example_messages(EXAMPLE_FOLDER)],
+                            inputs=[box],
+                            label="Examples (click one, then press Enter)",
+                            elem_id="realb-examples",
+                            examples_per_page=len(QUESTION_FORMS),
+                        )
                 copies = gr.Slider(
                     1, MAX_COPIES, value=d.copies, step=1, label="batch of N copies", elem_id="realb-copies"
                 )

@@ -168,6 +168,27 @@ def test_demo_in_chromium(served, tmp_path):
                 "() => document.querySelector('#realb-summary').innerText.includes('(0 image)')", timeout=10_000
             )
 
+            # The page lists the question forms the bundled model knows; a clicked example fills the input (text
+            # and image) and, sent, gets its right answer.
+            if trained:
+                from demo.examples import QUESTION_FORMS, examples
+
+                forms = page.inner_text("#realb-forms")
+                assert all(form in forms for form, _ in QUESTION_FORMS.values())
+                colour = next(ex for ex in examples() if ex.kind == "colour")
+                page.locator("#realb-examples").get_by_text(colour.question).click()
+                page.locator('#realb-input [aria-label="File thumbnail"]').first.wait_for(timeout=10_000)
+                assert page.input_value("#realb-input textarea") == colour.question
+                page.press("#realb-input textarea", "Enter")
+                page.wait_for_function(
+                    """([n, answer]) => {
+                        const bots = document.querySelectorAll('#realb-chat [data-testid="bot"]');
+                        return bots.length === n && bots[n - 1].innerText.trim() === answer;
+                    }""",
+                    arg=[3, colour.answer],
+                    timeout=30_000,
+                )
+
         finally:
             browser.close()
     assert outside == [], f"the page tried to reach {outside}"

@@ -420,6 +420,34 @@ def test_run_request_streams_row_0_and_records_the_prefill(random_bundled_like):
     assert result.answer == alone
 
 
+def test_the_page_examples_and_question_forms_are_answered_right_by_the_bundled_model(tmp_path):
+    """Every clickable example, and every form the page and the docs show, gets the right answer under the demo's
+    default settings (48 copies, ReaLB on) and with one copy."""
+    from demo.examples import QUESTION_FORMS, example_messages, examples
+
+    if not (demo_app.BUNDLED_MODEL_DIR / "config.json").is_file():
+        pytest.skip("demo/model/ is not built (python -m demo.train)")
+    loaded = ModelStore(device="cpu").get("demo/model")
+    shown = example_messages(tmp_path)
+    cases = []
+    for ex, message in zip(examples(), shown, strict=True):
+        assert message["text"] == ex.question and len(message["files"]) == (ex.image is not None)
+        images = [validate_upload(f) for f in message["files"]]  # the PNG the page offers, read back
+        cases.append((message["text"], images, ex.answer))
+    assert [ex.kind for ex in examples()] == list(QUESTION_FORMS)
+    literal = {"add": "7", "sub": "5", "next": "d", "prev": "c"}  # the text forms exactly as written
+    cases += [(QUESTION_FORMS[kind][0], [], answer) for kind, answer in literal.items()]
+    for text, images, answer in cases:
+        for settings in (DemoSettings(), DemoSettings(copies=1)):
+            *_, result = demo_app.run_request(loaded, text, images, settings)
+            assert result.answer == answer, (text, settings.copies, result.answer)
+    *_, result = demo_app.run_request(loaded, "What is 3 + 4?", [], DemoSettings())
+    assert result.answer != "7"  # what the docs say about other phrasings
+    for doc in ("README.md", "docs/demo.md"):
+        text = (ROOT / doc).read_text()
+        assert all(f"`{form}`" in text for form, _ in QUESTION_FORMS.values()), doc
+
+
 def test_the_model_box_is_read_only_unless_the_operator_allows_other_models():
     pytest.importorskip("gradio", reason="gradio is not installed (pip install 'gradio>=6,<7')")
 
