@@ -806,7 +806,8 @@ def build_app(
 
             def refused(err: BaseException):
                 logger.debug("request refused: %s", err)
-                return before, before, refusal_notice(err), gr.update(), {"keep_files": not isinstance(err, UploadError)}
+                back = {"keep_files": not isinstance(err, UploadError)}
+                return before, before, refusal_notice(err), gr.update(), back
 
             try:
                 text, images, paths = parse_message(message)

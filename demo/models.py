@@ -174,6 +174,25 @@ def _pick_device(device: str) -> str:
     return device
 
 
+class _DropKnownNotice(logging.Filter):
+    """Drops one transformers notice that is expected and harmless here, re-logging it at debug level.
+
+    The bundled processor is transformers' own `PaddleOCRVLProcessor` (demo/train.py says why), whose class
+    attribute transformers itself flags as deprecated on every load; a user can do nothing about it.
+    """
+
+    NOTICE = "`PaddleOCRVLProcessor` defines `image_processor_class"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.NOTICE in record.getMessage():
+            logger.debug("transformers: %s", record.getMessage())
+            return False
+        return True
+
+
+_NOTICE_FILTER = _DropKnownNotice()
+
+
 def load_model(source: str, device: str = "auto") -> LoadedModel:
     """Load `source` (resolved or admitted) with ReaLB, and its processor; raise `ModelLoadError` with advice."""
     from realb_hf.experts import RealbExperts
@@ -186,6 +205,7 @@ def load_model(source: str, device: str = "auto") -> LoadedModel:
             "(about 15 minutes on 2 CPU cores), or start the demo with another model (--model)"
         )
     device = _pick_device(device)
+    logging.getLogger("transformers.processing_utils").addFilter(_NOTICE_FILTER)  # adding it twice is a no-op
     try:
         # Knobs come per request through reconfigure; a model saved with ReaLB keeps its saved settings meanwhile.
         model, processor = load_with_realb(source, device="auto" if device == "cuda" else device)

@@ -1,8 +1,11 @@
 """The demo's plain functions, without a browser: panels from telemetry, upload checks, N-copy batching, requests."""
 
 import io
+import socket
 import sys
 import threading
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -524,6 +527,21 @@ class PageLikeClient:
         return chat, notice
 
 
+@contextmanager
+def served_demo(**launch_options):
+    """The demo on a free port of 127.0.0.1 in this process, its bundled model loaded: (app, PageLikeClient)."""
+    pytest.importorskip("gradio", reason="gradio is not installed (pip install 'gradio>=6,<7')")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = ModelStore(device="cpu")
+    app = demo_app.launch(port=port, block=False, quiet=True, store=store, preload=True, **launch_options)
+    try:
+        yield app, PageLikeClient(f"http://127.0.0.1:{port}/")
+    finally:
+        app.close()
+
+
 @pytest.mark.slow
 def test_server_memory_levels_off_over_many_sessions_and_a_long_chat(tmp_path):
     """What a served demo keeps between requests stays flat once its bounds are reached.
@@ -533,23 +551,14 @@ def test_server_memory_levels_off_over_many_sessions_and_a_long_chat(tmp_path):
     refused message), half come from new sessions. After a warm-up that fills both bounds, another as many
     requests add nothing.
     """
-    pytest.importorskip("gradio", reason="gradio is not installed (pip install 'gradio>=6,<7')")
     import json
-    import socket
-    import uuid
 
     from demo.tasks import heldout_set
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     image_ex, text_ex = heldout_set(1, kinds=("colour",))[0], heldout_set(1, kinds=("add",))[0]
     image = tmp_path / "question.png"
     image_ex.image.save(image)
-    store = ModelStore(device="cpu")
-    app = demo_app.launch(port=port, block=False, quiet=True, store=store, preload=True, max_sessions=8)
-    try:
-        client = PageLikeClient(f"http://127.0.0.1:{port}/")
+    with served_demo(max_sessions=8) as (app, client):
         chat, history = str(uuid.uuid4()), []
 
         def held() -> tuple[int, int]:
@@ -571,5 +580,32 @@ def test_server_memory_levels_off_over_many_sessions_and_a_long_chat(tmp_path):
         sessions, held_bytes = held()
         assert len(history) == demo_app.MAX_CHAT_MESSAGES and sessions == 8
         assert held_bytes < 1.05 * warm_bytes, f"session state grew from {warm_bytes} to {held_bytes} bytes"
-    finally:
-        app.close()
+
+
+@pytest.mark.slow
+def test_refusals_print_no_traceback_and_the_known_processor_notice_is_debug_only(tmp_path, caplog, capfd):
+    """Ordinary refusals are logged at debug level only; the bundled processor's deprecation notice (transformers
+    flags its own class) is moved to debug level; other warnings still come through."""
+    import logging
+
+    fake = tmp_path / "fake.png"
+    fake.write_text("not a picture")
+    logging.Logger.warning_once.cache_clear()  # transformers prints a notice once per process; see it again
+    with caplog.at_level(logging.DEBUG, logger="realb_hf.demo"), served_demo() as (_, client):
+        refusals = [
+            client.send(str(uuid.uuid4()), "", []),
+            client.send(str(uuid.uuid4()), "3 + 4 =", [], copies=2.5),
+            client.send(str(uuid.uuid4()), "what colour is the shape ?", [client.upload(fake)]),
+            client.send(str(uuid.uuid4()), "a " * 300, []),  # longer than the bundled model's context
+        ]
+    assert all(notice.startswith("**Refused:**") and chat == [] for chat, notice in refusals), refusals
+    console = capfd.readouterr()
+    assert "Traceback" not in console.err + console.out and "PaddleOCRVLProcessor" not in console.err
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert loud == [], [r.getMessage() for r in loud]
+    quiet = [r.getMessage() for r in caplog.records if r.name == "realb_hf.demo" and r.levelno == logging.DEBUG]
+    assert sum(m.startswith("request refused") for m in quiet) == 4
+    assert any("PaddleOCRVLProcessor" in m for m in quiet)
+    other = logging.getLogger("transformers.processing_utils")
+    other.warning("a real warning")  # the filter drops only the known notice
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == ["a real warning"]
