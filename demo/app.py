@@ -74,7 +74,9 @@ PRECISION_COLOURS = {  # background, text
     "fp8": ("#ffe2b3", "#6b3d00"),
     "nvfp4": ("#f8c4c4", "#6e1010"),
     "mxfp4": ("#f3c0e3", "#5c0f47"),
+    "mixed": ("#d6dcf5", "#1f2f6e"),  # granularity "expert": some of the rank's experts low, the others bf16
 }
+PRECISION_LEGEND = {"mixed": "mixed: some of the rank's experts low, the rest bf16 (granularity expert)"}
 
 
 # ---- settings ---------------------------------------------------------------------------------------------
@@ -382,14 +384,16 @@ def precision_html(records: Sequence[Any]) -> str:
                 f'<td class="prec-{html.escape(precision)}" data-precision="{html.escape(precision)}" '
                 f'style="background:{bg};color:{fg};text-align:center;padding:3px 8px">{html.escape(precision)}</td>'
             )
-        reason = html.escape(r.reason.replace("_", " "))
+        reason = html.escape(r.reason)  # spelled as the policy's constants, like the balance table and telemetry
         rows.append(
             f"<tr><th>{html.escape(layer_label(r.layer))}</th>{''.join(cells)}<td><small>{reason}</small></td></tr>"
         )
     legend = " ".join(
-        f'<span style="background:{bg};color:{fg};padding:1px 6px;border-radius:3px">{name}</span>'
+        f'<span data-legend="{name}" title="{html.escape(PRECISION_LEGEND.get(name, name))}" '
+        f'style="background:{bg};color:{fg};padding:1px 6px;border-radius:3px">{name}</span>'
         for name, (bg, fg) in PRECISION_COLOURS.items()
     )
+    legend += f"<br><small>{html.escape(PRECISION_LEGEND['mixed'])}</small>"
     return (
         f'<table id="realb-precision-table" data-panel="precision" style="border-collapse:collapse">'
         f"<tr><th></th>{head}<th>decision</th></tr>{''.join(rows)}</table><div>{legend}</div>"
@@ -397,14 +401,18 @@ def precision_html(records: Sequence[Any]) -> str:
 
 
 def balance_rows(records: Sequence[Any]) -> list[list[Any]]:
-    """One row per layer: tokens, balancedness (tokens, predicted cost before -> after), lowered %, speedup."""
+    """One row per layer: tokens, balancedness before -> after, lowered %, speedup, decision.
+
+    There is no separate column for the balance of the token load: before the decision every rank runs bf16, and the
+    policy's cost model counts a bf16 token-expert pair as one unit of time, so `balancedness_cost_before` equals
+    `balancedness_tokens` by construction (BALANCE_NOTE says so in the page).
+    """
     rows = []
     for r in records:
         rows.append(
             [
                 layer_label(r.layer),
                 r.num_tokens,
-                round(r.balancedness_tokens, 3),
                 round(r.balancedness_cost_before, 3),
                 round(r.balancedness_cost_after, 3),
                 round(100 * r.lowered_fraction, 1),
@@ -415,10 +423,13 @@ def balance_rows(records: Sequence[Any]) -> list[list[Any]]:
     return rows
 
 
+BALANCE_NOTE = (
+    "balancedness = mean/max over ranks of the predicted rank time (1 = balanced). Before = every rank in bf16, where "
+    "a rank's time is its number of token-expert pairs: the balance of the token load. After = with the decision."
+)
 BALANCE_HEADERS = [
     "layer",
     "tokens",
-    "balancedness (tokens)",
     "balancedness before",
     "balancedness after",
     "lowered %",
@@ -440,7 +451,6 @@ def balance_html(records: Sequence[Any]) -> str:
     mean = [
         "mean",
         round(sum(r.num_tokens for r in records) / n),
-        round(sum(r.balancedness_tokens for r in records) / n, 3),
         round(sum(r.balancedness_cost_before for r in records) / n, 3),
         round(sum(r.balancedness_cost_after for r in records) / n, 3),
         round(100 * sum(r.lowered_fraction for r in records) / n, 1),
@@ -448,7 +458,10 @@ def balance_html(records: Sequence[Any]) -> str:
         "",
     ]
     body.append("<tr style='font-weight:bold'>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in mean) + "</tr>")
-    return f'<table id="realb-balance-table" data-panel="balance"><tr>{head}</tr>{"".join(body)}</table>'
+    return (
+        f'<table id="realb-balance-table" data-panel="balance"><tr>{head}</tr>{"".join(body)}</table>'
+        f'<small id="realb-balance-note">{html.escape(BALANCE_NOTE)}</small>'
+    )
 
 
 @dataclass
@@ -650,6 +663,11 @@ def run_request(
 # ---- the Gradio app ---------------------------------------------------------------------------------------
 
 
+def model_status_text(store: ModelStore) -> str:
+    """The model status line: what is loaded now (the store is shared by every tab), or that it loads lazily."""
+    return store.current.describe() if store.current else "Model loads on first use."
+
+
 def refusal_notice(err: BaseException) -> str:
     """The notice line under the input for a refused or failed request (markdown, with the reason escaped)."""
     if isinstance(err, ModelLoadError):
@@ -748,8 +766,7 @@ def build_app(
                         "realb-hf demo --allow-model FOLDER_OR_HUB_ID)",
                     )
                     load_btn = gr.Button("Load model", elem_id="realb-load", visible=others)
-                    status = store.current.describe() if store.current else "Model loads on first use."
-                    model_status = gr.Markdown(status, elem_id="realb-model-status")
+                    model_status = gr.Markdown(model_status_text(store), elem_id="realb-model-status")
                 policy = gr.Dropdown(list(DEMO_POLICIES), value=d.policy, label="policy", elem_id="realb-policy")
                 low = gr.Dropdown(list(LOW_PRECISION_CHOICES), value=d.low_precision, label="low precision")
                 md = gr.Slider(0.0, 1.0, value=d.modality_threshold, step=0.05, label="M_d (modality threshold)")
@@ -785,6 +802,16 @@ def build_app(
             return loaded.describe(), gr.update(choices=choices, value=current)
 
         load_btn.click(load, [model_box, ep], [model_status, ep])
+
+        def page_loaded(current_ep):
+            """A new tab says what is loaded now, not what was loaded when the page was built."""
+            if store.current is None or ep_size_choices(store.current.num_experts) == ep_choices:
+                return model_status_text(store), current_ep
+            choices = ep_size_choices(store.current.num_experts)
+            value = current_ep if current_ep in choices else max(c for c in choices if c <= 8)
+            return model_status_text(store), gr.update(choices=choices, value=value)
+
+        app.load(page_loaded, [ep], [model_status, ep], show_progress="hidden")
 
         controls = [model_box, policy, low, md, bt, it, gran, ep, copies, max_new]
 
@@ -849,8 +876,7 @@ def build_app(
 
         def show_panels(panels, current_ep):
             if panels is None:  # no answer yet in this session
-                status = store.current.describe() if store.current else "Model loads on first use."
-                return (*render_panels(None), status, current_ep)
+                return (*render_panels(None), model_status_text(store), current_ep)
             *texts, choices, ep_size = panels
             return (*texts, ep_size if choices is None else gr.update(choices=choices, value=ep_size))
 

@@ -95,7 +95,12 @@ def served(tmp_path_factory):
     app = demo_app.launch(port=port, model=model, block=False, quiet=True, store=store)
     try:
         yield SimpleNamespace(
-            url=f"http://127.0.0.1:{port}/", app=app, image_case=image_case, text_case=text_case, trained=trained
+            url=f"http://127.0.0.1:{port}/",
+            app=app,
+            model=model,
+            image_case=image_case,
+            text_case=text_case,
+            trained=trained,
         )
     finally:
         app.close()
@@ -296,6 +301,37 @@ def test_refused_inputs_are_shown_inline_and_the_page_stays_usable(served, tmp_p
             assert [t.strip() for t in texts] == [text_example.question] * 3  # refused turns never entered the chat
         finally:
             browser.close()
+    assert outside == [], f"the page tried to reach {outside}"
+
+
+def test_a_new_tab_shows_the_model_loaded_since_the_server_started(served):
+    """The status line of a tab opened after the first request names the loaded model ("loads on first use" was
+    true only before it)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from demo import app as demo_app
+
+    text_example, text_expected = served.text_case
+    port = free_port()
+    lazy = demo_app.launch(port=port, model=served.model, block=False, quiet=True, store=demo_app.ModelStore("cpu"))
+    outside: list[str] = []
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+            try:
+                first = open_page(browser, f"http://127.0.0.1:{port}/", outside)
+                expect(first.locator("#realb-model-status")).to_have_text("Model loads on first use.")
+                first.fill("#realb-input textarea", text_example.question)
+                first.press("#realb-input textarea", "Enter")
+                expect(first.locator('#realb-chat [data-testid="bot"]')).to_have_text(text_expected, timeout=30_000)
+                expect(first.locator("#realb-model-status")).to_contain_text("Loaded", timeout=10_000)
+                second = open_page(browser, f"http://127.0.0.1:{port}/", outside)
+                expect(second.locator("#realb-model-status")).to_contain_text("Loaded", timeout=10_000)
+                assert "first use" not in second.inner_text("#realb-model-status")
+            finally:
+                browser.close()
+    finally:
+        lazy.close()
     assert outside == [], f"the page tried to reach {outside}"
 
 

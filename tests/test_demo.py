@@ -90,11 +90,35 @@ def test_precision_map_and_balance_table_match_the_records(tiny_records):
     rows = balance_rows(pre)
     assert [row[0] for row in rows] == ["L0", "L1"]
     for row, r in zip(rows, pre):
-        assert row[1] == r.num_tokens and row[5] == round(100 * r.lowered_fraction, 1)
-        assert row[3] == round(r.balancedness_cost_before, 3) and row[4] == round(r.balancedness_cost_after, 3)
-        assert row[6] == round(r.predicted_speedup, 3)
+        assert row[1] == r.num_tokens and row[4] == round(100 * r.lowered_fraction, 1)
+        assert row[2] == round(r.balancedness_cost_before, 3) and row[3] == round(r.balancedness_cost_after, 3)
+        assert row[5] == round(r.predicted_speedup, 3) and row[6] == r.reason
     table = balance_html(pre)
     assert 'id="realb-balance-table"' in table and ">mean<" in table
+
+
+def test_panels_show_mixed_ranks_one_reason_spelling_and_one_balancedness_before(tiny_records):
+    """A "mixed" rank (granularity expert) has a legend entry; reasons are spelled as the policy's constants in
+    every panel; the token balance is not shown next to the identical balancedness before."""
+    from dataclasses import replace
+
+    from realb_hf.policy import REASON_LOWERED, REASON_SMALL_BATCH
+
+    pre = prefill_records(tiny_records)
+    mixed = [replace(pre[0], precision_per_rank=["mixed", "bf16", "fp8", "bf16"], reason=REASON_LOWERED)]
+    small = [replace(r, reason=REASON_SMALL_BATCH) for r in pre]
+    prec = precision_html(mixed)
+    assert 'data-precision="mixed"' in prec and 'data-legend="mixed"' in prec
+    assert "some of the rank&#x27;s experts low" in prec
+    bg, _ = demo_app.PRECISION_COLOURS["mixed"]
+    assert f"background:{bg}" in prec.split('data-precision="mixed"')[1].split("</td>")[0]
+    for panel in (precision_html(small), balance_html(small)):
+        assert REASON_SMALL_BATCH in panel and REASON_SMALL_BATCH.replace("_", " ") not in panel
+    table = balance_html(pre)
+    assert "balancedness (tokens)" not in table and table.count("balancedness before") == 1
+    assert "the balance of the token load" in table  # the note says why one column shows both
+    # The note's claim, by construction: before any lowering, a rank's predicted time is its token-expert pairs.
+    assert all(r.balancedness_tokens == r.balancedness_cost_before for r in tiny_records)
 
 
 def test_summary_and_panels_of_a_request(tiny_records):
