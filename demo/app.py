@@ -3,8 +3,9 @@
     realb-hf demo                      # or: python -m demo.app   (serves http://127.0.0.1:7860)
     realb-hf demo --model Qwen/Qwen3-VL-30B-A3B-Instruct --device cuda
 
-The default model is the tiny Qwen3-VL-MoE trained on `demo/tasks.py` that ships in `demo/model/`; any local
-folder or Hub id of a supported fused-MoE model can be loaded from the model box. Each request can be replicated
+The default model is the tiny Qwen3-VL-MoE trained on `demo/tasks.py` that ships in `demo/model/`. The page
+serves that model (or `--model`) only, unless the operator allows other folders or Hub ids with `--allow-model`
+(demo/models.py decides what a client may load). Each request can be replicated
 N times in one forward ("batch of N copies") so that a CPU run crosses ReaLB's batch threshold; the answer shown is
 row 0's. After every answer the panels show, for the prefill forward, the token load of each (virtual) EP rank per
 MoE layer, the precision each rank ran at, balancedness before/after and the predicted layer speedup.
@@ -23,27 +24,46 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from demo.examples import QUESTION_FORMS, example_messages, forms_markdown
+from demo.models import (
+    BUNDLED_MODEL,
+    BUNDLED_MODEL_DIR,
+    LoadedModel,
+    ModelAllowlist,
+    ModelLoadError,
+    ModelStore,
+    display_name,
+    ep_size_choices,
+    load_model,
+    resolve_model,
+)
 
 # Gradio phones home (analytics, version check) unless told not to; this demo must run offline.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 logger = logging.getLogger("realb_hf.demo")
 
-DEMO_DIR = Path(__file__).resolve().parent
-BUNDLED_MODEL_DIR = DEMO_DIR / "model"
-BUNDLED_MODEL = "demo/model"  # what the model box shows; resolves to BUNDLED_MODEL_DIR
-
 MAX_UPLOAD_BYTES = 10 * 2**20  # 10 MB, enforced by the server (gradio's max_file_size) and again here
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused before decoding (decompression bombs)
 MAX_IMAGES = 4  # per message
 MAX_COPIES = 128
 MAX_NEW_TOKENS = 256
+MAX_QUESTION_CHARS = 4000  # refused before tokenizing, so a huge paste cannot hold the queue
+MAX_PROMPT_TOKENS = 1024  # per copy, after the chat template and image tokens (server option --max-prompt-tokens)
+# What the server keeps between requests. Gradio holds, per browser session, the last value of every output (the
+# chat history and the panels' HTML with the heatmap PNG) for `state_session_capacity` sessions, 10000 by default;
+# every page load and API client is a session. Both bounds below keep that memory flat.
+MAX_CHAT_MESSAGES = 40  # the chat shows the last 40 messages; every question is answered on its own anyway
+MAX_SESSIONS = 64  # sessions whose state gradio keeps; an evicted one keeps working, its state is rebuilt
+EXAMPLE_FOLDER = Path(tempfile.gettempdir()) / "realb-demo-examples"  # the examples' images, written at start-up
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 # Only the policies that need no extra input; "static" needs a per-rank map (use the Python API for it).
@@ -54,10 +74,20 @@ PRECISION_COLOURS = {  # background, text
     "fp8": ("#ffe2b3", "#6b3d00"),
     "nvfp4": ("#f8c4c4", "#6e1010"),
     "mxfp4": ("#f3c0e3", "#5c0f47"),
+    "mixed": ("#d6dcf5", "#1f2f6e"),  # granularity "expert": some of the rank's experts low, the others bf16
 }
+PRECISION_LEGEND = {"mixed": "mixed: some of the rank's experts low, the rest bf16 (granularity expert)"}
 
 
 # ---- settings ---------------------------------------------------------------------------------------------
+
+# Settings that must be whole numbers, by the label of their control in the page (refusals name the control).
+WHOLE_NUMBER_CONTROLS = {
+    "batch_threshold": "batch threshold",
+    "ep_size": "virtual EP size",
+    "copies": "batch of N copies",
+    "max_new_tokens": "max new tokens",
+}
 
 
 @dataclass
@@ -93,7 +123,7 @@ class DemoSettings:
 
     def validate(self, num_experts: int | None = None) -> DemoSettings:
         """Coerce slider floats to ints and raise `ValueError` with a readable message for bad values."""
-        for name in ("batch_threshold", "ep_size", "copies", "max_new_tokens"):
+        for name, label in WHOLE_NUMBER_CONTROLS.items():
             value = getattr(self, name)
             try:
                 whole = int(float(value))
@@ -101,7 +131,7 @@ class DemoSettings:
             except (TypeError, ValueError, OverflowError):
                 ok = False
             if not ok:
-                raise ValueError(f"{name.replace('_', ' ')} must be a whole number, got {value!r}")
+                raise ValueError(f"{label} must be a whole number, got {value!r}")
             setattr(self, name, whole)
         if self.policy not in DEMO_POLICIES:
             raise ValueError(f"policy {self.policy!r} is not offered here; choose one of {list(DEMO_POLICIES)}")
@@ -122,15 +152,14 @@ class DemoSettings:
         return self
 
 
-def ep_size_choices(num_experts: int) -> list[int]:
-    """Virtual EP sizes the model allows (divisors of its per-layer expert count)."""
-    return [d for d in range(1, num_experts + 1) if num_experts % d == 0]
-
-
 # ---- uploads and messages ---------------------------------------------------------------------------------
 
 
-class UploadError(ValueError):
+class InputRefused(ValueError):
+    """A message the demo refuses (too long, empty, ...); the text is shown to the user as is."""
+
+
+class UploadError(InputRefused):
     """An attachment the demo refuses; the message is shown to the user as is."""
 
 
@@ -179,17 +208,19 @@ def validate_upload(item: Any, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: in
 
 
 def parse_message(message: Any) -> tuple[str, list, list[str]]:
-    """(question text, PIL images, their paths) from a MultimodalTextbox value; raises `UploadError` when refused."""
+    """(question text, PIL images, their paths) from a MultimodalTextbox value; raises `InputRefused` when refused."""
     if isinstance(message, str):
         message = {"text": message, "files": []}
     message = message or {}
     text = (message.get("text") or "").strip()
+    if len(text) > MAX_QUESTION_CHARS:
+        raise InputRefused(f"the question is {len(text)} characters long; this demo takes at most {MAX_QUESTION_CHARS}")
     files = list(message.get("files") or [])
     if len(files) > MAX_IMAGES:
         raise UploadError(f"attach at most {MAX_IMAGES} images to one message (got {len(files)})")
     images = [validate_upload(f) for f in files]
     if not text and not images:
-        raise UploadError("type a question (and optionally attach an image)")
+        raise InputRefused("type a question (and optionally attach an image)")
     return text, images, [str(_file_path(f)) for f in files]
 
 
@@ -353,14 +384,16 @@ def precision_html(records: Sequence[Any]) -> str:
                 f'<td class="prec-{html.escape(precision)}" data-precision="{html.escape(precision)}" '
                 f'style="background:{bg};color:{fg};text-align:center;padding:3px 8px">{html.escape(precision)}</td>'
             )
-        reason = html.escape(r.reason.replace("_", " "))
+        reason = html.escape(r.reason)  # spelled as the policy's constants, like the balance table and telemetry
         rows.append(
             f"<tr><th>{html.escape(layer_label(r.layer))}</th>{''.join(cells)}<td><small>{reason}</small></td></tr>"
         )
     legend = " ".join(
-        f'<span style="background:{bg};color:{fg};padding:1px 6px;border-radius:3px">{name}</span>'
+        f'<span data-legend="{name}" title="{html.escape(PRECISION_LEGEND.get(name, name))}" '
+        f'style="background:{bg};color:{fg};padding:1px 6px;border-radius:3px">{name}</span>'
         for name, (bg, fg) in PRECISION_COLOURS.items()
     )
+    legend += f"<br><small>{html.escape(PRECISION_LEGEND['mixed'])}</small>"
     return (
         f'<table id="realb-precision-table" data-panel="precision" style="border-collapse:collapse">'
         f"<tr><th></th>{head}<th>decision</th></tr>{''.join(rows)}</table><div>{legend}</div>"
@@ -368,14 +401,18 @@ def precision_html(records: Sequence[Any]) -> str:
 
 
 def balance_rows(records: Sequence[Any]) -> list[list[Any]]:
-    """One row per layer: tokens, balancedness (tokens, predicted cost before -> after), lowered %, speedup."""
+    """One row per layer: tokens, balancedness before -> after, lowered %, speedup, decision.
+
+    There is no separate column for the balance of the token load: before the decision every rank runs bf16, and the
+    policy's cost model counts a bf16 token-expert pair as one unit of time, so `balancedness_cost_before` equals
+    `balancedness_tokens` by construction (BALANCE_NOTE says so in the page).
+    """
     rows = []
     for r in records:
         rows.append(
             [
                 layer_label(r.layer),
                 r.num_tokens,
-                round(r.balancedness_tokens, 3),
                 round(r.balancedness_cost_before, 3),
                 round(r.balancedness_cost_after, 3),
                 round(100 * r.lowered_fraction, 1),
@@ -386,10 +423,13 @@ def balance_rows(records: Sequence[Any]) -> list[list[Any]]:
     return rows
 
 
+BALANCE_NOTE = (
+    "balancedness = mean/max over ranks of the predicted rank time (1 = balanced). Before = every rank in bf16, where "
+    "a rank's time is its number of token-expert pairs: the balance of the token load. After = with the decision."
+)
 BALANCE_HEADERS = [
     "layer",
     "tokens",
-    "balancedness (tokens)",
     "balancedness before",
     "balancedness after",
     "lowered %",
@@ -411,7 +451,6 @@ def balance_html(records: Sequence[Any]) -> str:
     mean = [
         "mean",
         round(sum(r.num_tokens for r in records) / n),
-        round(sum(r.balancedness_tokens for r in records) / n, 3),
         round(sum(r.balancedness_cost_before for r in records) / n, 3),
         round(sum(r.balancedness_cost_after for r in records) / n, 3),
         round(100 * sum(r.lowered_fraction for r in records) / n, 1),
@@ -419,7 +458,10 @@ def balance_html(records: Sequence[Any]) -> str:
         "",
     ]
     body.append("<tr style='font-weight:bold'>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in mean) + "</tr>")
-    return f'<table id="realb-balance-table" data-panel="balance"><tr>{head}</tr>{"".join(body)}</table>'
+    return (
+        f'<table id="realb-balance-table" data-panel="balance"><tr>{head}</tr>{"".join(body)}</table>'
+        f'<small id="realb-balance-note">{html.escape(BALANCE_NOTE)}</small>'
+    )
 
 
 @dataclass
@@ -484,121 +526,6 @@ def render_panels(result: RequestResult | None, use_matplotlib: bool = True) -> 
     )
 
 
-# ---- models -----------------------------------------------------------------------------------------------
-
-
-class ModelLoadError(RuntimeError):
-    """A model the demo could not load; the message says why and what to do."""
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def resolve_model(spec: str | None) -> str:
-    """The bundled model's folder for ''/'demo/model'/'bundled', a local folder as an absolute path, or a Hub id."""
-    spec = (spec or "").strip()
-    if spec in ("", "bundled", BUNDLED_MODEL, "demo/model/", "./demo/model"):
-        return str(BUNDLED_MODEL_DIR)
-    local = Path(spec).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise ModelLoadError(f"{spec!r} is a folder without config.json: not a transformers model folder")
-        return str(local.resolve())
-    if spec.startswith((".", "/", "~")):
-        raise ModelLoadError(f"there is no model folder at {spec}")
-    if not _HUB_ID.match(spec) or spec.count("/") > 1:
-        raise ModelLoadError(f"{spec!r} is neither a local model folder nor a Hub repo id (like 'org/name')")
-    return spec
-
-
-@dataclass
-class LoadedModel:
-    source: str
-    model: Any
-    processor: Any
-    num_experts: int
-    moe_layers: int
-    is_vlm: bool
-    device: str
-
-    def describe(self) -> str:
-        name = BUNDLED_MODEL if self.source == str(BUNDLED_MODEL_DIR) else self.source
-        kind = getattr(self.model.config, "model_type", "?")
-        return (
-            f"Loaded **{name}** ({kind}): {self.moe_layers} MoE expert modules with {self.num_experts} experts each, "
-            f"on `{self.device}`; virtual EP sizes: {ep_size_choices(self.num_experts)}."
-        )
-
-
-def _pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError("--device cuda was asked for but torch sees no CUDA GPU")
-    return device
-
-
-def load_model(source: str, device: str = "auto") -> LoadedModel:
-    """Load `source` (from `resolve_model`) with ReaLB, and its processor; raise `ModelLoadError` with advice."""
-    from realb_hf.experts import RealbExperts
-    from realb_hf.hub import load_with_realb
-
-    if source == str(BUNDLED_MODEL_DIR) and not (BUNDLED_MODEL_DIR / "config.json").is_file():
-        raise ModelLoadError(
-            "the bundled model is not in demo/model yet: build it with `python -m demo.train` "
-            "(about 15 minutes on 2 CPU cores), or enter another model's local folder or Hub id"
-        )
-    device = _pick_device(device)
-    try:
-        # Knobs come per request through reconfigure; a model saved with ReaLB keeps its saved settings meanwhile.
-        model, processor = load_with_realb(source, device="auto" if device == "cuda" else device)
-    except Exception as err:  # OSError for missing/offline repos, ValueError for unknown or unsupported models
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"could not load {source!r} with ReaLB: {first}") from err
-    if processor is None:
-        raise ModelLoadError(f"{source!r} has no processor or tokenizer files")
-    is_vlm = hasattr(model.config, "vision_config")
-    experts = [m for m in model.modules() if isinstance(m, RealbExperts)]
-    if not experts:
-        raise ModelLoadError(f"{source!r} has no fused-MoE experts that ReaLB can drive")
-    return LoadedModel(
-        source=source,
-        model=model,
-        processor=processor,
-        num_experts=int(experts[0].num_experts),
-        moe_layers=len(experts),
-        is_vlm=is_vlm,
-        device=str(getattr(model, "device", device)),
-    )
-
-
-class ModelStore:
-    """Lazily loads one model at a time and keeps it: asking again for the same model is free."""
-
-    def __init__(self, device: str = "auto", loader: Callable[[str, str], LoadedModel] = load_model):
-        self.device = device
-        self._loader = loader
-        self._current: LoadedModel | None = None
-        self._lock = threading.Lock()
-        self.run_lock = threading.Lock()  # one generation at a time: the runtime's knobs are per model
-
-    @property
-    def current(self) -> LoadedModel | None:
-        return self._current
-
-    def get(self, spec: str | None) -> LoadedModel:
-        source = resolve_model(spec)
-        with self._lock:
-            if self._current is not None and self._current.source == source:
-                return self._current
-            previous, self._current = self._current, None
-            del previous  # free the old model before loading the next one
-            self._current = self._loader(source, self.device)
-            return self._current
-
-
 # ---- one request ------------------------------------------------------------------------------------------
 
 
@@ -613,8 +540,28 @@ def _row0_streamer(tokenizer, timeout: float):
     return Row0Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
 
 
-def prepare_inputs(loaded: LoadedModel, text: str, images: Sequence[Any], copies: int) -> dict[str, Any]:
-    """Tokenize one request with the model's chat template and replicate it `copies` times."""
+def prompt_token_limit(loaded: LoadedModel, max_prompt_tokens: int, max_new_tokens: int) -> tuple[int, str]:
+    """(tokens one copy's prompt may have, why): the server's cap, or less when the model's context is shorter."""
+    text_config = loaded.model.config.get_text_config()
+    context = getattr(text_config, "max_position_embeddings", None)
+    if context is not None and context - max_new_tokens < max_prompt_tokens:
+        why = f"the model's context of {context} positions minus {max_new_tokens} new"
+        return max(context - max_new_tokens, 0), why
+    return max_prompt_tokens, "the server's --max-prompt-tokens"
+
+
+def prepare_inputs(
+    loaded: LoadedModel,
+    text: str,
+    images: Sequence[Any],
+    copies: int,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+    max_new_tokens: int = 0,
+) -> dict[str, Any]:
+    """Tokenize one request with the model's chat template and replicate it `copies` times.
+
+    Raises `InputRefused` when one copy's prompt is longer than `prompt_token_limit` allows.
+    """
     if images and not loaded.is_vlm:
         raise UploadError("this model reads text only: remove the image")
     processor = loaded.processor
@@ -626,6 +573,13 @@ def prepare_inputs(loaded: LoadedModel, text: str, images: Sequence[Any], copies
     else:  # no chat template: plain text (and images) straight through the processor
         kwargs = {"images": list(images)} if images else {}
         inputs = processor(text=text, return_tensors="pt", **kwargs)
+    tokens = int(inputs["input_ids"].shape[1])
+    limit, why = prompt_token_limit(loaded, max_prompt_tokens, max_new_tokens)
+    if tokens > limit:
+        raise InputRefused(
+            f"the prompt is {tokens} tokens (chat template and image tokens included); "
+            f"this demo takes at most {limit} per copy ({why}): shorten the question or attach fewer images"
+        )
     return replicate_batch(dict(inputs), copies)
 
 
@@ -636,6 +590,7 @@ def run_request(
     settings: DemoSettings,
     lock: threading.Lock | None = None,
     timeout: float = 600.0,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
 ) -> Iterator[str | RequestResult]:
     """Generate row 0's answer: yields the growing answer text, then one `RequestResult` at the end."""
     import torch
@@ -643,7 +598,7 @@ def run_request(
     import realb_hf
 
     settings.validate(loaded.num_experts)
-    inputs = prepare_inputs(loaded, text, images, settings.copies)
+    inputs = prepare_inputs(loaded, text, images, settings.copies, max_prompt_tokens, settings.max_new_tokens)
     model = loaded.model
     device = model.device
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
@@ -701,11 +656,25 @@ def run_request(
         new_tokens=new_tokens,
         seconds=seconds,
         settings=settings,
-        model=BUNDLED_MODEL if loaded.source == str(BUNDLED_MODEL_DIR) else loaded.source,
+        model=display_name(loaded.source),
     )
 
 
 # ---- the Gradio app ---------------------------------------------------------------------------------------
+
+
+def model_status_text(store: ModelStore) -> str:
+    """The model status line: what is loaded now (the store is shared by every tab), or that it loads lazily."""
+    return store.current.describe() if store.current else "Model loads on first use."
+
+
+def refusal_notice(err: BaseException) -> str:
+    """The notice line under the input for a refused or failed request (markdown, with the reason escaped)."""
+    if isinstance(err, ModelLoadError):
+        return f"**Not loaded:** {html.escape(err.public)}"
+    if isinstance(err, ValueError):
+        return f"**Refused:** {html.escape(str(err))}"
+    return f"**Failed:** {type(err).__name__} (the server's log has the details)"
 
 
 def _import_gradio():
@@ -740,8 +709,12 @@ def build_app(
     store: ModelStore | None = None,
     default_model: str = BUNDLED_MODEL,
     defaults: DemoSettings | None = None,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
 ):
-    """The gr.Blocks app. Every panel has a stable elem_id (see docs/demo.md) for tests and styling."""
+    """The gr.Blocks app. Every panel has a stable elem_id (see docs/demo.md) for tests and styling.
+
+    The model box offers what `store.allowlist` admits; with the default allowlist it shows the bundled model only.
+    """
     gr = _import_gradio()
     store = store or ModelStore()
     d = defaults or DemoSettings()
@@ -760,21 +733,40 @@ def build_app(
                     show_label=False,
                     sources=["upload"],
                 )
+                notice = gr.Markdown("", elem_id="realb-notice")
+                if display_name(resolve_model(default_model)) == BUNDLED_MODEL:
+                    with gr.Accordion("Questions the bundled model knows", open=True):
+                        gr.Markdown(
+                            "It was trained on these forms only; other phrasings get wrong answers.\n"
+                            + forms_markdown(),
+                            elem_id="realb-forms",
+                        )
+                        gr.Examples(
+                            [[m] for m in example_messages(EXAMPLE_FOLDER)],
+                            inputs=[box],
+                            label="Examples (click one, then press Enter)",
+                            elem_id="realb-examples",
+                            examples_per_page=len(QUESTION_FORMS),
+                        )
                 copies = gr.Slider(
                     1, MAX_COPIES, value=d.copies, step=1, label="batch of N copies", elem_id="realb-copies"
                 )
                 max_new = gr.Slider(1, 64, value=d.max_new_tokens, step=1, label="max new tokens")
             with gr.Column(scale=2):
                 with gr.Group():
+                    others = not store.allowlist.only_bundled
                     model_box = gr.Textbox(
                         value=default_model,
-                        label="model (local folder or Hub id)",
+                        label="model" + (" (local folder or Hub id)" if others else ""),
                         elem_id="realb-model",
-                        info="default: the bundled tiny Qwen3-VL-MoE; a Hub id is downloaded when loaded",
+                        interactive=others,
+                        info=f"this server offers: {store.allowlist.describe()}"
+                        if others
+                        else "this server offers the bundled model only (its operator can allow others: "
+                        "realb-hf demo --allow-model FOLDER_OR_HUB_ID)",
                     )
-                    load_btn = gr.Button("Load model", elem_id="realb-load")
-                    status = store.current.describe() if store.current else "Model loads on first use."
-                    model_status = gr.Markdown(status, elem_id="realb-model-status")
+                    load_btn = gr.Button("Load model", elem_id="realb-load", visible=others)
+                    model_status = gr.Markdown(model_status_text(store), elem_id="realb-model-status")
                 policy = gr.Dropdown(list(DEMO_POLICIES), value=d.policy, label="policy", elem_id="realb-policy")
                 low = gr.Dropdown(list(LOW_PRECISION_CHOICES), value=d.low_precision, label="low precision")
                 md = gr.Slider(0.0, 1.0, value=d.modality_threshold, step=0.05, label="M_d (modality threshold)")
@@ -796,11 +788,14 @@ def build_app(
         balance = gr.HTML(balance_html([]), elem_id="realb-balance")
 
         def load(spec, current):
+            previous = store.current
             try:
                 loaded = store.get(spec)
-            except ModelLoadError as err:
-                gr.Warning(str(err))
-                return f"**Not loaded:** {html.escape(str(err))}", gr.update()
+            except ModelLoadError as err:  # the message a client may see; the current model stays loaded
+                kept = f" Still loaded: **{html.escape(display_name(store.current.source))}**." if store.current else ""
+                return f"**Not loaded:** {html.escape(err.public)}.{kept}", current
+            if loaded is previous:  # same model, same EP choices: a plain value (see the note on gr.update below)
+                return loaded.describe(), current
             choices = ep_size_choices(loaded.num_experts)
             if current not in choices:
                 current = max(c for c in choices if c <= 8)
@@ -808,50 +803,104 @@ def build_app(
 
         load_btn.click(load, [model_box, ep], [model_status, ep])
 
+        def page_loaded(current_ep):
+            """A new tab says what is loaded now, not what was loaded when the page was built."""
+            if store.current is None or ep_size_choices(store.current.num_experts) == ep_choices:
+                return model_status_text(store), current_ep
+            choices = ep_size_choices(store.current.num_experts)
+            value = current_ep if current_ep in choices else max(c for c in choices if c <= 8)
+            return model_status_text(store), gr.update(choices=choices, value=value)
+
+        app.load(page_loaded, [ep], [model_status, ep], show_progress="hidden")
+
         controls = [model_box, policy, low, md, bt, it, gran, ep, copies, max_new]
 
-        def respond(message, history, spec, pol, lowp, mdv, btv, itv, granv, epv, n, new_tokens):
-            history = list(history or [])
+        # Components get plain values, not `gr.update()`: gradio (6.x) keeps one more copy of a component's config
+        # per request in the session when the component gets updates and also values or input. So the input box is
+        # emptied and refilled in the browser (js), the chat history lives in a State, and only a change of model
+        # updates the EP choices.
+        held = gr.MultimodalTextbox(visible=False, file_types=["image"], file_count="multiple")  # message sent
+        history = gr.State([])  # the chat, server side: a message queued behind another sees that one's answer
+        # null: answered; {"keep_files": ...}: the refused message goes back, without its files when they were why
+        refused_files = gr.JSON(None, visible=False)
+        shown = gr.State(None)  # what the panels show: summary, 3 panels, model status, EP choices, EP size
+
+        def respond(message, chat, spec, pol, lowp, mdv, btv, itv, granv, epv, n, new_tokens):
+            """Answer one message. A refused one leaves the chat as it was, says why in the notice line under the
+            input and goes back into the input (without a refused attachment)."""
+            chat = list(chat or [])[-MAX_CHAT_MESSAGES:]
+            before = list(chat)
+
+            def refused(err: BaseException):
+                logger.debug("request refused: %s", err)
+                back = {"keep_files": not isinstance(err, UploadError)}
+                return before, before, refusal_notice(err), gr.update(), back
+
             try:
                 text, images, paths = parse_message(message)
                 settings = DemoSettings(pol, lowp, mdv, btv, itv, granv, epv, n, new_tokens).validate()
-            except (UploadError, ValueError) as err:
-                raise gr.Error(str(err)) from None
+            except ValueError as err:  # InputRefused, or a control's value
+                yield refused(err)
+                return
             for path in paths:
-                history.append({"role": "user", "content": {"path": path}})
+                chat.append({"role": "user", "content": {"path": path}})
             if text:
-                history.append({"role": "user", "content": text})
-            history.append({"role": "assistant", "content": "..."})
-            keep = (gr.update(),) * 5  # summary, 3 panels, model status
-            yield (history, gr.update(value=None, interactive=False), *keep, gr.update())
+                chat.append({"role": "user", "content": text})
+            chat.append({"role": "assistant", "content": "..."})
+            del chat[:-MAX_CHAT_MESSAGES]
+            yield chat, gr.update(), "", gr.update(), None
             try:
+                previous = store.current
                 loaded = store.get(spec)
-                status = loaded.describe()
                 result = None
-                for item in run_request(loaded, text, images, settings, lock=store.run_lock):
+                requests = run_request(
+                    loaded, text, images, settings, lock=store.run_lock, max_prompt_tokens=max_prompt_tokens
+                )
+                for item in requests:
                     if isinstance(item, RequestResult):
                         result = item
                     else:
-                        history[-1] = {"role": "assistant", "content": item}
-                        yield (history, gr.update(), *keep, gr.update())
-            except Exception as err:  # shown in the page; the input box must come back either way
-                if not isinstance(err, (ModelLoadError, UploadError, ValueError)):
-                    logger.exception("request failed")
-                    err = f"{type(err).__name__}: {err}"
-                gr.Warning(str(err))  # a toast, as for refused uploads, and the reason in the chat
-                history[-1] = {"role": "assistant", "content": f"(error) {err}"}
-                yield (history, gr.update(value=None, interactive=True), *keep, gr.update())
+                        chat[-1] = {"role": "assistant", "content": item}
+                        yield chat, gr.update(), "", gr.update(), None
+            except (ValueError, ModelLoadError) as err:  # refused before generating
+                yield refused(err)
                 return
-            history[-1] = {"role": "assistant", "content": result.answer or "(empty answer)"}
-            panels = render_panels(result)
-            ep_update = gr.update(choices=ep_size_choices(loaded.num_experts), value=settings.ep_size)
-            yield (history, gr.update(value=None, interactive=True), *panels, status, ep_update)
+            except Exception as err:  # a real failure: logged with its traceback, reported in the chat
+                logger.exception("request failed")
+                chat[-1] = {"role": "assistant", "content": f"(failed: {type(err).__name__})"}
+                yield chat, chat, refusal_notice(err), gr.update(), None
+                return
+            chat[-1] = {"role": "assistant", "content": result.answer or "(empty answer)"}
+            choices = ep_size_choices(loaded.num_experts) if previous is not loaded else None  # a new model
+            yield chat, chat, "", (*render_panels(result), loaded.describe(), choices, settings.ep_size), None
 
-        box.submit(
+        def show_panels(panels, current_ep):
+            if panels is None:  # no answer yet in this session
+                return (*render_panels(None), model_status_text(store), current_ep)
+            *texts, choices, ep_size = panels
+            return (*texts, ep_size if choices is None else gr.update(choices=choices, value=ep_size))
+
+        # "multiple": a message sent while the previous one's steps still run is queued, never dropped.
+        box.submit(None, [box], [held, box], js="(m) => [m, {text: '', files: []}]", trigger_mode="multiple").then(
             respond,
-            [box, chatbot, *controls],
-            [chatbot, box, summary, heatmap, precision, balance, model_status, ep],
+            [held, history, *controls],
+            [chatbot, history, notice, shown, refused_files],
+            show_progress_on=[chatbot],
+            trigger_mode="multiple",
+        ).then(
+            show_panels,
+            [shown, ep],
+            [summary, heatmap, precision, balance, model_status, ep],
+            show_progress="hidden",
+            trigger_mode="multiple",
+        ).then(
+            None,
+            [refused_files, held, box],
+            [box],
+            js="(r, sent, typed) => r === null ? typed : {text: sent.text, files: r.keep_files ? sent.files : []}",
+            trigger_mode="multiple",
         )
+        chatbot.clear(lambda: [], None, [history])
     return app
 
 
@@ -865,15 +914,23 @@ def launch(
     block: bool = True,
     quiet: bool = False,
     store: ModelStore | None = None,
+    allow_models: Sequence[str] = (),
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+    max_sessions: int = MAX_SESSIONS,
 ):
     """Serve the demo. Binds 127.0.0.1 unless told otherwise; uploads over `max_file_size_mb` are refused.
 
-    With `block=False` it returns once the server is up (tests); `app.close()` stops it.
+    Clients get `model` and the bundled model; `allow_models` (folders or Hub ids) opens more to them. Prompts
+    longer than `max_prompt_tokens` per copy are refused. Gradio keeps the state of the last `max_sessions`
+    sessions. With `block=False` it returns once the server is up (tests); `app.close()` stops it.
     """
-    store = store or ModelStore(device=device)
+    if max_prompt_tokens < 1:
+        raise ValueError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
+    store = store or ModelStore(device=device, allowlist=ModelAllowlist(allow_models))
+    store.offer(model)
     if preload:
         store.get(model)
-    app = build_app(store=store, default_model=model)
+    app = build_app(store=store, default_model=model, max_prompt_tokens=max_prompt_tokens)
     app.queue(default_concurrency_limit=1, max_size=32)
     app.launch(
         server_name=host,
@@ -887,6 +944,7 @@ def launch(
         prevent_thread_lock=not block,
         quiet=quiet,
         inbrowser=False,
+        state_session_capacity=max_sessions,
     )
     return app
 
@@ -899,14 +957,37 @@ def build_parser(prog: str = "python -m demo.app") -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--max-file-size-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20)
     parser.add_argument("--preload", action="store_true", help="load the model before serving (default: on first use)")
+    parser.add_argument(
+        "--allow-model",
+        action="append",
+        default=[],
+        metavar="FOLDER_OR_HUB_ID",
+        help="let the page load this Hub id, or any model folder under this folder (repeatable; default: clients "
+        "get --model and the bundled model only)",
+    )
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=MAX_PROMPT_TOKENS,
+        help=f"longest prompt per copy, chat template and image tokens included (default {MAX_PROMPT_TOKENS})",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m demo.app") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
-        launch(args.host, args.port, args.model, args.device, args.max_file_size_mb, args.preload)
-    except ModelLoadError as err:
+        launch(
+            args.host,
+            args.port,
+            args.model,
+            args.device,
+            args.max_file_size_mb,
+            args.preload,
+            allow_models=args.allow_model,
+            max_prompt_tokens=args.max_prompt_tokens,
+        )
+    except (ModelLoadError, ValueError) as err:
         print(f"realb-hf demo: error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -914,8 +995,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m demo.app") -> int
 
 __all__ = [
     "BUNDLED_MODEL",
+    "BUNDLED_MODEL_DIR",
     "DemoSettings",
+    "InputRefused",
     "LoadedModel",
+    "ModelAllowlist",
     "ModelLoadError",
     "ModelStore",
     "RequestResult",
@@ -923,6 +1007,7 @@ __all__ = [
     "balance_html",
     "build_app",
     "build_messages",
+    "ep_size_choices",
     "heatmap_html",
     "launch",
     "load_model",

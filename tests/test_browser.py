@@ -95,7 +95,12 @@ def served(tmp_path_factory):
     app = demo_app.launch(port=port, model=model, block=False, quiet=True, store=store)
     try:
         yield SimpleNamespace(
-            url=f"http://127.0.0.1:{port}/", app=app, image_case=image_case, text_case=text_case, trained=trained
+            url=f"http://127.0.0.1:{port}/",
+            app=app,
+            model=model,
+            image_case=image_case,
+            text_case=text_case,
+            trained=trained,
         )
     finally:
         app.close()
@@ -108,8 +113,6 @@ def test_demo_in_chromium(served, tmp_path):
     (example, expected), (text_example, text_expected) = served.image_case, served.text_case
     image = tmp_path / "question.png"
     example.image.save(image)
-    fake = tmp_path / "fake.png"  # passes the browser's image filter by name, refused by the server by content
-    fake.write_text("this is not a picture")
     if trained:
         assert (expected, text_expected) == (example.answer, text_example.answer)
 
@@ -118,18 +121,7 @@ def test_demo_in_chromium(served, tmp_path):
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1700})
-
-            def only_local(route):  # the page must work offline: nothing may leave 127.0.0.1
-                if route.request.url.startswith(("http://127.0.0.1", "data:", "blob:")):
-                    route.continue_()
-                else:
-                    outside.append(route.request.url)
-                    route.abort()
-
-            page.route("**/*", only_local)
-            page.goto(url)
-            page.wait_for_selector("#realb-input textarea", timeout=30_000)
+            page = open_page(browser, url, outside)
             assert page.locator("#realb-input input[type=file]").get_attribute("accept") == "image/*"
 
             page.set_input_files("#realb-input input[type=file]", str(image))
@@ -181,16 +173,166 @@ def test_demo_in_chromium(served, tmp_path):
                 "() => document.querySelector('#realb-summary').innerText.includes('(0 image)')", timeout=10_000
             )
 
-            # A non-image with an image name is refused with a clear message.
-            page.set_input_files("#realb-input input[type=file]", str(fake))
-            page.fill("#realb-input textarea", "what is this ?")
-            page.wait_for_timeout(500)
-            page.press("#realb-input textarea", "Enter")
-            page.get_by_text("fake.png is not an image").first.wait_for(timeout=15_000)
+            # The page lists the question forms the bundled model knows; a clicked example fills the input (text
+            # and image) and, sent, gets its right answer.
+            if trained:
+                from demo.examples import QUESTION_FORMS, examples
+
+                forms = page.inner_text("#realb-forms")
+                assert all(form in forms for form, _ in QUESTION_FORMS.values())
+                colour = next(ex for ex in examples() if ex.kind == "colour")
+                page.locator("#realb-examples").get_by_text(colour.question).click()
+                page.locator('#realb-input [aria-label="File thumbnail"]').first.wait_for(timeout=10_000)
+                assert page.input_value("#realb-input textarea") == colour.question
+                page.press("#realb-input textarea", "Enter")
+                page.wait_for_function(
+                    """([n, answer]) => {
+                        const bots = document.querySelectorAll('#realb-chat [data-testid="bot"]');
+                        return bots.length === n && bots[n - 1].innerText.trim() === answer;
+                    }""",
+                    arg=[3, colour.answer],
+                    timeout=30_000,
+                )
+
         finally:
             browser.close()
     assert outside == [], f"the page tried to reach {outside}"
     assert time.monotonic() - start < 90
+
+
+def open_page(browser, url: str, outside: list[str]):
+    """A page on the demo that may reach nothing but 127.0.0.1 (anything else is recorded in `outside`)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1700})
+
+    def only_local(route):
+        if route.request.url.startswith(("http://127.0.0.1", "data:", "blob:")):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_local)
+    page.goto(url)
+    page.wait_for_selector("#realb-input textarea", timeout=30_000)
+    return page
+
+
+def test_refused_inputs_are_shown_inline_and_the_page_stays_usable(served, tmp_path):
+    """Four refusals a new user meets: an empty question, 2.5 copies, a .png that is no image, a 48-megapixel image.
+
+    Each is answered in the notice line under the input; nothing shows an "Error" badge, the chat keeps its
+    history, a refused attachment leaves the input and the next valid message is answered.
+    """
+    from PIL import Image
+    from playwright.sync_api import expect, sync_playwright
+
+    text_example, text_expected = served.text_case
+    fake = tmp_path / "fake.png"  # passes the browser's image filter by name, refused by the server by content
+    fake.write_text("this is not a picture")
+    huge = tmp_path / "huge.png"  # 48 megapixels, 0.1 MB: under the upload size cap, over the pixel cap
+    Image.new("RGB", (8000, 6000), (255, 255, 255)).save(huge)
+    outside: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = open_page(browser, served.url, outside)
+            bots = page.locator('#realb-chat [data-testid="bot"]')
+            thumbnails = page.locator('#realb-input [aria-label="File thumbnail"]')
+
+            def send(question: str, attach=None) -> None:
+                if attach is not None:
+                    with page.expect_response(lambda r: "/upload" in r.url, timeout=15_000):
+                        page.set_input_files("#realb-input input[type=file]", str(attach))
+                    thumbnails.first.wait_for(timeout=15_000)
+                page.fill("#realb-input textarea", question)
+                page.press("#realb-input textarea", "Enter")
+
+            def refused(reason: str, answers: int) -> None:
+                page.wait_for_function(
+                    "reason => document.querySelector('#realb-notice').innerText.includes(reason)",
+                    arg=reason,
+                    timeout=15_000,
+                )
+                assert page.inner_text("#realb-notice").startswith("Refused:")
+                assert page.get_by_text("Error", exact=True).count() == 0, "a refusal put an Error badge on the page"
+                assert bots.count() == answers and page.locator("#realb-chat").is_visible()
+                assert page.locator("#realb-input textarea").is_enabled()
+
+            def answered(answers: int) -> None:
+                page.wait_for_function(
+                    """([n, answer]) => {
+                        const bots = document.querySelectorAll('#realb-chat [data-testid="bot"]');
+                        return bots.length === n && bots[n - 1].innerText.trim() === answer;
+                    }""",
+                    arg=[answers, text_expected],
+                    timeout=30_000,
+                )
+                assert page.inner_text("#realb-notice").strip() == ""  # the last refusal is gone
+
+            send("")
+            refused("type a question", 0)
+
+            copies = page.locator("#realb-copies input[type=number]")
+            copies.fill("2.5")
+            copies.press("Enter")
+            send(text_example.question)
+            refused("batch of N copies must be a whole number, got 2.5", 0)
+            question_box = page.locator("#realb-input textarea")
+            expect(question_box).to_have_value(text_example.question)  # back in the input for another try
+            copies.fill("48")
+            copies.press("Enter")
+            page.press("#realb-input textarea", "Enter")
+            answered(1)
+
+            send(text_example.question, attach=fake)
+            refused("fake.png is not an image", 1)
+            expect(question_box).to_have_value(text_example.question)
+            expect(thumbnails).to_have_count(0)  # the refused attachment left the input
+            page.press("#realb-input textarea", "Enter")  # the same question again, now without the file
+            answered(2)
+
+            send(text_example.question, attach=huge)
+            refused("huge.png is 8000x6000 pixels; images are limited to 40 megapixels", 2)
+            expect(question_box).to_have_value(text_example.question)
+            expect(thumbnails).to_have_count(0)
+            page.press("#realb-input textarea", "Enter")
+            answered(3)
+            texts = page.locator('#realb-chat [data-testid="user"]').all_inner_texts()
+            assert [t.strip() for t in texts] == [text_example.question] * 3  # refused turns never entered the chat
+        finally:
+            browser.close()
+    assert outside == [], f"the page tried to reach {outside}"
+
+
+def test_a_new_tab_shows_the_model_loaded_since_the_server_started(served):
+    """The status line of a tab opened after the first request names the loaded model ("loads on first use" was
+    true only before it)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from demo import app as demo_app
+
+    text_example, text_expected = served.text_case
+    port = free_port()
+    lazy = demo_app.launch(port=port, model=served.model, block=False, quiet=True, store=demo_app.ModelStore("cpu"))
+    outside: list[str] = []
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+            try:
+                first = open_page(browser, f"http://127.0.0.1:{port}/", outside)
+                expect(first.locator("#realb-model-status")).to_have_text("Model loads on first use.")
+                first.fill("#realb-input textarea", text_example.question)
+                first.press("#realb-input textarea", "Enter")
+                expect(first.locator('#realb-chat [data-testid="bot"]')).to_have_text(text_expected, timeout=30_000)
+                expect(first.locator("#realb-model-status")).to_contain_text("Loaded", timeout=10_000)
+                second = open_page(browser, f"http://127.0.0.1:{port}/", outside)
+                expect(second.locator("#realb-model-status")).to_contain_text("Loaded", timeout=10_000)
+                assert "first use" not in second.inner_text("#realb-model-status")
+            finally:
+                browser.close()
+    finally:
+        lazy.close()
+    assert outside == [], f"the page tried to reach {outside}"
 
 
 def test_server_binds_loopback_only_and_caps_uploads(served):
