@@ -43,7 +43,7 @@ class PrecisionFormat(ABC):
         Rows of expert e are `x[offs[e-1]:offs[e]]`; S == offs[-1]. Empty groups are allowed.
         """
 
-    supports_padding: bool = False  # gathers and MLPs accept device-side row counts (see `sync_free`)
+    supports_padding: bool = False  # gathers and MLPs accept device-side row counts (the device executor needs it)
 
     def gather_activations(
         self,

@@ -4,14 +4,12 @@ Global scales: per expert for weights (torchao's 3-D `per_tensor_scale` of shape
 *group of rows* for activations. The per-group activation scale is what torchao's real grouped kernel
 computes (MSLK `calculate_group_max`), so emulation and kernel round identically, and it costs one row
 amax plus a scatter-max over E groups. One scale per tensor would be cheaper still but lets one loud
-expert group coarsen the others' e4m3 block scales (measured, CPU: a group 1000x quieter than the loudest
-had 11.09% error per-tensor vs 10.98% per-group, a small effect because e4m3 block scales already span
-a wide range); one per row would be finer than any kernel takes. Zero groups get a global scale from
+expert group coarsen the others' e4m3 block scales (a small effect, because e4m3 block scales already span a
+wide range: docs/design.md); one per row would be finer than any kernel takes. Zero groups get a global scale from
 amax 1 (no 0/0), and non-finite rows are left out of their group's amax (see `emulation.py` for what
 they yield).
 
-CPU and CUDA emulation are close but not bit-identical (0.7% relative difference measured on H200):
-torchao computes block scales as `amax / 6.0`, which CUDA evaluates as a multiplication by an inexact
+CPU and CUDA emulation are close but not bit-identical (docs/design.md): torchao computes block scales as `amax / 6.0`, which CUDA evaluates as a multiplication by an inexact
 reciprocal, flipping a few rounding ties.
 
 torchao is imported lazily (it takes seconds to import).
