@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from demo.examples import QUESTION_FORMS, example_messages, forms_markdown
-from demo.models import (
+from .examples import QUESTION_FORMS, example_messages, forms_markdown
+from .models import (
     BUNDLED_MODEL,
     BUNDLED_MODEL_DIR,
     LoadedModel,

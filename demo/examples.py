@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from demo.tasks import Example, heldout_seed, make_example
+from .tasks import Example, heldout_seed, make_example
 
 # The forms, as the bundled model was trained on them: lower case, words and "?" separated by spaces.
 QUESTION_FORMS = {  # kind -> (form, what varies)
