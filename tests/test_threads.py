@@ -129,3 +129,22 @@ def test_configured_checks_like_reconfigure_and_restores(model):
             assert params.policy == "off" and params.granularity == "expert"
         assert runtime.params(torch.device("cpu")).granularity == "rank"
     assert runtime.params(torch.device("cpu")).policy == "realb"
+
+
+def test_configured_weight_cache_applies_to_the_thread_s_calls(model):
+    """Every setting of a `configured` block applies to its calls, weight_cache included: persistent copies are made
+    only inside the block that asks for them."""
+    runtime = realb_hf.get_runtime(model)
+    experts = [m for m in model.modules() if isinstance(m, realb_hf.RealbExperts)]
+    for m in experts:
+        m.realb_free_cache()
+    images = qwen3_vl_image_batch(batch=2, config=tiny_qwen3_vl_moe_config()).kwargs
+    with torch.no_grad():
+        with runtime.configured(policy="all_low", low_precision="fp8"):
+            model(**images)
+        assert all(not m.realb_weight_cache for m in experts)  # on_the_fly: nothing kept
+        with runtime.configured(policy="all_low", low_precision="fp8", weight_cache="persistent"):
+            model(**images)
+    assert all("fp8" in m.realb_weight_cache for m in experts)
+    for m in experts:
+        m.realb_free_cache()

@@ -115,7 +115,7 @@ def weights_for(
     High precision: the module's own weights. persistent: the kept copy. on_the_fly: what `ready` converted ahead of
     time if it holds them, else a conversion now (freed with the layer).
     """
-    config = module.realb_runtime.config
+    config = module.realb_runtime.settings.config  # the settings this forward decides with
     if fmt == config.high_precision:
         return own_weights(module, fmt)
     if config.weight_cache == "persistent":
@@ -162,7 +162,7 @@ class Prefetch:
     ) -> Prefetch | None:
         """Convert `requests` (format -> local experts, or None: every slot flagged in `flags`); None when nothing
         is converted per layer (persistent copies, or no request)."""
-        if module.realb_runtime.config.weight_cache != "on_the_fly" or not requests:
+        if module.realb_runtime.settings.config.weight_cache != "on_the_fly" or not requests:
             return None
         device = module.down_proj.device
 
