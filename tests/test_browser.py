@@ -248,11 +248,20 @@ def test_refused_inputs_are_shown_inline_and_the_page_stays_usable(served, tmp_p
                 page.press("#realb-input textarea", "Enter")
 
             def refused(reason: str, answers: int) -> None:
-                page.wait_for_function(
-                    "reason => document.querySelector('#realb-notice').innerText.includes(reason)",
-                    arg=reason,
-                    timeout=15_000,
-                )
+                try:
+                    page.wait_for_function(
+                        "reason => document.querySelector('#realb-notice').innerText.includes(reason)",
+                        arg=reason,
+                        timeout=30_000,
+                    )
+                except Exception as error:  # say what the page showed instead
+                    shown = {
+                        "notice": page.inner_text("#realb-notice"),
+                        "answers": bots.all_inner_texts(),
+                        "input": page.locator("#realb-input textarea").input_value(),
+                        "attachments": thumbnails.count(),
+                    }
+                    raise AssertionError(f"no refusal naming {reason!r}; the page showed {shown}") from error
                 assert page.inner_text("#realb-notice").startswith("Refused:")
                 assert page.get_by_text("Error", exact=True).count() == 0, "a refusal put an Error badge on the page"
                 assert bots.count() == answers and page.locator("#realb-chat").is_visible()
