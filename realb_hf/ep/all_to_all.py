@@ -161,7 +161,7 @@ class RealbAllToAllEP(RealbEP, AllToAllEP):
                 output = weighted_combine(recv_out, position, state.top_k_weights)
                 if self.tp_mesh.size() > 1:
                     output = tp_gather_rows(output, state.num_tokens, self.tp_mesh)
-        self.finish(state.plan, state.plan.fp8_ranks is not None and state.plan.executor == RECEIVED, state.ready)
+        self.finish(state.plan, state.plan.executor == RECEIVED, state.ready)  # this rank got fp8 rows
         return output
 
 
