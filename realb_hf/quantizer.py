@@ -144,7 +144,7 @@ class RealbHfQuantizer(HfQuantizer):
 
     @property
     def is_compileable(self) -> bool:
-        return False
+        return True
 
 
 def realb_modules(model) -> list[RealbExperts]:

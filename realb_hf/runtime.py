@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from . import telemetry_ops
 from .config import RealbConfig
 from .formats import get_format, resolve_low_precision
 from .kernels.counts import routing_counts_many
@@ -127,6 +128,10 @@ class RealbRuntime:
     layers: dict[str, LayerShape] = field(default_factory=dict)  # every converted experts layer
     _settings: Settings | None = field(default=None, repr=False)
     _settings_of: RealbConfig | None = field(default=None, repr=False)  # the config object `_settings` copies
+    handle: int = field(init=False, repr=False, compare=False)  # how compiled code names this runtime
+
+    def __post_init__(self) -> None:
+        self.handle = telemetry_ops.register(self)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, config: RealbConfig) -> RealbRuntime:
@@ -159,7 +164,10 @@ class RealbRuntime:
     def begin_forward(self) -> None:
         """At the start of a model forward (its pre-hook): the forward decides every layer with today's settings."""
         _THREAD.in_flight[id(self)] = self.settings
-        self.telemetry.next_forward()
+        if torch.compiler.is_compiling():
+            telemetry_ops.next_forward(self.handle)
+        else:
+            self.telemetry.next_forward()
 
     def end_forward(self) -> None:
         _THREAD.in_flight.pop(id(self), None)

@@ -21,6 +21,7 @@ from .plan import on_device
 from .weights import Prefetch, weights_for
 
 
+@torch.compiler.disable  # reads group sizes on the host: compiled code runs this executor eagerly
 def run(
     module: torch.nn.Module,
     hidden: torch.Tensor,

@@ -108,6 +108,7 @@ def config_decision(cache: list, params: PolicyParams, placement: Placement) -> 
     return hit
 
 
+@torch.compiler.disable  # a host read: compiled code breaks the graph here rather than trace data-dependent numbers
 def routing_stats(top_k_index: torch.Tensor, modality: torch.Tensor | None, num_experts: int) -> RoutingStats:
     """Pairs and vision pairs per expert, on the host (one host sync)."""
     both = count_kernels.routing_counts(top_k_index, modality, num_experts, TEXT).tolist()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import rows as row_kernels
+from ..kernels.grouped_mm import SCALED_GROUPED_MM
 from ..kernels.rows import AMAX_EPS, FP8_DTYPE, FP8_MAX, INV_FP8_MAX, quantize_rowwise
 from .base import PrecisionFormat, shifted_index
 from .capability import cuda_capability
@@ -54,25 +55,9 @@ class Fp8Weight:
 def scaled_grouped_mm_reference(
     xq: torch.Tensor, x_scale: torch.Tensor, weight: Fp8Weight, offs: torch.Tensor, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """Exact emulation of the rowwise-scaled fp8 grouped GEMM: the numerical reference of the GPU path.
-
-    It differs from `torch._scaled_grouped_mm` (fast accumulation) on identical operands only by the order of
-    accumulation (docs/design.md, "Error bounds per format").
-
-    Per expert group: cast the fp8 operands to fp32 (exact), multiply in fp32, then apply the rowwise
-    scales to the product, the two scales multiplied first (`acc[m, n] * (x_scale[m] * w_scale[e, n])`: a large
-    activation scale times a large accumulator would overflow fp32 before a small weight scale brings it back), and
-    cast to `out_dtype`. Rows past `offs[-1]` (none under the contract) are left zero.
-    """
-    num_rows, num_out = xq.shape[0], weight.data.shape[1]
-    out = torch.zeros(num_rows, num_out, dtype=torch.float32, device=xq.device)
-    start = 0
-    for e, end in enumerate(offs.tolist()):  # one host sync; this path is for CPU and old GPUs
-        if end > start:
-            acc = xq[start:end].float() @ weight.data[e].float().T
-            out[start:end] = acc * (x_scale[start:end, None] * weight.scale[e][None, :])
-        start = end
-    return out.to(out_dtype)
+    """Exact emulation of the rowwise-scaled fp8 grouped GEMM: the numerical reference of the GPU path
+    (`kernels.grouped_mm`; docs/design.md, "Error bounds per format")."""
+    return SCALED_GROUPED_MM(xq, x_scale, weight.data, weight.scale, offs, out_dtype)
 
 
 def _scaled_mm_loop(
