@@ -238,6 +238,14 @@ def _decide_experts(
     return _decision(precision, params, REASON_LOWERED if any_lowered else REASON_BALANCED)
 
 
+def may_give_a_rank(params: PolicyParams, precision: str, num_experts: int) -> bool:
+    """Whether `decide` can give every expert of some rank `precision` under `params`, for some routing: EP
+    all-to-all checks its rows for fp8 only when a rank can run (and so receive its rows in) fp8."""
+    if params.policy == "realb":
+        return params.low == precision and params.ep_size > 1  # one rank is never above the mean
+    return precision in decide_without_routing(params, num_experts).rank_precision
+
+
 def decides_on_device(params: PolicyParams) -> bool:
     """Whether `lowered_experts_on_device` implements this policy (the dynamic one, either granularity)."""
     return params.policy == "realb"
