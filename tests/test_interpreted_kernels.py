@@ -79,6 +79,7 @@ def _check_decisions() -> int:
             modality_threshold=rng.choice([0.0, 0.5, 0.7]),
             imbalance_threshold=rng.choice([0.0, 0.1, 0.3]),
             low_cost_ratio=rng.choice([None, 0.5, 0.78]),
+            conversion_cost=rng.choice([0.0, 40.0, 512.0]),
         )
         out = lowered_flags_triton(counts, params.device_rule())
         assert torch.equal(out, lowered_experts_on_device(counts, 4096, params)), (trial, counts, params)
