@@ -6,8 +6,9 @@ the same routing counts, so every rank computes the same decision without talkin
 
 The cost model is linear: a rank's predicted time is the sum over its experts of
 `tokens(expert) * ratio(precision(expert))`, with ratio 1 for high precision and `low_cost_ratio` for the
-low one. Ratios describe the *target* hardware's native kernels, so decisions made while studying accuracy on
-a CPU (emulated formats) are the decisions a GPU deployment would make.
+low one, plus `conversion_cost` for every lowered expert when its weights are converted per call. Ratios
+describe the *target* hardware's native kernels, so decisions made while studying accuracy on a CPU (emulated
+formats) are the decisions a GPU deployment would make.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from .kernels.counts import DecisionRule, lowered_flags_reference
 # Predicted low-precision expert-MLP time relative to bf16: fp8 from the fused fp8 expert MLP against bf16 on
 # Hopper (docs/benchmarks.md, "Cost model"); nvfp4/mxfp4 an assumption for Blackwell FP4 tensor cores.
 DEFAULT_LOW_COST_RATIO = {"fp8": 0.78, "nvfp4": 0.6, "mxfp4": 0.6}
+# Converting one expert's weights per call (weight_cache="on_the_fly"), in token-expert pairs at high precision.
+# A pair costs 2 flops per weight (one multiply-add in each of gate, up, down); a conversion moves 3 bytes per
+# weight (read bf16, write fp8). The ratio of the two times is 3/2 * (GEMM flop/s) / (conversion bytes/s), which
+# the weight shapes cancel out of: about 1.5 * 365 flops per byte on Hopper (docs/benchmarks.md, "Cost model").
+DEFAULT_CONVERSION_COST = 512.0
 
 REASON_OFF = "off"
 REASON_STATIC = "static"
@@ -71,6 +77,15 @@ class PolicyParams:
     imbalance_threshold: float = 0.1
     low_cost_ratio: float | None = None
     rank_precisions: tuple[tuple[int, str], ...] = ()  # policy="static": (rank, "high"|"low"|format)
+    conversion_cost: float = 0.0  # pairs' worth of time per lowered expert converted per call (0: persistent)
+
+    def __post_init__(self) -> None:
+        cost = self.conversion_cost
+        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0.0 <= cost < float("inf"):
+            raise ValueError(
+                f"conversion_cost must be a finite number of token-expert pairs >= 0 (e.g. {DEFAULT_CONVERSION_COST}"
+                f" for on_the_fly conversion, 0 for persistent copies), got {cost!r}"
+            )
 
     @property
     def cost_ratio(self) -> float:
@@ -92,6 +107,7 @@ class PolicyParams:
             imbalance_threshold=self.imbalance_threshold,
             modality_threshold=self.modality_threshold,
             cost_ratio=self.cost_ratio,
+            conversion_cost=float(self.conversion_cost),
         )
 
 
@@ -128,11 +144,23 @@ def vision_shares(tokens: Sequence[int], vision: Sequence[int]) -> list[float]:
 
 
 def predicted_rank_costs(stats: RoutingStats, expert_precision: Sequence[str], params: PolicyParams) -> list[float]:
-    """Predicted compute time per rank, in units of one token-expert pair at high precision."""
+    """Predicted compute time per rank, in units of one token-expert pair at high precision (lowered experts'
+    per-call conversion included)."""
     return [
         sum(stats.expert_tokens[e] * params.cost_of(expert_precision[e]) for e in r)
+        + params.conversion_cost * sum(expert_precision[e] != params.high for e in r)
         for r in expert_ranges(stats.num_experts, params.ep_size)
     ]
+
+
+def conversion_cost_for(weight_cache: str) -> float:
+    """`PolicyParams.conversion_cost` for a `RealbConfig.weight_cache`: the default per-call conversion for
+    "on_the_fly", none for "persistent" (the copies are made once)."""
+    if weight_cache == "on_the_fly":
+        return DEFAULT_CONVERSION_COST
+    if weight_cache == "persistent":
+        return 0.0
+    raise ValueError(f"weight_cache={weight_cache!r} is not allowed; choose one of ['on_the_fly', 'persistent']")
 
 
 def balancedness(loads: Sequence[float]) -> float:
@@ -200,10 +228,14 @@ def decide(stats: RoutingStats, params: PolicyParams) -> Decision:
     if params.granularity == "rank":
         shares = vision_shares(tokens, vision)
         eligible = [r for r in hot if shares[r] >= params.modality_threshold]
-        # The layer ends with its slowest rank: with every eligible rank lowered that is `floor`. An eligible
-        # rank already at or under it gains nothing from lowering, so it keeps its precision (and accuracy).
+        # The layer ends with its slowest rank: with every eligible rank that gains lowered that is `floor`. A
+        # lowered rank costs its pairs at the low ratio plus the conversion of its experts (when converted per
+        # call); one whose conversion outweighs its saving stays high. An eligible rank already at or under the
+        # floor gains nothing from lowering, so it keeps its precision (and accuracy).
+        conversion = params.conversion_cost * len(ranges[0])
         floor = max(
-            [tokens[r] * params.cost_ratio for r in eligible] + [t for r, t in enumerate(tokens) if r not in eligible]
+            [min(tokens[r], tokens[r] * params.cost_ratio + conversion) for r in eligible]
+            + [t for r, t in enumerate(tokens) if r not in eligible]
         )
         lowered = [r for r in eligible if tokens[r] > floor]
         for r in lowered:
@@ -217,10 +249,11 @@ def _decide_experts(
     stats: RoutingStats, params: PolicyParams, tokens: list[int], hot: list[int], precision: list[str]
 ) -> Decision:
     """Expert granularity: lower an overloaded rank's hottest vision-dominated experts, one at a time,
-    until its predicted time no longer exceeds the busiest rank that is not overloaded."""
+    until its predicted time no longer exceeds the busiest rank that is not overloaded, or (with a conversion
+    cost) until the next expert's saving no longer exceeds the cost of converting it."""
     ranges = expert_ranges(stats.num_experts, params.ep_size)
     target = max((t for r, t in enumerate(tokens) if r not in hot), default=0)
-    saving = 1.0 - params.cost_ratio
+    saving, conversion = 1.0 - params.cost_ratio, params.conversion_cost
     any_lowered = False
     for r in hot:
         lowered_pairs = 0  # an exact integer, so the device decision computes the very same floats from it
@@ -229,13 +262,24 @@ def _decide_experts(
             for e in ranges[r]
             if stats.expert_tokens[e] and stats.expert_vision[e] / stats.expert_tokens[e] >= params.modality_threshold
         ]
-        for e in sorted(candidates, key=lambda e: (-stats.expert_tokens[e], e)):
-            if tokens[r] - saving * lowered_pairs <= target:
+        for k, e in enumerate(sorted(candidates, key=lambda e: (-stats.expert_tokens[e], e))):
+            # predicted time with the k experts before this one lowered (and converted)
+            if tokens[r] - saving * lowered_pairs + conversion * k <= target:
+                break
+            if conversion != 0.0 and not saving * stats.expert_tokens[e] > conversion:
                 break
             precision[e] = params.low
             lowered_pairs += stats.expert_tokens[e]
             any_lowered = True
     return _decision(precision, params, REASON_LOWERED if any_lowered else REASON_BALANCED)
+
+
+def may_give_a_rank(params: PolicyParams, precision: str, num_experts: int) -> bool:
+    """Whether `decide` can give every expert of some rank `precision` under `params`, for some routing: EP
+    all-to-all checks its rows for fp8 only when a rank can run (and so receive its rows in) fp8."""
+    if params.policy == "realb":
+        return params.low == precision and params.ep_size > 1  # one rank is never above the mean
+    return precision in decide_without_routing(params, num_experts).rank_precision
 
 
 def decides_on_device(params: PolicyParams) -> bool:

@@ -211,6 +211,26 @@ def test_stalled_rank_raises_a_timeout_naming_the_collective(workdir, tmp_path):
     assert result["elapsed_s"] < STALL_TIMEOUT_S + 10, result
 
 
+def test_all_to_all_issues_stock_collectives_and_checks_rows_only_when_fp8_can_run(workdir, tmp_path):
+    """Per layer call, ReaLB's all-to-all issues the collectives stock transformers' does (one count exchange,
+    the token exchange, the combine, the TP gather) whatever it lowers; the modality counts and the finite check
+    ride in the count exchange, and rows are checked for fp8 only when the config can lower a rank to fp8. With
+    nothing lowered the output equals stock's."""
+    out = tmp_path / "collectives.json"
+    proc = torchrun(2, Path(__file__), "collectives", str(workdir), str(out), timeout=240)
+    assert proc.returncode == 0 and out.exists(), _tail(proc)
+    result = json.loads(out.read_text())
+    stock = result.pop("stock")
+    assert len(stock["ops"]) == 4, result  # counts, tokens, outputs (all-to-all each), the TP gather
+    for name, case in result.items():
+        assert len(case["ops"]) == len(stock["ops"]), (name, case["ops"], stock["ops"])
+        assert case["syncs"] == stock["syncs"], (name, case)
+        assert case["checked"] == [name == "fp8 rank 0" or name == "nothing lowered"], (name, case)
+        if name != "fp8 rank 0":
+            assert case["equal"], (name, case)
+        assert case["rel"] < 5e-2, (name, case)
+
+
 # ---- workers (run by torchrun: python tests/test_distributed.py SCENARIO WORKDIR OUT) ------------------------
 
 
@@ -388,6 +408,91 @@ def _mixed_dispatch_worker(workdir: Path) -> dict:
     return {"same": int(flag.item()) == 0, "comm": state.comm}
 
 
+def _collectives_worker(workdir: Path) -> dict:
+    """One all-to-all experts layer called directly, stock and ReaLB under several configs: the collectives each
+    call issues (every c10d and functional-collective op the dispatcher sees), whether ReaLB checked its rows for
+    fp8, and the output against stock's. On CUDA also the host syncs per call (`set_sync_debug_mode`)."""
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+    from ep_check import replicated_tp_plan  # tests/ is the script's directory
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoModelForImageTextToText
+    from transformers.distributed import DistributedConfig
+
+    import realb_hf.ep.all_to_all as a2a
+    from realb_hf import get_runtime
+
+    class Collectives(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            namespace = func.namespace
+            if namespace.startswith(("c10d", "_c10d_functional")) and not any(w in func.name() for w in ("wait", "wrap")):
+                self.ops.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    checked: list[bool] = []
+    exchange = a2a.exchange_counts
+
+    def spy(*args):
+        checked.append(bool(args[-1]))
+        return exchange(*args)
+
+    a2a.exchange_counts = spy
+    path = workdir / "qwen3_vl_moe"
+    plan = replicated_tp_plan(str(path), "qwen3_vl_moe")  # no TP collectives in the dense layers
+    dc = DistributedConfig(tp_size=2, ep_size=2, ep_implementation="all_to_all", tp_plan=plan)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    stock = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, distributed_config=dc).eval()
+    realb = _load(path, dc, policy="off")
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(64, 64, generator=gen).to(torch.bfloat16).to(device)
+    ids = torch.randint(0, 8, (64, 2), generator=gen).to(device)
+    weights = torch.softmax(torch.randn(64, 2, generator=gen), -1).to(torch.bfloat16).to(device)
+
+    def call(model) -> dict:
+        layer = model.model.language_model.layers[0].mlp.experts
+        checked.clear()
+        counting = Collectives()
+        syncs = 0
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+            with counting:
+                out = layer(hidden, ids, weights)
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+                syncs = sum("synchroniz" in str(w.message) for w in caught)
+        return {"ops": counting.ops, "syncs": syncs, "checked": list(checked), "out": out}
+
+    want = call(stock)
+    result = {"stock": {"ops": want["ops"], "syncs": want["syncs"]}}
+    cases = {
+        "off": dict(policy="off"),
+        "nothing lowered": dict(policy="realb", low_precision="fp8", batch_threshold=10**9),
+        "nvfp4 only": dict(policy="realb", low_precision="nvfp4", batch_threshold=0),
+        "static bf16": dict(policy="static", rank_precisions={0: "high", 1: "high"}),
+        "fp8 rank 0": dict(policy="static", rank_precisions={0: "low"}, low_precision="fp8"),
+    }
+    for name, knobs in cases.items():
+        get_runtime(realb).reconfigure(**knobs)
+        got = call(realb)
+        result[name] = {
+            "ops": got["ops"],
+            "syncs": got["syncs"],
+            "checked": got["checked"],
+            "equal": torch.equal(got["out"], want["out"]),
+            "rel": ((got["out"] - want["out"]).float().norm() / want["out"].float().norm()).item(),
+        }
+    a2a.exchange_counts = exchange
+    return result
+
+
 def _worker(scenario: str, workdir: str, out: str) -> None:
     import warnings
 
@@ -403,6 +508,7 @@ def _worker(scenario: str, workdir: str, out: str) -> None:
         "stall": _stall_worker,
         "tp_split": _tp_split_worker,
         "mixed_dispatch": _mixed_dispatch_worker,
+        "collectives": _collectives_worker,
     }
     result = workers[scenario](Path(workdir))
     if rank == 0:

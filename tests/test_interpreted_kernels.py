@@ -79,6 +79,7 @@ def _check_decisions() -> int:
             modality_threshold=rng.choice([0.0, 0.5, 0.7]),
             imbalance_threshold=rng.choice([0.0, 0.1, 0.3]),
             low_cost_ratio=rng.choice([None, 0.5, 0.78]),
+            conversion_cost=rng.choice([0.0, 40.0, 512.0]),
         )
         out = lowered_flags_triton(counts, params.device_rule())
         assert torch.equal(out, lowered_experts_on_device(counts, 4096, params)), (trial, counts, params)
@@ -107,7 +108,36 @@ def _check_counts_and_flags() -> int:
     return 12
 
 
+def _check_exchange_counts() -> int:
+    """EP all-to-all's count vector: counts, rows and the fp8 finite flag from one launch, as the reference."""
+    import torch
+
+    from realb_hf.ep.count_exchange import exchange_counts, exchange_counts_triton
+    from realb_hf.modality import TEXT
+
+    # (tokens, top_k, experts): 700 x 3 pairs take 3 count blocks, 44 check blocks; 0 tokens launch nothing
+    cases = [(700, 3, 12), (5, 8, 8), (0, 2, 4), (40, 1, 6)]
+    n = 0
+    for seed, (tokens, top_k, num_experts) in enumerate(cases):
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, num_experts + 2, (tokens, top_k), generator=gen)  # ids >= E: other ranks'
+        modality = torch.randint(0, 3, (tokens,), dtype=torch.int8, generator=gen)
+        hidden = torch.randn(tokens, 40, generator=gen).bfloat16()
+        for bad in (None, float("inf"), float("nan"), 2.0**101):
+            if bad is not None and tokens:
+                hidden = hidden.clone()
+                hidden[tokens - 1, 39] = bad  # the last row and column: the masks must reach them
+            for mod in (modality, None):
+                for check in (True, False):
+                    ref = exchange_counts(ids, mod, hidden, num_experts, TEXT, check)
+                    got = exchange_counts_triton(ids, mod, hidden, num_experts, TEXT, check)
+                    assert torch.equal(got.long(), ref.long()), (tokens, top_k, num_experts, bad, check, got, ref)
+                    n += 1
+    return n
+
+
 if __name__ == "__main__":
     _allow_scalar_loop_bounds()
     sorts, decisions, both = _check_sort_rows(), _check_decisions(), _check_counts_and_flags()
-    print(f"checked {sorts} sorts, {decisions} decisions and {both} counts with their decision")
+    exchanges = _check_exchange_counts()
+    print(f"checked {sorts} sorts, {decisions} decisions, {both} counts with their decision, {exchanges} count exchanges")

@@ -9,6 +9,7 @@ written (padding rows hold whatever memory held, so only metadata is compared wh
 import pytest
 import torch
 
+import realb_hf.ep.count_exchange  # noqa: F401  (registers realb_kernels::exchange_counts)
 from realb_hf.kernels import counts, rows, sort
 from realb_hf.kernels.combine import weighted_combine_reference
 from realb_hf.kernels.counts import DecisionRule
@@ -54,6 +55,8 @@ def op_cases(device: str, every_row_written: bool) -> list:
         (ops.counts_and_flags.default, (ids, modality, 8, TEXT, *RULE_ARGS), all_tests),
         (ops.counts_and_flags.default, (ids, modality, 8, TEXT, 4, False, 0.0, 0.5, 0.78), all_tests),
         (ops.sort_rows.default, (ids, low, hidden, 8), all_tests),
+        (ops.exchange_counts.default, (ids, modality, hidden, 8, TEXT, True), all_tests),
+        (ops.exchange_counts.default, (ids[:0], None, hidden[:0], 8, TEXT, False), all_tests),
         (ops.weighted_combine.default, (y, pos, weights, y_low), all_tests),
         (ops.weighted_combine.default, (y, pos.clamp(max=59), weights.bfloat16(), None), all_tests),
     ]

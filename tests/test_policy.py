@@ -3,6 +3,7 @@
 import pytest
 
 from realb_hf.policy import (
+    DEFAULT_CONVERSION_COST,
     DEFAULT_LOW_COST_RATIO,
     REASON_BALANCED,
     REASON_LOWERED,
@@ -10,8 +11,10 @@ from realb_hf.policy import (
     PolicyParams,
     RoutingStats,
     balancedness,
+    conversion_cost_for,
     decide,
     expert_ranges,
+    may_give_a_rank,
     predicted_rank_costs,
     rank_loads,
 )
@@ -192,7 +195,7 @@ def test_device_decision_equals_host_decision_on_random_routing(granularity):
     import random
 
     rng = random.Random(0)
-    lowered_cases = partial_ranks = 0
+    lowered_cases = converted_cases = partial_ranks = 0
     for trial in range(400):
         ep = rng.choice([1, 2, 4, 8])
         per_rank = rng.choice([1, 2, 4, 9])
@@ -210,12 +213,15 @@ def test_device_decision_equals_host_decision_on_random_routing(granularity):
             imbalance_threshold=rng.choice([0.0, 0.1, 0.5]),
             low_cost_ratio=rng.choice([None, 0.5, 0.78, 1.0]),
             granularity=granularity,
+            conversion_cost=rng.choice([0.0, 0.0, 0.0, 25.0, 150.0, DEFAULT_CONVERSION_COST]),
         )
         host = _host_choice(s, params)
         assert _device_choice(s, params) == host, (trial, s, params)
         lowered_cases += any(host)
+        converted_cases += any(host) and params.conversion_cost > 0
         partial_ranks += "mixed" in decide(s, params).rank_precision
-    assert lowered_cases > 50  # the sample exercises lowering, not only "nothing to do"
+    assert lowered_cases > 40  # the sample exercises lowering, not only "nothing to do"
+    assert converted_cases > 5  # also with a conversion cost
     assert granularity == "rank" or partial_ranks > 20  # and experts of one rank split between precisions
 
 
@@ -241,3 +247,82 @@ def test_device_decision_covers_only_the_dynamic_policy():
             lowered_experts_on_device(torch.zeros(2, 8, dtype=torch.long), 4096, other)
     with pytest.raises(ValueError, match="must divide"):
         lowered_experts_on_device(torch.zeros(2, 6, dtype=torch.long), 4096, PARAMS)
+
+
+def test_conversion_keeps_a_rank_high_exactly_when_it_outweighs_the_saving():
+    # rank 1 of VISION_HOT: 600 pairs against 300 for the next rank; at ratio 0.5 lowering saves 300 pairs, and a
+    # rank of 2 experts costs 2 conversions: it gains while 300 + 2 * conversion < 600
+    for conversion, lowered in ((0.0, True), (149.0, True), (150.0, False), (512.0, False)):
+        params = PolicyParams(policy="realb", ep_size=4, low_cost_ratio=0.5, conversion_cost=conversion)
+        assert decide(VISION_HOT, params).rank_precision[1] == ("fp8" if lowered else "bf16"), conversion
+        assert _device_choice(VISION_HOT, params) == _host_choice(VISION_HOT, params)
+    # the conversion only counts where it is paid: the same rank against a closer second rank stays lowered to
+    # the floor the others set, and with no conversion the decision is the linear model's
+    assert decide(VISION_HOT, PARAMS) == decide(VISION_HOT, PolicyParams(**{**PARAMS.__dict__, "conversion_cost": 0}))
+
+
+def test_expert_granularity_stops_at_the_first_expert_not_worth_converting():
+    # rank 0: experts 0..3 (vision 900, text 800, vision 600, vision 600); rank 1 holds 1000 text pairs; at ratio
+    # 0.5 the candidates save 450, 300 and 300 pairs
+    s = stats([(900, 900), (800, 0), (600, 600), (600, 600), (250, 0), (250, 0), (250, 0), (250, 0)], num_tokens=4096)
+    expected = {0.0: [0, 2, 3], 250.0: [0, 2, 3], 299.0: [0, 2, 3], 300.0: [0], 449.0: [0], 450.0: []}
+    for conversion, lowered in expected.items():
+        params = PolicyParams(policy="realb", granularity="expert", ep_size=2, low_cost_ratio=0.5,
+                              conversion_cost=conversion)  # fmt: skip
+        host = _host_choice(s, params)
+        assert [e for e, low in enumerate(host) if low] == lowered, conversion
+        assert _device_choice(s, params) == host, conversion
+
+
+@pytest.mark.parametrize("granularity", ["rank", "expert"])
+def test_with_conversion_the_policy_never_predicts_a_loss_against_nothing_lowered(granularity):
+    """What the conversion term changes: at rank granularity it only removes lowered ranks (a subset of the linear
+    model's choice); at either granularity every rank it lowers is predicted faster, conversion included, than unlowered, so the layer never slower
+    (rank granularity lowers only when the layer gains; expert granularity may lower a hot rank that is not the
+    slowest, as without the term)."""
+    import random
+
+    rng = random.Random(1)
+    changed = 0
+    for _ in range(300):
+        ep, per = rng.choice([2, 4, 8]), rng.choice([1, 4, 16])
+        tokens = [rng.randint(0, 3000) for _ in range(ep * per)]
+        for e in range(per):
+            tokens[e] *= rng.choice([1, 2, 4])
+        s = RoutingStats(tuple(tokens), tuple(int(t * rng.choice([0.5, 0.8, 1.0])) for t in tokens), 4096)
+        linear = PolicyParams(policy="realb", ep_size=ep, granularity=granularity, imbalance_threshold=0.0,
+                              modality_threshold=0.5)  # fmt: skip
+        params = PolicyParams(**{**linear.__dict__, "conversion_cost": rng.choice([50.0, DEFAULT_CONVERSION_COST])})
+        without, with_conversion = _host_choice(s, linear), _host_choice(s, params)
+        if granularity == "rank":  # a subset (expert granularity may lower one more expert to cover a conversion)
+            assert all(w or not c for w, c in zip(without, with_conversion))
+        nothing = max(predicted_rank_costs(s, [params.high] * len(tokens), params))
+        chosen = max(predicted_rank_costs(s, decide(s, params).expert_precision, params))
+        assert chosen <= nothing
+        assert chosen < nothing or not any(with_conversion) or granularity == "expert"
+        costs = predicted_rank_costs(s, decide(s, params).expert_precision, params)
+        assert all(c <= t for c, t in zip(costs, rank_loads(s, ep)[0])), (costs, rank_loads(s, ep)[0], params)
+        changed += without != with_conversion
+    assert changed > 20  # the sample exercises the term
+
+
+def test_conversion_cost_follows_the_weight_cache_and_is_validated():
+    assert conversion_cost_for("on_the_fly") == DEFAULT_CONVERSION_COST
+    assert conversion_cost_for("persistent") == 0.0
+    with pytest.raises(ValueError, match="weight_cache='disk' is not allowed"):
+        conversion_cost_for("disk")
+    assert PolicyParams(conversion_cost=7).device_rule().conversion_cost == 7.0
+    for bad in (-1.0, float("nan"), float("inf"), True, "512", None):
+        with pytest.raises(ValueError, match=r"conversion_cost must be a finite number of token-expert pairs >= 0"):
+            PolicyParams(conversion_cost=bad)
+
+
+def test_fp8_dispatch_is_possible_only_where_a_rank_can_run_fp8():
+    assert may_give_a_rank(PolicyParams(policy="realb", low="fp8", ep_size=2), "fp8", 8)
+    assert not may_give_a_rank(PolicyParams(policy="realb", low="fp8", ep_size=1), "fp8", 8)
+    assert not may_give_a_rank(PolicyParams(policy="realb", low="nvfp4", ep_size=2), "fp8", 8)
+    assert not may_give_a_rank(PolicyParams(policy="off", ep_size=2), "fp8", 8)
+    assert may_give_a_rank(PolicyParams(policy="all_low", low="fp8", ep_size=2), "fp8", 8)
+    static = PolicyParams(policy="static", low="nvfp4", ep_size=2, rank_precisions=((0, "fp8"),))
+    assert may_give_a_rank(static, "fp8", 8) and not may_give_a_rank(static, "nvfp4", 8)
+    assert not may_give_a_rank(PolicyParams(policy="static", ep_size=2, rank_precisions=((0, "high"),)), "fp8", 8)

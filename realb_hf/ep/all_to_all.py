@@ -2,8 +2,10 @@
 `_combine_tokens`; transformers' own `__call__` strings them together.
 
 - The count exchange carries the global routing counts: one all-gather of (pairs per expert, vision pairs per
-  expert, rows, a flag for rows that do not fit low precision) from every rank replaces transformers' all-to-all of counts. Still one small
-  collective and the layer's one host sync, now with everything the decision and the split sizes need.
+  expert, rows, a flag for rows that do not fit fp8) from every rank replaces transformers' all-to-all of counts.
+  Still one small collective and the layer's one host sync, now with everything the decision and the split sizes
+  need; the vector is built in one launch (`count_exchange.exchange_counts`), the finite check only where a rank
+  can be lowered to fp8.
 - This rank's lowered experts start converting before the token exchange is queued (`RealbEP.prefetch`).
 - Ranks lowered to fp8 receive their rows as e4m3 + one fp32 scale per row (about half the bytes), quantized in the
   pass that groups them, and run them without quantizing again (the received executor).
@@ -23,9 +25,10 @@ from ..experts import RECEIVED, LayerPlan, Prefetch
 from ..formats.fp8 import quantize_rowwise
 from ..kernels import rows as row_kernels
 from ..kernels.combine import weighted_combine
-from ..kernels.sort import rows_fit_low_precision
-from ..policy import RoutingStats
+from ..modality import TEXT
+from ..policy import RoutingStats, may_give_a_rank
 from .base import RealbEP, grad_flows
+from .count_exchange import exchange_counts
 from .groups import all_gather_into, collective, section
 from .state import EpState
 from .tp_rows import tp_gather_rows, tp_rows
@@ -80,12 +83,10 @@ class RealbAllToAllEP(RealbEP, AllToAllEP):
         device = hidden_states.device
 
         with section("count_exchange"):
-            counts = module.realb_routing_counts(top_k_index, modality, num_global).reshape(-1)
-            check_finite = state.fp8_dispatch and no_grad
-            unfit = (~rows_fit_low_precision(hidden_states)).any().reshape(1) if check_finite else counts.new_zeros(1)
-            # a host scalar through `new_tensor` would be a pageable copy: a stream stall before the exchange
-            rows_here = torch.full((1,), hidden_states.size(0), dtype=counts.dtype, device=device)
-            mine = torch.cat([counts, rows_here, unfit.to(counts.dtype)])
+            # rows travel as fp8 only to a rank the config can lower to fp8: otherwise nothing is checked
+            params = module.realb_runtime.params(device)
+            check_finite = state.fp8_dispatch and no_grad and may_give_a_rank(params, "fp8", num_global)
+            mine = exchange_counts(top_k_index, modality, hidden_states, num_global, TEXT, check_finite)
             gathered = torch.empty(ep_size * mine.numel(), dtype=mine.dtype, device=device)
             with collective("all_gather of the routing counts", module):
                 all_gather_into(gathered, mine, ep_group)
@@ -97,7 +98,7 @@ class RealbAllToAllEP(RealbEP, AllToAllEP):
             stats = RoutingStats(
                 tuple(totals[:num_global]), tuple(totals[num_global : 2 * num_global]), totals[2 * num_global]
             )
-            quantized = state.fp8_dispatch and no_grad and totals[2 * num_global + 1] == 0
+            quantized = check_finite and totals[2 * num_global + 1] == 0
             plan = module.realb_plan(hidden_states, top_k_index, (modality, source), stats, quantized, self.rank)
             recv_table = table[:, placement.local]  # rows each source sends to each of this rank's experts
             rows_per_expert = recv_table.sum(0).tolist()

@@ -38,6 +38,7 @@ class DecisionRule:
     imbalance_threshold: float
     modality_threshold: float
     cost_ratio: float  # predicted time of a low-precision pair relative to a high-precision one
+    conversion_cost: float = 0.0  # pairs' worth of time to convert one lowered expert's weights (0: none per call)
 
 
 if triton is not None:
@@ -107,6 +108,7 @@ if triton is not None:
         modality_threshold = tl.load(prm_ptr + 1)
         cost_ratio = tl.load(prm_ptr + 2)
         saving = tl.load(prm_ptr + 3)
+        conversion = tl.load(prm_ptr + 4)
         mean = tl.sum(tokens, axis=0) / EP
         hot = tokens > mean * hot_scale
         if EXPERT:
@@ -121,13 +123,17 @@ if triton is not None:
             key = tl.sort(key, dim=1, descending=True)
             taken = tl.where(key >= 0, key // PER_BLOCK, 0)
             before = (tl.cumsum(taken, axis=1) - taken).to(tl.float64)
-            lower = (key >= 0) & (tokens[:, None] - saving * before > target)
+            cost = tokens[:, None] - saving * before + conversion * j.to(tl.float64)
+            worth = (saving * taken.to(tl.float64) > conversion).to(tl.int32) + (conversion == 0.0).to(tl.int32) > 0
+            go = (key >= 0) & (cost > target) & worth
+            lower = tl.cumsum((~go).to(tl.int32), axis=1) == 0  # a prefix: the host loop stops at the first no
             col = PER_BLOCK - 1 - (key & (PER_BLOCK - 1))
             tl.store(out_ptr + r * PER + col, lower.to(tl.int8), mask=(r < EP) & (col < PER))
         else:
             share = tl.where(tokens > 0, vision / tl.where(tokens > 0, tokens, 1.0), 0.0)  # f64: IEEE division
             eligible = hot & (share >= modality_threshold)
-            floor = tl.max(tl.where(eligible, tokens * cost_ratio, tokens), axis=0)
+            lowered_cost = tl.minimum(tokens, tokens * cost_ratio + conversion * PER)
+            floor = tl.max(tl.where(eligible, lowered_cost, tokens), axis=0)
             lowered = eligible & (tokens > floor)
             flags = (lowered[:, None] & (j >= 0)).to(tl.int8)
             tl.store(out_ptr + idx, flags, mask=m)
@@ -158,7 +164,9 @@ def lowered_flags_reference(counts: torch.Tensor, rule: DecisionRule) -> torch.T
 
     Rank granularity: a rank is hot when its pairs exceed the mean by more than `imbalance_threshold`; hot ranks
     whose vision share reaches `modality_threshold` are eligible, and those still above the slowest rank once
-    every eligible one is lowered (`floor`) are lowered. Expert granularity: see `_lowered_experts_of_hot_ranks`.
+    every eligible one that gains is lowered (`floor`) are lowered. A lowered rank costs its pairs times
+    `cost_ratio` plus `conversion_cost` per expert, so a rank whose conversion outweighs its saving never gains.
+    Expert granularity: see `_lowered_experts_of_hot_ranks`.
     Exact integer sums and float64, the operations of the host decision, so both decide alike.
     """
     num_experts = counts.shape[-1]
@@ -170,7 +178,9 @@ def lowered_flags_reference(counts: torch.Tensor, rule: DecisionRule) -> torch.T
         return _lowered_experts_of_hot_ranks(per_expert, tokens, hot, rule).reshape(-1)
     share = torch.where(tokens > 0, vision / tokens.clamp(min=1), torch.zeros_like(tokens))
     eligible = hot & (share >= rule.modality_threshold)
-    floor = torch.where(eligible, tokens * rule.cost_ratio, tokens).max()
+    conversion = rule.conversion_cost * (num_experts // rule.ep_size)
+    lowered_cost = torch.minimum(tokens, tokens * rule.cost_ratio + conversion)
+    floor = torch.where(eligible, lowered_cost, tokens).max()
     lowered = eligible & (tokens > floor)
     return lowered.repeat_interleave(num_experts // rule.ep_size)
 
@@ -179,9 +189,9 @@ def _lowered_experts_of_hot_ranks(
     per_expert: torch.Tensor, tokens: torch.Tensor, hot: torch.Tensor, rule: DecisionRule
 ) -> torch.Tensor:
     """Expert granularity, (ranks, experts of a rank) bool: each hot rank lowers its vision-dominated experts one
-    at a time, most pairs first, until its predicted time no longer exceeds the busiest rank that is not hot. That
-    loop is a prefix of each rank's candidates sorted by pairs (descending, stable), cut where the remaining cost
-    reaches the target."""
+    at a time, most pairs first, until its predicted time no longer exceeds the busiest rank that is not hot, or
+    the next expert's saving no longer exceeds its `conversion_cost` (when there is one). That loop is a prefix of
+    each rank's candidates sorted by pairs (descending, stable), cut at the first candidate that fails."""
     pairs, vision = per_expert[0], per_expert[1]
     target = torch.where(hot, torch.zeros_like(tokens), tokens).max()
     share = vision.double() / pairs.double().clamp(min=1)
@@ -189,7 +199,12 @@ def _lowered_experts_of_hot_ranks(
     key, order = torch.sort(torch.where(candidate, pairs, -1), dim=1, descending=True, stable=True)
     taken = key.clamp(min=0)
     before = taken.cumsum(1) - taken  # pairs already lowered when each candidate comes up (exact integers)
-    lower = (key > 0) & (tokens[:, None] - (1.0 - rule.cost_ratio) * before.double() > target)
+    saving, conversion = 1.0 - rule.cost_ratio, rule.conversion_cost
+    k = torch.arange(key.shape[1], dtype=torch.float64, device=key.device)  # conversions before each candidate
+    cost = tokens[:, None] - saving * before.double() + conversion * k
+    worth = (saving * key.double() > conversion) | (conversion == 0.0)
+    go = (key > 0) & (cost > target) & worth
+    lower = go.long().cummin(1).values.bool()  # a prefix: the host loop stops at the first candidate that fails
     return torch.zeros_like(lower).scatter(1, order, lower)
 
 
@@ -262,7 +277,10 @@ def routing_counts_many(
     return torch.stack([counts[:, 0] + counts[:, 1], counts[:, 1]], dim=1)
 
 
-_RULE_SCHEMA = "int ep_size, bool expert_granularity, float imbalance_threshold, float modality_threshold, float cost_ratio"
+_RULE_SCHEMA = (
+    "int ep_size, bool expert_granularity, float imbalance_threshold, float modality_threshold, float cost_ratio, "
+    "float conversion_cost=0.0"
+)
 
 
 def _rule_args(rule: DecisionRule) -> tuple:
@@ -273,6 +291,7 @@ def _rule_args(rule: DecisionRule) -> tuple:
         float(rule.imbalance_threshold),
         float(rule.modality_threshold),
         float(rule.cost_ratio),
+        float(rule.conversion_cost),
     )
 
 
@@ -396,11 +415,12 @@ _PARAMS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _decision_params(rule: DecisionRule, device: torch.device) -> torch.Tensor:
-    """(1 + imbalance_threshold, modality_threshold, cost ratio, 1 - cost ratio) as float64 on `device`, cached
+    """(1 + imbalance_threshold, modality_threshold, cost ratio, 1 - cost ratio, conversion cost) as float64 on
+    `device`, cached
     (the Python doubles the reference uses, bit for bit). The host copy stays cached with it: a CUDA graph that
     captured the upload reads that host memory again on every replay."""
     ratio = rule.cost_ratio
-    values = [1.0 + rule.imbalance_threshold, rule.modality_threshold, ratio, 1.0 - ratio]
+    values = [1.0 + rule.imbalance_threshold, rule.modality_threshold, ratio, 1.0 - ratio, float(rule.conversion_cost)]
     key = (*values, str(device))
     if key not in _PARAMS:
         if len(_PARAMS) >= 64:
