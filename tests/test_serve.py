@@ -293,3 +293,14 @@ def test_allow_model_loading_keeps_transformers_load_route_but_never_reset():
     assert endpoints["/load_model"] == "load_model"  # transformers' own: loads with these ReaLB settings
     reply = TestClient(served.app).post("/reset")
     assert reply.status_code == 403 and "unload" in reply.text
+
+
+def test_the_bundled_tokenizer_declares_the_response_template_its_training_script_sets():
+    """transformers' server finds the answer with the tokenizer's response template; the word-level tokenizer
+    decodes `<|im_start|>assistant\\n` as `<|im_start|> assistant`, which Qwen's fallback template would miss."""
+    from transformers import AutoTokenizer
+
+    from demo import train
+
+    assert AutoTokenizer.from_pretrained(bundled_model_dir()).response_template == train.RESPONSE_TEMPLATE
+    assert train.build_tokenizer().response_template == train.RESPONSE_TEMPLATE
