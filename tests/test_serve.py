@@ -132,9 +132,18 @@ def openai_content(example) -> list[dict]:
     return [*parts, {"type": "text", "text": example.question}]
 
 
+_CLIENTS: dict[str, object] = {}
+
+
+def client_for(base: str):
+    """One OpenAI client per server, shared by the test's threads (the client is thread-safe)."""
+    if base not in _CLIENTS:
+        _CLIENTS[base] = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    return _CLIENTS[base]
+
+
 def ask(base: str, example) -> str:
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
-    reply = client.chat.completions.create(
+    reply = client_for(base).chat.completions.create(
         model=str(bundled_model_dir()),
         messages=[{"role": "user", "content": openai_content(example)}],
         max_tokens=8,
@@ -151,6 +160,14 @@ def test_text_and_image_answers_equal_generate(server, reference):
         expected = generate(reference, example)
         assert ask(base, example) == expected == example.answer  # the bundled model answers these right
     assert realb_hf.get_telemetry(reference[0]).summary()["lowered_token_fraction"] > 0  # ReaLB lowered pairs
+    stream = client_for(base).chat.completions.create(
+        model=str(bundled_model_dir()),
+        messages=[{"role": "user", "content": openai_content(image)}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+    )
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream).strip() == image.answer
 
 
 def test_sixteen_concurrent_requests_equal_sequential_ones(server, reference):
