@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 setup: $(BIN)/python
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[cpu,test,demo,prometheus]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[cpu,test,demo,prometheus,serve]"
 	# lmms-eval without its dependency list (it would replace the CPU torch): integrations/lmms_eval/requirements.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps lmms-eval==0.7.3
 	$(BIN)/pip install -q --disable-pip-version-check -r integrations/lmms_eval/requirements.txt

@@ -63,6 +63,13 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
+# How transformers' server (`realb-hf serve`) finds the answer in a generation. The word-level tokenizer decodes
+# the prompt with spaces and without newlines, so the Qwen template transformers falls back to would not match.
+RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": f"{IM_START} assistant",
+    "fields": {"content": {"close_pattern": r"\s*<\|im_end\|>", "content": "text"}},
+}
 
 
 # ---- tokenizer, processor, config ---------------------------------------------------------------------
@@ -85,6 +92,7 @@ def build_tokenizer():
         unk_token=UNK,
         eos_token=IM_END,
         padding_side="left",  # batched generation
+        response_template=RESPONSE_TEMPLATE,
         extra_special_tokens={
             "image_token": IMAGE_PAD,
             "video_token": VIDEO_PAD,

@@ -3,7 +3,8 @@
 `realb-hf run` (the README's first command) builds a tiny Qwen3-VL-MoE from its config, sends one image+text
 batch through it with ReaLB under virtual EP, and prints what every MoE layer saw and decided.
 `realb-hf demo` serves the Gradio demo (realb_hf/bundled.py finds it); `realb-hf save` / `realb-hf push` load a
-model with ReaLB and save or upload it with a model card (realb_hf/hub.py).
+model with ReaLB and save or upload it with a model card (realb_hf/hub.py). `realb-hf serve` serves a model with
+ReaLB through transformers' OpenAI-compatible server (realb_hf/serve.py).
 
 Every argument is checked before anything is loaded or written; a mistake ends with one line naming the flag.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -203,10 +205,13 @@ def _load(source: str, config, args: argparse.Namespace):
     try:
         return load_with_realb(source, config, device=args.device)
     except ValueError as err:
-        given = [n for n in KNOBS if getattr(args, n) is not None and re.search(rf"\b{n}\b", str(err))]
-        if given:
-            raise ValueError(f"{_flag(given[0])} {getattr(args, given[0])}: {err}") from None
-        raise
+        raise _under_knob_flag(err, args) from None
+
+
+def _under_knob_flag(err: ValueError, args: argparse.Namespace) -> ValueError:
+    """`err` reported under the knob flag it is about (a model refusing --ep-size names it), else as it is."""
+    given = [n for n in KNOBS if getattr(args, n) is not None and re.search(rf"\b{n}\b", str(err))]
+    return ValueError(f"{_flag(given[0])} {getattr(args, given[0])}: {err}") if given else err
 
 
 def cmd_save(args: argparse.Namespace) -> int:
@@ -245,6 +250,84 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    value = _whole(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port between 1 and 65535, got {value}")
+    return value
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from .hub import check_source
+    from .serve import build_server, check_address, run
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world != "1":
+        raise ValueError(
+            f"realb-hf serve runs in one process, but WORLD_SIZE={world} (torchrun?): transformers' server loads no "
+            "DistributedConfig and does not share requests between ranks, so it cannot serve under expert "
+            "parallelism; --ep-size plans a virtual EP in one process. For EP batch work use "
+            "integrations/torchrun/run_ep.py (docs/serving.md)"
+        )
+    source = check_source(args.model)
+    if "@" in source and Path(source).exists():  # transformers' server reads `@` as the start of a revision
+        raise ValueError(f"MODEL {args.model}: transformers' server cannot load a folder whose path contains '@'")
+    knobs = {n: getattr(args, n) for n in KNOBS if getattr(args, n) is not None}
+    config = _realb_config(knobs)  # no knob given: a saved ReaLB model keeps its settings, others get the defaults
+    _check_device(args.device)
+    check_address(args.host, args.port)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("realb_hf.serve").setLevel(args.log_level.upper())
+
+    try:
+        served = build_server(
+            source,
+            config,
+            device=args.device,
+            allow_model_loading=args.allow_model_loading,
+            continuous_batching=args.continuous_batching,
+        )
+    except ValueError as err:
+        raise _under_knob_flag(err, args) from None
+    print(f"serving {args.model} with ReaLB on http://{args.host}:{args.port} (OpenAI API under /v1, /metrics)")
+    run(served, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _add_serve_parser(sub) -> None:
+    from .serve import DEFAULT_HOST, DEFAULT_PORT
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model with ReaLB through transformers' OpenAI-compatible server, with /metrics",
+        description="Serve MODEL with ReaLB through transformers' OpenAI-compatible server (docs/serving.md).",
+    )
+    serve.add_argument("model", metavar="MODEL", help="local model folder or Hub id")
+    serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    serve.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    serve.add_argument("--device", default="auto", help="device_map of the model: auto (default), cpu, cuda, ...")
+    serve.add_argument(
+        "--allow-model-loading",
+        action="store_true",
+        help="let clients load other models (/load_model; each with these ReaLB settings); off: MODEL is pinned",
+    )
+    serve.add_argument(
+        "--continuous-batching",
+        action="store_true",
+        help="transformers' continuous batching where it supports the model (text-only models); said at start-up",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="debug: one line per request with its ReaLB decision summary",
+    )
+    _add_knobs(serve, "ReaLB settings (default: the model's saved values, else the defaults)")
+    serve.set_defaults(func=cmd_serve)
+
+
 def _add_hub_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--base-model",
@@ -261,7 +344,11 @@ def _add_hub_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--license", help="license id for the card metadata")
     p.add_argument("--device", default="cpu", help="where to load the model (default cpu)")
-    knobs = p.add_argument_group("ReaLB settings to save (default: the source's saved values, else the defaults)")
+    _add_knobs(p, "ReaLB settings to save (default: the source's saved values, else the defaults)")
+
+
+def _add_knobs(p: argparse.ArgumentParser, title: str) -> None:
+    knobs = p.add_argument_group(title)
     knobs.add_argument("--policy", choices=POLICIES)
     knobs.add_argument("--low-precision", choices=LOW_PRECISION_CHOICES)
     knobs.add_argument("--granularity", choices=GRANULARITIES)
@@ -319,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--commit-message", default="Upload ReaLB model with realb_hf")
     _add_hub_options(push)
     push.set_defaults(func=cmd_push)
+
+    _add_serve_parser(sub)
 
     # Forwarded whole to `python -m realb_hf.bench` (see main), listed here for --help.
     sub.add_parser(

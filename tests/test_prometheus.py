@@ -10,7 +10,7 @@ from conftest import load_qwen
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from integrations.prometheus import serve_metrics  # noqa: E402
+from integrations.prometheus import serve_metrics  # noqa: E402  (re-exports realb_hf.prometheus)
 
 
 def free_port() -> int:
@@ -134,7 +134,7 @@ def test_records_the_window_dropped_before_a_scrape_are_counted_as_dropped(qwen_
 def test_missing_extra_names_it(monkeypatch):
     import builtins
 
-    from integrations._extras import require
+    from realb_hf.extras import require
 
     real_import = builtins.__import__
 

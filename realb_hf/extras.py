@@ -1,4 +1,4 @@
-"""One place for "this integration needs an optional package" errors."""
+"""One place for "this feature needs an optional package" errors (realb_hf's extras: serve, prometheus, ...)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,6 @@ def require(module: str, extra: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as err:
         raise ImportError(
-            f"this integration needs `{module}`, which is not installed; install it with "
+            f"this feature needs `{module}`, which is not installed; install it with "
             f"`pip install 'realb_hf[{extra}]'` (or `pip install -e '.[{extra}]'` in a checkout)"
         ) from err
