@@ -172,6 +172,7 @@ KNOBS = (
     "batch_threshold",
     "modality_threshold",
     "imbalance_threshold",
+    "conversion_cost",
 )
 
 
@@ -357,6 +358,7 @@ def _add_knobs(p: argparse.ArgumentParser, title: str) -> None:
     knobs.add_argument("--batch-threshold", type=_whole(0))
     knobs.add_argument("--modality-threshold", type=_number)
     knobs.add_argument("--imbalance-threshold", type=_number)
+    knobs.add_argument("--conversion-cost", type=_number, help="pairs per lowered expert converted per call")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -54,6 +54,7 @@ _FIELDS: dict[str, _Field] = {
     "weight_cache": _Field("on_the_fly", True),
     "ep_size": _Field(1, True),
     "low_cost_ratio": _Field(None, True),
+    "conversion_cost": _Field(0.0, True),
     "modules_to_not_convert": _Field(None, False),
 }
 
@@ -99,11 +100,14 @@ class RealbConfig(QuantizationConfigMixin):
             contiguous virtual ranks, exactly as transformers' EP would shard them.
         low_cost_ratio: predicted time of a lowered expert's compute relative to high precision on the target
             hardware; None uses the format's default (see `realb_hf.policy.DEFAULT_LOW_COST_RATIO`).
+        conversion_cost: predicted time of converting one lowered expert's weights, in token-expert pairs at high
+            precision, which the dynamic policy counts against a lowering's saving when weight_cache="on_the_fly"
+            (0: not counted; `realb_hf.policy.DEFAULT_CONVERSION_COST` is the H200 estimate, see docs/design.md).
         modules_to_not_convert: module name fragments whose experts are left untouched.
 
     Defaults: low_precision="auto", high_precision="bf16", policy="realb", rank_precisions=None,
     modality_threshold=0.7, batch_threshold=2048, imbalance_threshold=0.1, granularity="rank",
-    weight_cache="on_the_fly", ep_size=1, low_cost_ratio=None, modules_to_not_convert=None.
+    weight_cache="on_the_fly", ep_size=1, low_cost_ratio=None, conversion_cost=0.0, modules_to_not_convert=None.
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class RealbConfig(QuantizationConfigMixin):
         weight_cache: str = _UNSET,
         ep_size: int = _UNSET,
         low_cost_ratio: float | None = _UNSET,
+        conversion_cost: float = _UNSET,
         modules_to_not_convert: list[str] | None = _UNSET,
         **kwargs: Any,
     ):
@@ -149,6 +154,7 @@ class RealbConfig(QuantizationConfigMixin):
         self.ep_size = _number("ep_size", self.ep_size, 1, None, integer=True)
         if self.low_cost_ratio is not None:
             self.low_cost_ratio = _number("low_cost_ratio", self.low_cost_ratio, 0.0, 1.0, lo_open=True)
+        self.conversion_cost = float(_number("conversion_cost", self.conversion_cost, 0.0, None))
         self.rank_precisions = self._validated_rank_precisions(self.rank_precisions)
         if self.modules_to_not_convert is not None:
             if not isinstance(self.modules_to_not_convert, (list, tuple)) or not all(

@@ -51,6 +51,7 @@ SETTING_MEANINGS = {
     "weight_cache": "on_the_fly: convert lowered weights per forward (no extra memory); persistent: keep copies",
     "ep_size": "expert-parallel size the policy plans for (virtual EP in one process)",
     "low_cost_ratio": "predicted low-precision time relative to bf16 (None: the format's default)",
+    "conversion_cost": "per-call weight conversion of a lowered expert, in token-expert pairs (0: not counted)",
     "modules_to_not_convert": "experts modules left untouched",
 }
 

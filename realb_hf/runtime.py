@@ -94,6 +94,7 @@ class Settings:
                 imbalance_threshold=c.imbalance_threshold,
                 low_cost_ratio=c.low_cost_ratio,
                 rank_precisions=tuple((c.rank_precisions or {}).items()),
+                conversion_cost=c.conversion_cost if c.weight_cache == "on_the_fly" else 0.0,  # copies: made once
             )
         return params
 

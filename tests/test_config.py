@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from transformers.quantizers import auto
 
 import realb_hf
@@ -122,3 +123,20 @@ def test_update_leaving_static_drops_its_map():
     c = RealbConfig(policy="static", rank_precisions={0: "low"}, ep_size=2)
     c.update(policy="realb")
     assert c.policy == "realb" and c.rank_precisions is None
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), "512", True, None])
+def test_conversion_cost_refuses_bad_values(bad):
+    with pytest.raises(ValueError, match="RealbConfig.conversion_cost"):
+        RealbConfig(conversion_cost=bad)
+
+
+def test_conversion_cost_counts_only_per_call_conversion():
+    """The policy sees the conversion cost only when weights are converted on every call."""
+    from realb_hf.runtime import Settings
+
+    device = torch.device("cpu")
+    assert Settings(RealbConfig(conversion_cost=512)).params(device).conversion_cost == 512.0
+    persistent = RealbConfig(conversion_cost=512, weight_cache="persistent")
+    assert Settings(persistent).params(device).conversion_cost == 0.0
+    assert Settings(RealbConfig()).params(device).conversion_cost == 0.0

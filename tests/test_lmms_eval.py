@@ -66,6 +66,7 @@ EVERY_FIELD = {
     "weight_cache": "persistent",
     "ep_size": 2,
     "low_cost_ratio": 0.5,
+    "conversion_cost": 256,
     "modules_to_not_convert": "visual;layers.0.mlp",
 }
 EVERY_FIELD_STRING = (
@@ -85,6 +86,7 @@ EVERY_FIELD_CONFIG = dict(
     weight_cache="persistent",
     ep_size=2,
     low_cost_ratio=0.5,
+    conversion_cost=256.0,
     modules_to_not_convert=["visual", "layers.0.mlp"],
 )
 

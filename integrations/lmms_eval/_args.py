@@ -21,7 +21,7 @@ from realb_hf.config import RealbConfig
 REALB_FIELDS: tuple[str, ...] = tuple(k for k in RealbConfig().to_dict() if k != "quant_method")
 _NONE_WORDS = ("none", "null", "")
 _INT_FIELDS = ("batch_threshold", "ep_size")
-_FLOAT_FIELDS = ("modality_threshold", "imbalance_threshold", "low_cost_ratio")
+_FLOAT_FIELDS = ("modality_threshold", "imbalance_threshold", "low_cost_ratio", "conversion_cost")
 _OPTIONAL_FIELDS = ("rank_precisions", "low_cost_ratio", "modules_to_not_convert")
 
 

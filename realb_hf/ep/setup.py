@@ -125,7 +125,7 @@ def prepare_expert_parallel(model, config) -> None:
 # ReaLB's collectives). weight_cache only changes where low-precision copies live, not the result.
 PRECISION_FIELDS = (
     "policy", "high_precision", "low_precision", "granularity", "ep_size", "modality_threshold", "batch_threshold",
-    "imbalance_threshold", "low_cost_ratio", "rank_precisions", "modules_to_not_convert",
+    "imbalance_threshold", "low_cost_ratio", "conversion_cost", "rank_precisions", "modules_to_not_convert",
 )  # fmt: skip
 
 
