@@ -497,3 +497,35 @@ def test_profile_calls_reads_the_sections_of_a_real_run(tmp_path):
     assert isinstance(section("decide"), contextlib.nullcontext)  # no profiler running: no label, no cost
     assert set(s["sections_host_ms"]) == {"realb::decide"}
     assert any(name == "aten::mm" for name, _ in s["top_host_ops_self_ms"])
+
+
+def test_generate_bench_decomposes_decode_steps_on_cpu(tmp_path, capsys):
+    """Both caches, stock and ReaLB: every run generates exactly the asked tokens, a decode step is the difference
+    of the full and the first-token run over the steps between, and ratios and extras are against stock."""
+    from realb_hf.bench import generation
+
+    out = tmp_path / "gen.json"
+    argv = ["--preset", "tiny", "--layers", "1", "--requests", "2", "--prompt-tokens", "6", "--new-tokens", "3"]
+    assert generation.main([*argv, "--repeats", "1", "--variants", "realb default config", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {(r["variant"], r["cache"]): r for r in result["results"]}
+    assert set(rows) == {(v, c) for v in ("stock", "realb default config") for c in ("static", "dynamic")}
+    for (_, cache), r in rows.items():
+        assert r["generated_tokens"] == 3 and r["full_ms"] > 0 and r["first_token_ms"] > 0
+        assert r["decode_step_ms"] == pytest.approx((r["full_ms"] - r["first_token_ms"]) / 2)
+        assert r["decode_compiled"] == (r["graphs"] > 0)
+        stock = rows["stock", cache]
+        # CPU timings are noise: a step may come out negative, and then there is no ratio
+        if stock["decode_step_ms"] > 0 and r["decode_step_ms"] > 0:
+            assert r["vs_stock"] == pytest.approx(stock["decode_step_ms"] / r["decode_step_ms"])
+        else:
+            assert r["vs_stock"] is None
+        assert r["extra_decode_step_ms"] == pytest.approx(r["decode_step_ms"] - stock["decode_step_ms"])
+        assert r["gpu_busy_step_ms"] is None and r["host_step_ms"] is None  # CPU: no GPU time to split off
+    assert "| static | realb default config |" in capsys.readouterr().out
+    for bad in (["--new-tokens", "1"], ["--requests", "0"]):
+        with pytest.raises(SystemExit):
+            generation.main(["--preset", "tiny", *bad])
+    stop = generation.StopAfter(4)
+    assert stop(torch.zeros(2, 3, dtype=torch.long), None).tolist() == [False, False]
+    assert stop(torch.zeros(2, 4, dtype=torch.long), None).tolist() == [True, True]
