@@ -400,6 +400,10 @@ def test_hot_rank_compiled_rows_on_cpu(tmp_path, monkeypatch, capsys):
     assert "vs stock (same mode)" in table
     with pytest.raises(SystemExit):
         hot_rank.main([*argv, "--compile", "--compile-backend", "eager", "--compile-mode", "reduce-overhead"])
+    some = ["--compile", "--compile-backend", "eager", "--compile-variants", hot_rank.NOTHING_LOWERED_VARIANT]
+    assert hot_rank.main([*argv, *some]) == 0
+    compiled = [r["variant"] for r in json.loads(out.read_text())["results"] if r["compiled"]]
+    assert compiled == [hot_rank.STOCK, hot_rank.NOTHING_LOWERED_VARIANT]  # stock always, first
 
 
 def test_hot_rank_and_decode_overhead_clis_on_cpu(tmp_path, monkeypatch):

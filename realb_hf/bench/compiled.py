@@ -82,13 +82,15 @@ def settings_from_args(args: argparse.Namespace) -> CompileSettings:
     return CompileSettings(tuple(dict.fromkeys(modes)), args.compile_backend)
 
 
-def compiled_subset(requested: Sequence[str], timed: Sequence[str], compilable: Sequence[str]) -> tuple[str, ...]:
-    """The variants that get compiled rows: `requested` that this run times, with stock ("stock_bf16") first, since
-    every compiled row is compared with compiled stock. Names that cannot be compiled are refused."""
+def compiled_subset(
+    requested: Sequence[str], timed: Sequence[str], compilable: Sequence[str], stock: str = "stock_bf16"
+) -> tuple[str, ...]:
+    """The variants that get compiled rows: `requested` that this run times, with `stock` first, since every
+    compiled row is compared with compiled stock. Names that cannot be compiled are refused."""
     bad = [v for v in requested if v not in compilable]
     if bad:
         raise ValueError(f"cannot compile {bad}; compile variants are {list(compilable)}")
-    return tuple(v for v in dict.fromkeys(("stock_bf16", *requested)) if v in (*timed, "stock_bf16"))
+    return tuple(v for v in dict.fromkeys((stock, *requested)) if v in (*timed, stock))
 
 
 def compile_callable(fn: Callable, mode: str, backend: str) -> Callable:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from transformers import CompileConfig, StoppingCriteria, StoppingCriteriaList
 
-from .compiled import COMPILE_BACKENDS, dynamo_counts, ratio
+from .compiled import COMPILE_BACKENDS, dynamo_counts, failure, ratio
 from .hot_rank import finish
 from .model import MODEL_PRESETS, build_model, model_config
 from .profiling import profile_calls
@@ -103,9 +103,13 @@ def measure(model, input_ids, new_tokens: int, cache: str, repeats: int, backend
         row["full_ms"], row["first_token_ms"] = wall_ms(full, repeats), wall_ms(first, repeats)
         steps = new_tokens - 1
         row["decode_step_ms"] = (row["full_ms"] - row["first_token_ms"]) / steps
-        busy = [profile_calls(fn, calls=2)["gpu_busy_ms"] for fn in (full, first)]
+        try:
+            busy = [profile_calls(fn, calls=2)["gpu_busy_ms"] for fn in (full, first)]
+        except Exception as err:  # the wall-clock row stands without the split; the reason is kept
+            row["profile_error"] = failure(err)
+            busy = [None]
     if None in busy:
-        row["gpu_busy_step_ms"] = row["host_step_ms"] = None  # no GPU: nothing to split
+        row["gpu_busy_step_ms"] = row["host_step_ms"] = None  # no GPU (or no profile): nothing to split
     else:
         row["gpu_busy_step_ms"] = (busy[0] - busy[1]) / steps
         row["host_step_ms"] = row["decode_step_ms"] - row["gpu_busy_step_ms"]

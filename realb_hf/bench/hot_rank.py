@@ -27,6 +27,7 @@ from .compiled import (
     CompileSettings,
     add_compile_arguments,
     compile_callable,
+    compiled_subset,
     dynamo_counts,
     failure,
     mode_label,
@@ -199,9 +200,11 @@ def run(
     graphs: bool = False,
     repeats: int = 30,
     compile_settings: CompileSettings | None = None,
+    compile_variants: tuple[str, ...] = COMPILED_VARIANTS,
 ) -> dict:
-    """Every variant eager (and as a CUDA graph with `graphs`), then `COMPILED_VARIANTS` compiled in each mode of
-    `compile_settings`, on the same inputs."""
+    """Every variant eager (and as a CUDA graph with `graphs`), then `compile_variants` (stock always) compiled in
+    each mode of `compile_settings`, on the same inputs."""
+    compile_variants = compiled_subset(compile_variants, COMPILED_VARIANTS, COMPILED_VARIANTS, STOCK)
     compile_settings = compile_settings or CompileSettings()
     dims = PRESETS[preset]
     stock = build_experts(dims["hidden"], dims["inter"], dims["local_experts"], device)
@@ -226,7 +229,7 @@ def run(
                 extra = f"  graph {row['graph_ms'] or float('nan'):.3f} ms" if "graph_ms" in row else ""
                 print(f"{tokens:>6} tok  eager     {name:<48} {ms:8.3f} ms  err {err:.4f}{extra}", flush=True)
             for mode in compile_settings.modes:
-                for name in COMPILED_VARIANTS:
+                for name in compile_variants:
                     row = dict(tokens=tokens, rows=tokens * dims["top_k"], variant=name, mode=mode_label(mode))
                     row.update(compiled_row(variants[name], mode, compile_settings.backend, inputs, reference, repeats))
                     rows.append(row)
@@ -296,6 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graphs", action="store_true", help="also time each variant as a CUDA graph replay")
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per variant (the median is reported)")
     add_compile_arguments(parser, several_modes=True)
+    parser.add_argument(
+        "--compile-variants",
+        nargs="+",
+        choices=COMPILED_VARIANTS,
+        default=list(COMPILED_VARIANTS),
+        metavar="VARIANT",
+        help=f"variants timed compiled with --compile (stock always; default all: {list(COMPILED_VARIANTS)})",
+    )
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.repeats < 1:
@@ -305,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     result = run(args.preset, args.tokens, device, graphs=args.graphs, repeats=args.repeats,
-                 compile_settings=compile_settings)  # fmt: skip
+                 compile_settings=compile_settings, compile_variants=tuple(args.compile_variants))  # fmt: skip
     header, lines = table(result["results"])
     lines.append("")
     lines.append(
