@@ -270,24 +270,140 @@ def test_cli_layer_writes_json_and_markdown(tmp_path, capsys):
         assert key in data["env"]
     assert data["workloads"][0]["skew_ep"] == 2
     markdown = (tmp_path / "layer-tiny.md").read_text()
-    assert "| EP | max/mean load | variant |" in markdown and "realb_rank_otf" in markdown
+    assert "| EP | max/mean load | mode | variant |" in markdown and "realb_rank_otf" in markdown
     out = capsys.readouterr().out
     assert out.rstrip().endswith(markdown.rstrip().splitlines()[-1])
 
 
 @pytest.mark.slow
 def test_cli_model_tiny(tmp_path):
+    """Eager rows of every variant, compiled rows (dynamo with the eager backend here) of stock and the compile
+    variant, ratios within each mode, and ReaLB's pipeline with nothing lowered as the lever's reference."""
     from realb_hf.bench.__main__ import main
 
     argv = [
         "model", "--preset", "tiny", "--requests", "2", "--request-tokens", "96", "--skew", "1.5", "--ep", "4",
-        "--variants", "stock_bf16", "realb_rank_otf", "--warmup", "0", "--repeats", "1", "--batch-threshold", "0",
-        "--device", "cpu", "--dtype", "float32", "--no-progress", "--out", str(tmp_path),
+        "--variants", "stock_bf16", "realb_nothing_lowered", "realb_rank_otf", "--warmup", "0", "--repeats", "1",
+        "--batch-threshold", "0", "--device", "cpu", "--dtype", "float32", "--no-progress", "--out", str(tmp_path),
+        "--compile", "--compile-backend", "eager", "--compile-variants", "realb_rank_otf",
     ]  # fmt: skip
     assert main(argv) == 0
     data = json.loads((tmp_path / "model-tiny.json").read_text())
-    assert set(data["variants"]) == {"stock_bf16", "realb_rank_otf"}
-    assert data["variants"]["realb_rank_otf"]["lowered_fraction"] > 0
+    variants = data["variants"]
+    compiled = {"stock_bf16 [compiled]", "realb_rank_otf [compiled]"}
+    assert set(variants) == {"stock_bf16", "realb_nothing_lowered", "realb_rank_otf", *compiled}
+    for name, v in variants.items():
+        assert v["compiled"] == (name in compiled) and "error" not in v and v["ms"] > 0
+        stock = variants["stock_bf16 [compiled]" if v["compiled"] else "stock_bf16"]
+        assert v["speedup_vs_stock"] == pytest.approx(stock["ms"] / v["ms"])
+    assert variants["realb_rank_otf"]["lowered_fraction"] > 0
+    assert variants["realb_rank_otf [compiled]"]["lowered_fraction"] > 0
+    assert variants["realb_nothing_lowered"]["lowered_fraction"] == 0.0
+    lever = variants["realb_rank_otf"]["speedup_vs_nothing_lowered"]
+    assert lever == pytest.approx(variants["realb_nothing_lowered"]["ms"] / variants["realb_rank_otf"]["ms"])
+    assert "| compiled | realb_rank_otf [compiled] |" in (tmp_path / "model-tiny.md").read_text()
+
+
+def _compiled_pairs(rows: dict, eager_stock: str, compiled_stock: str) -> None:
+    """Every compiled row's ratio is against compiled stock, every eager row's against eager stock."""
+    for row in rows.values():
+        stock = rows[compiled_stock if row["compiled"] else eager_stock]
+        assert row["speedup"] == pytest.approx(stock["ms"] / row["ms"])
+
+
+def test_layer_cli_compiled_and_nothing_lowered_rows(tmp_path, capsys):
+    """--compile adds a compiled row (aot_eager here) per compile variant next to its eager row, with ratios taken
+    within each mode; realb_nothing_lowered is ReaLB's pipeline lowering nothing, and the lever's own gain is
+    measured against it."""
+    from realb_hf.bench.__main__ import main
+
+    argv = [
+        "layer", "--preset", "tiny", "--tokens", "256", "--skew", "1.6", "--ep", "2",
+        "--variants", "realb_nothing_lowered", "realb_rank_persistent", "--warmup", "1", "--repeats", "2",
+        "--input-sets", "1", "--batch-threshold", "0", "--device", "cpu", "--dtype", "float32", "--no-progress",
+        "--no-plot", "--out", str(tmp_path), "--compile", "--compile-backend", "aot_eager",
+        "--compile-variants", "realb_rank_persistent",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    variants = json.loads((tmp_path / "layer-tiny.json").read_text())["workloads"][0]["eps"][0]["variants"]
+    compiled = {"stock_bf16 [compiled]", "realb_rank_persistent [compiled]"}
+    assert set(variants) == {"stock_bf16", "realb_nothing_lowered", "realb_rank_persistent", *compiled}
+    for name, v in variants.items():
+        assert v["compiled"] == (name in compiled) and v["mode"] == ("compiled" if name in compiled else "eager")
+        assert "error" not in v and v["layer_ms"] == max(r["ms"] for r in v["ranks"]) > 0
+        stock = variants["stock_bf16 [compiled]" if v["compiled"] else "stock_bf16"]
+        assert v["speedup_vs_stock"] == pytest.approx(stock["layer_ms"] / v["layer_ms"])
+        if v["compiled"]:
+            assert all(r["compile_s"] > 0 for r in v["ranks"]) and v["compile_s"] > 0
+    nothing = variants["realb_nothing_lowered"]
+    assert nothing["lowered_fraction"] == 0.0 and nothing["rank_precision"] == ["bf16", "bf16"]
+    assert variants["realb_rank_persistent"]["rank_precision"][0] == "fp8"
+    lever = variants["realb_rank_persistent"]["speedup_vs_nothing_lowered"]
+    assert lever == pytest.approx(nothing["layer_ms"] / variants["realb_rank_persistent"]["layer_ms"])
+    assert variants["realb_rank_persistent [compiled]"]["speedup_vs_nothing_lowered"] is None  # not compiled here
+    table = capsys.readouterr().out
+    assert "| compiled | realb_rank_persistent [compiled] |" in table and "vs ReaLB nothing lowered" in table
+    assert main([*argv[:-2], "--compile-mode", "reduce-overhead"]) == 2
+    assert "compile modes other than 'default' need the inductor backend, not 'aot_eager'" in capsys.readouterr().err
+
+
+def test_nothing_lowered_runs_the_realb_pipeline():
+    """The nothing-lowered config lowers nothing on a skewed batch and, where the device executor runs, runs it
+    (not the stock forward): it is ReaLB's pipeline without the precision lever."""
+    from realb_hf.bench.compiled import NOTHING_LOWERED
+
+    preset = get_preset("tiny")
+    full = build_experts(preset, torch.device("cpu"), torch.bfloat16)
+    w, _ = workload_for_skew(WorkloadSpec(tokens=256, num_experts=16, top_k=4), 1.9, 4)
+    variant = VARIANTS["realb_nothing_lowered"]
+    assert (variant.policy, variant.imbalance_threshold) == (
+        NOTHING_LOWERED["policy"],
+        NOTHING_LOWERED["imbalance_threshold"],
+    )
+    config = LayerBenchSettings(batch_threshold=0).realb_config(variant, 4)
+    hidden = torch.randn(256, preset.hidden).to(torch.bfloat16)
+    module = rank_module(full, 0, 4, True, config)
+    module.realb_device_path = "always"
+    with torch.no_grad():
+        plan = module.realb_plan(hidden, w.top_k_index, (w.modality, MODALITY_SOURCE))
+        assert plan.executor == DEVICE and not bool(plan.low_flags.any())
+        dynamic = LayerBenchSettings(batch_threshold=0).realb_config(VARIANTS["realb_rank_otf"], 4)
+        params = RealbRuntime(config=dynamic).params(torch.device("cpu"))
+        assert decide(routing_stats(w), params).rank_precision[0] == "fp8"  # the same batch is lowered by default
+
+
+def test_hot_rank_compiled_rows_on_cpu(tmp_path, monkeypatch, capsys):
+    from realb_hf.bench import hot_rank
+
+    monkeypatch.setitem(hot_rank.PRESETS, "tiny-test", dict(hidden=64, inter=32, local_experts=4, top_k=2))
+    out = tmp_path / "hot.json"
+    argv = ["--preset", "tiny-test", "--tokens", "16", "--repeats", "2", "--out", str(out)]
+    assert hot_rank.main([*argv, "--compile", "--compile-backend", "aot_eager"]) == 0
+    result = json.loads(out.read_text())
+    rows = result["results"]
+    eager = {r["variant"]: r for r in rows if r["mode"] == "eager"}
+    compiled = {r["variant"]: r for r in rows if r["mode"] == "compiled"}
+    assert set(compiled) == set(hot_rank.COMPILED_VARIANTS) and set(eager) >= set(compiled)
+    assert all(r["compiled"] for r in compiled.values()) and not any(r["compiled"] for r in eager.values())
+    assert result["compile_backend"] == "aot_eager"
+    for group in (eager, compiled):
+        for r in group.values():
+            assert "error" not in r and r["ms"] > 0
+            assert r["speedup"] == pytest.approx(group[hot_rank.STOCK]["ms"] / r["ms"])
+            assert r["vs_nothing_lowered"] == pytest.approx(group[hot_rank.NOTHING_LOWERED_VARIANT]["ms"] / r["ms"])
+    for name, r in compiled.items():
+        assert r["compile_s"] > 0 and r["graphs"] >= 1
+        assert r["rel_err"] == pytest.approx(eager[name]["rel_err"], abs=1e-3)  # compiled computes the same
+    assert compiled["realb fp8 persistent (fused kernels)"]["rel_err"] > 0.01  # fp8 really ran compiled
+    table = capsys.readouterr().out
+    assert "| 16 | compiled | realb fp8 persistent (fused kernels) |" in table
+    assert "vs stock (same mode)" in table
+    with pytest.raises(SystemExit):
+        hot_rank.main([*argv, "--compile", "--compile-backend", "eager", "--compile-mode", "reduce-overhead"])
+    some = ["--compile", "--compile-backend", "eager", "--compile-variants", hot_rank.NOTHING_LOWERED_VARIANT]
+    assert hot_rank.main([*argv, *some]) == 0
+    compiled = [r["variant"] for r in json.loads(out.read_text())["results"] if r["compiled"]]
+    assert compiled == [hot_rank.STOCK, hot_rank.NOTHING_LOWERED_VARIANT]  # stock always, first
 
 
 def test_hot_rank_and_decode_overhead_clis_on_cpu(tmp_path, monkeypatch):
@@ -385,3 +501,35 @@ def test_profile_calls_reads_the_sections_of_a_real_run(tmp_path):
     assert isinstance(section("decide"), contextlib.nullcontext)  # no profiler running: no label, no cost
     assert set(s["sections_host_ms"]) == {"realb::decide"}
     assert any(name == "aten::mm" for name, _ in s["top_host_ops_self_ms"])
+
+
+def test_generate_bench_decomposes_decode_steps_on_cpu(tmp_path, capsys):
+    """Both caches, stock and ReaLB: every run generates exactly the asked tokens, a decode step is the difference
+    of the full and the first-token run over the steps between, and ratios and extras are against stock."""
+    from realb_hf.bench import generation
+
+    out = tmp_path / "gen.json"
+    argv = ["--preset", "tiny", "--layers", "1", "--requests", "2", "--prompt-tokens", "6", "--new-tokens", "3"]
+    assert generation.main([*argv, "--repeats", "1", "--variants", "realb default config", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {(r["variant"], r["cache"]): r for r in result["results"]}
+    assert set(rows) == {(v, c) for v in ("stock", "realb default config") for c in ("static", "dynamic")}
+    for (_, cache), r in rows.items():
+        assert r["generated_tokens"] == 3 and r["full_ms"] > 0 and r["first_token_ms"] > 0
+        assert r["decode_step_ms"] == pytest.approx((r["full_ms"] - r["first_token_ms"]) / 2)
+        assert r["decode_compiled"] == (r["graphs"] > 0)
+        stock = rows["stock", cache]
+        # CPU timings are noise: a step may come out negative, and then there is no ratio
+        if stock["decode_step_ms"] > 0 and r["decode_step_ms"] > 0:
+            assert r["vs_stock"] == pytest.approx(stock["decode_step_ms"] / r["decode_step_ms"])
+        else:
+            assert r["vs_stock"] is None
+        assert r["extra_decode_step_ms"] == pytest.approx(r["decode_step_ms"] - stock["decode_step_ms"])
+        assert r["gpu_busy_step_ms"] is None and r["host_step_ms"] is None  # CPU: no GPU time to split off
+    assert "| static | realb default config |" in capsys.readouterr().out
+    for bad in (["--new-tokens", "1"], ["--requests", "0"]):
+        with pytest.raises(SystemExit):
+            generation.main(["--preset", "tiny", *bad])
+    stop = generation.StopAfter(4)
+    assert stop(torch.zeros(2, 3, dtype=torch.long), None).tolist() == [False, False]
+    assert stop(torch.zeros(2, 4, dtype=torch.long), None).tolist() == [True, True]

@@ -31,6 +31,7 @@ MODES = ("all_reduce", "all_to_all")
 STALL_TIMEOUT_S = 2.0
 EP_PREFILL_VARIANTS = (
     "realb policy off",
+    "realb nothing lowered (bf16 pipeline)",
     "realb rank, on_the_fly",
     "realb rank, persistent",
     "fp8 everywhere (all_low, persistent)",
@@ -123,6 +124,12 @@ def test_end_to_end_prefill_benchmark_runs_under_real_ep(tmp_path):
     assert report["variants"]["realb rank, persistent"]["layers_lowered_per_forward"] > 0
     assert report["variants"]["fp8 everywhere (all_low, persistent)"]["lowered_token_fraction"] == 1.0
     assert report["variants"]["realb policy off"]["layers_lowered_per_forward"] == 0
+    # ReaLB's pipeline lowering nothing, and the lever's own gain measured against it; the imbalance threshold the
+    # nothing-lowered variant raises does not leak into the variants after it
+    nothing = report["variants"]["realb nothing lowered (bf16 pipeline)"]
+    assert nothing["layers_lowered_per_forward"] == 0 and nothing["lowered_token_fraction"] == 0.0
+    persistent = report["variants"]["realb rank, persistent"]
+    assert persistent["speedup_vs_nothing_lowered"] == pytest.approx(nothing["ms"] / persistent["ms"])
     # a fixed bias (no calibration) still reports the skew it gives; the variants run in the order asked
     args += ["--router-bias", "0.5", "--variants", "realb rank, persistent", "realb policy off"]
     proc = torchrun(2, "realb_hf.bench.ep_prefill", *args, timeout=240)

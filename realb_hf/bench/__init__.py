@@ -7,6 +7,8 @@
 - `report`: environment record, markdown, JSON/plot files.
 - `hot_rank`, `decode_overhead`: one EP rank's experts forward, stock vs ReaLB (a straggler's prefill; a decode
   batch where nothing is lowered).
+- `generation`: `generate` decode steps, stock vs ReaLB, static and dynamic cache, split into GPU and host time.
+- `compiled`: the compiled rows (`--compile`) and the nothing-lowered configuration the benchmarks share.
 - `ep_layer`, `ep_prefill`: real expert parallelism under torchrun (one layer timed; end-to-end prefill). Their
   equality with one process is checked by the repository's harness, `tests/ep_check.py`.
 

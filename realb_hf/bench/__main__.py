@@ -5,6 +5,9 @@
     python -m realb_hf.bench model --preset qwen3-vl-30b-a3b --layers 24 --skew 1.6 --ep 8 --out out/
     python -m realb_hf.bench trace-info my.trace.pt
 
+`--compile` (layer, model) adds compiled rows next to the eager ones: torch.compile of stock and of ReaLB, each on
+its own, compared with compiled stock (see `realb_hf.bench.compiled`).
+
 Every run writes <name>.json (with GPU name, versions, date and the exact command line), <name>.md and,
 with matplotlib installed, <name>.png into --out, and prints the markdown table last.
 """
@@ -39,8 +42,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .layer import ALIASES, DEFAULT_VARIANTS, EP_FORMS, PRESETS, VARIANTS
-    from .model import MODEL_DEFAULT_VARIANTS, MODEL_PRESETS, MODEL_VARIANTS
+    from .compiled import add_compile_arguments
+    from .layer import ALIASES, DEFAULT_COMPILE_VARIANTS, DEFAULT_VARIANTS, EP_FORMS, PRESETS, VARIANTS
+    from .model import MODEL_DEFAULT_COMPILE_VARIANTS, MODEL_DEFAULT_VARIANTS, MODEL_PRESETS, MODEL_VARIANTS
     from .workload import HOT_LAYOUTS
 
     parser = argparse.ArgumentParser(prog="python -m realb_hf.bench", description=__doc__.splitlines()[0])
@@ -81,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_argument("--warmup", type=int, default=5)
     layer.add_argument("--repeats", type=int, default=20)
     layer.add_argument("--input-sets", type=int, default=3, help="hidden-state tensors rotated between calls")
+    add_compile_arguments(layer, several_modes=True)
+    layer.add_argument(
+        "--compile-variants",
+        nargs="+",
+        choices=[v for v in VARIANTS if VARIANTS[v].kind != "oracle"],
+        default=list(DEFAULT_COMPILE_VARIANTS),
+        help="the --variants also timed compiled with --compile (every rank compiles its own call; stock always)",
+    )
     _add_realb_knobs(layer)
     _add_common(layer)
     layer.set_defaults(func=cmd_layer)
@@ -100,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--variants", nargs="+", choices=list(MODEL_VARIANTS), default=list(MODEL_DEFAULT_VARIANTS))
     model.add_argument("--warmup", type=int, default=2)
     model.add_argument("--repeats", type=int, default=5)
+    add_compile_arguments(model, several_modes=True)
+    model.add_argument(
+        "--compile-variants",
+        nargs="+",
+        choices=list(MODEL_VARIANTS),
+        default=list(MODEL_DEFAULT_COMPILE_VARIANTS),
+        help="the --variants also timed compiled with --compile (torch.compile of the whole model; stock always)",
+    )
     _add_realb_knobs(model)
     _add_common(model)
     model.set_defaults(func=cmd_model)
@@ -176,6 +196,7 @@ def cmd_layer(args: argparse.Namespace, argv: list[str] | None) -> int:
         variants=tuple(args.variants),
         ep_form=args.ep_form,
         input_sets=args.input_sets,
+        compile_variants=tuple(args.compile_variants),
         **_shared_settings(args),
     )
     workloads = _layer_workloads(args, preset)
@@ -186,8 +207,11 @@ def cmd_layer(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def _shared_settings(args: argparse.Namespace) -> dict:
-    """The settings every benchmark kind takes from the common arguments (ReaLB knobs, timing, device)."""
+    """The settings every benchmark kind takes from the common arguments (ReaLB knobs, timing, device, compile)."""
+    from .compiled import settings_from_args
+
     return dict(
+        compile=settings_from_args(args),
         low_precision=args.low_precision,
         modality_threshold=args.modality_threshold,
         batch_threshold=args.batch_threshold,
@@ -218,6 +242,7 @@ def cmd_model(args: argparse.Namespace, argv: list[str] | None) -> int:
         ep=args.ep,
         trace=args.trace,
         variants=tuple(args.variants),
+        compile_variants=tuple(args.compile_variants),
         **_shared_settings(args),
     )
     result = run_model_bench(settings)

@@ -3,8 +3,11 @@
 The rank holds `local_experts` experts of a real model's dimensions and receives `tokens` tokens, each
 routed to `top_k` of its experts (the straggler of a vision-skewed batch). Every variant runs the full
 experts forward (sort, gather, both GEMMs, activation, weighted combine), quantization included.
+With `--compile` the paths a compile user runs are also timed under `torch.compile` (each mode of
+`--compile-mode`), stock and ReaLB compiled separately on the same inputs (see `realb_hf.bench.compiled`).
 
     python -m realb_hf.bench.hot_rank --out out/hot_rank.json
+    python -m realb_hf.bench.hot_rank --tokens 8192 16384 --graphs --compile --compile-mode default reduce-overhead
 """
 
 from __future__ import annotations
@@ -17,6 +20,21 @@ import statistics
 import sys
 
 import torch
+
+from .compiled import (
+    EAGER,
+    NOTHING_LOWERED,
+    CompileSettings,
+    add_compile_arguments,
+    compile_callable,
+    compiled_subset,
+    dynamo_counts,
+    failure,
+    mode_label,
+    ratio,
+    settings_from_args,
+    warm_up,
+)
 
 PRESETS = {
     # Qwen3-VL-30B-A3B: hidden 2048, moe_intermediate 768, 128 experts, top-8; EP=4 -> 32 experts per rank.
@@ -111,13 +129,22 @@ def graph_ms(module, args, repeats: int = 50) -> float | None:
     return time_ms(lambda: graph.replay(), [()], warmup=3, repeats=repeats)
 
 
-def run(
-    preset: str, tokens_list: list[int], device: torch.device, seed: int = 0, graphs: bool = False, repeats: int = 30
-) -> dict:
-    dims = PRESETS[preset]
-    stock = build_experts(dims["hidden"], dims["inter"], dims["local_experts"], device)
+STOCK = "stock bf16 (grouped_mm)"
+NOTHING_LOWERED_VARIANT = "realb policy=realb, nothing lowered"
+# the variants also timed compiled: the paths a compile user runs (the host-sync and unfused paths are references)
+COMPILED_VARIANTS = (
+    STOCK,
+    "realb policy=off",
+    "realb fp8 persistent (fused kernels)",
+    "realb fp8 on_the_fly (conversion included)",
+    NOTHING_LOWERED_VARIANT,
+)
+
+
+def make_variants(stock: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Stock and every ReaLB variant of the table, each its own module on the same weights."""
     variants = {
-        "stock bf16 (grouped_mm)": stock,
+        STOCK: stock,
         "realb policy=off": realb_variant(stock, policy="off"),
         "realb fp8 persistent (fused kernels)": realb_variant(
             stock, policy="all_low", low_precision="fp8", weight_cache="persistent"
@@ -130,9 +157,58 @@ def run(
     unfused = realb_variant(stock, policy="all_low", low_precision="fp8", weight_cache="persistent")
     unfused.realb_fuse_swiglu = False  # composed path: separate quant kernels, eager SwiGLU
     variants["realb fp8 persistent (unfused reference path)"] = unfused
-    # the dynamic policy on one rank with nothing to balance: decided on the device, nothing lowered
-    variants["realb policy=realb, nothing lowered"] = realb_variant(stock, policy="realb", batch_threshold=0)
+    # the dynamic policy with nothing to lower: ReaLB's bf16 pipeline (decided on the device where it runs)
+    variants[NOTHING_LOWERED_VARIANT] = realb_variant(stock, **NOTHING_LOWERED, batch_threshold=0)
+    return variants
 
+
+def rel_err(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((out.float() - reference).norm() / reference.norm()).item()
+
+
+def compiled_row(
+    module: torch.nn.Module, mode: str, backend: str, inputs: list, reference: torch.Tensor, repeats: int
+) -> dict:
+    """`torch.compile(module)` in `mode`, warmed up, checked against `reference` and timed like the eager rows; a
+    compile that fails is a result of its own (the row names the error) rather than the end of the run."""
+    row: dict = {"compiled": True}
+    try:
+        compiled = compile_callable(module, mode, backend)
+        row["compile_s"] = warm_up(lambda: compiled(*inputs[0]))
+        row["rel_err"] = rel_err(compiled(*inputs[0]), reference)
+        row["ms"] = time_ms(compiled, inputs, repeats=repeats)
+        row.update(dynamo_counts())
+    except Exception as err:
+        row["error"] = failure(err)
+    return row
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """`speedup`: against stock of the same mode (compiled against compiled); `vs_nothing_lowered`: against ReaLB's
+    bf16 pipeline of the same mode, the precision lever's own gain."""
+    for row in rows:
+        same = {r["variant"]: r.get("ms") for r in rows if r["tokens"] == row["tokens"] and r["mode"] == row["mode"]}
+        row["speedup"] = ratio(same.get(STOCK), row.get("ms"))
+        row["vs_nothing_lowered"] = ratio(same.get(NOTHING_LOWERED_VARIANT), row.get("ms"))
+
+
+def run(
+    preset: str,
+    tokens_list: list[int],
+    device: torch.device,
+    seed: int = 0,
+    graphs: bool = False,
+    repeats: int = 30,
+    compile_settings: CompileSettings | None = None,
+    compile_variants: tuple[str, ...] = COMPILED_VARIANTS,
+) -> dict:
+    """Every variant eager (and as a CUDA graph with `graphs`), then `compile_variants` (stock always) compiled in
+    each mode of `compile_settings`, on the same inputs."""
+    compile_variants = compiled_subset(compile_variants, COMPILED_VARIANTS, COMPILED_VARIANTS, STOCK)
+    compile_settings = compile_settings or CompileSettings()
+    dims = PRESETS[preset]
+    stock = build_experts(dims["hidden"], dims["inter"], dims["local_experts"], device)
+    variants = make_variants(stock)
     rows = []
     for tokens in tokens_list:
         inputs = [
@@ -140,21 +216,55 @@ def run(
         ]
         with torch.no_grad():
             reference = stock(*inputs[0]).float()
-            base = None
             for name, module in variants.items():
-                out = module(*inputs[0]).float()
-                err = ((out - reference).norm() / reference.norm()).item()
+                err = rel_err(module(*inputs[0]), reference)
                 ms = time_ms(module, inputs, repeats=repeats)
-                base = base or ms
                 row = dict(
-                    tokens=tokens, rows=tokens * dims["top_k"], variant=name, ms=ms, speedup=base / ms, rel_err=err
-                )
+                    tokens=tokens, rows=tokens * dims["top_k"], variant=name, mode=EAGER, compiled=False, ms=ms,
+                    rel_err=err,
+                )  # fmt: skip
                 if graphs and device.type == "cuda":
                     row["graph_ms"] = graph_ms(module, inputs[0])
                 rows.append(row)
                 extra = f"  graph {row['graph_ms'] or float('nan'):.3f} ms" if "graph_ms" in row else ""
-                print(f"{tokens:>6} tok  {name:<48} {ms:8.3f} ms  {base / ms:5.2f}x  err {err:.4f}{extra}", flush=True)
-    return dict(preset=preset, dims=dims, results=rows)
+                print(f"{tokens:>6} tok  eager     {name:<48} {ms:8.3f} ms  err {err:.4f}{extra}", flush=True)
+            for mode in compile_settings.modes:
+                for name in compile_variants:
+                    row = dict(tokens=tokens, rows=tokens * dims["top_k"], variant=name, mode=mode_label(mode))
+                    row.update(compiled_row(variants[name], mode, compile_settings.backend, inputs, reference, repeats))
+                    rows.append(row)
+                    note = (
+                        f"FAILED {row['error']}"
+                        if "error" in row
+                        else f"{row['ms']:8.3f} ms  err {row['rel_err']:.4f}  compile {row['compile_s']:.1f} s"
+                    )
+                    print(f"{tokens:>6} tok  {row['mode']:<9} {name:<48} {note}", flush=True)
+            torch._dynamo.reset()
+    _add_ratios(rows)
+    return dict(preset=preset, dims=dims, compile_backend=compile_settings.backend, results=rows)
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def table(rows: list[dict]) -> tuple[str, list[str]]:
+    """The markdown table: every row's ratios are against stock and against ReaLB's bf16 pipeline of its own mode."""
+    lines = []
+    for r in rows:
+        graph = "-" if "graph_ms" not in r else "not capturable" if r["graph_ms"] is None else f"{r['graph_ms']:.3f}"
+        if "error" in r:
+            lines.append(f"| {r['tokens']} | {r['mode']} | {r['variant']} | failed: {r['error']} | - | - | - | - |")
+            continue
+        lines.append(
+            f"| {r['tokens']} | {r['mode']} | {r['variant']} | {r['ms']:.3f} | {_x(r['speedup'])} "
+            f"| {_x(r['vs_nothing_lowered'])} | {r['rel_err']:.4f} | {graph} |"
+        )
+    header = (
+        "| tokens | mode | variant | ms | vs stock (same mode) | vs ReaLB nothing lowered (same mode) | rel. error "
+        "| CUDA graph ms |\n|---|---|---|---|---|---|---|---|"
+    )
+    return header, lines
 
 
 def finish(
@@ -188,18 +298,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--graphs", action="store_true", help="also time each variant as a CUDA graph replay")
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per variant (the median is reported)")
+    add_compile_arguments(parser, several_modes=True)
+    parser.add_argument(
+        "--compile-variants",
+        nargs="+",
+        choices=COMPILED_VARIANTS,
+        default=list(COMPILED_VARIANTS),
+        metavar="VARIANT",
+        help=f"variants timed compiled with --compile (stock always; default all: {list(COMPILED_VARIANTS)})",
+    )
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
-    result = run(args.preset, args.tokens, device, graphs=args.graphs, repeats=args.repeats)
-    lines = []
-    for r in result["results"]:
-        graph = "-" if "graph_ms" not in r else "not capturable" if r["graph_ms"] is None else f"{r['graph_ms']:.3f}"
-        lines.append(
-            f"| {r['tokens']} | {r['variant']} | {r['ms']:.3f} | {r['speedup']:.2f}x | {r['rel_err']:.4f} | {graph} |"
-        )
-    header = "| tokens | variant | ms | speedup vs stock | rel. error | CUDA graph ms |\n|---|---|---|---|---|---|"
+    try:
+        compile_settings = settings_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    result = run(args.preset, args.tokens, device, graphs=args.graphs, repeats=args.repeats,
+                 compile_settings=compile_settings, compile_variants=tuple(args.compile_variants))  # fmt: skip
+    header, lines = table(result["results"])
+    lines.append("")
+    lines.append(
+        "Ratios compare like with like: an eager row against eager stock, a compiled row against compiled stock of "
+        "its mode. 'ReaLB nothing lowered' is ReaLB's own bf16 pipeline: the ratio against it is the precision "
+        "lever's own gain, the ratio against stock the total."
+    )
     finish(result, device, "realb_hf.bench.hot_rank", argv, header, lines, args.out)
     return 0
 

@@ -36,6 +36,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -48,6 +49,18 @@ from ..experts.weights import convert
 from ..policy import Decision, PolicyParams, RoutingStats, decide, expert_ranges
 from ..runtime import RealbRuntime
 from ..telemetry import make_record
+from .compiled import (
+    EAGER,
+    NOTHING_LOWERED,
+    CompileSettings,
+    compile_callable,
+    compiled_subset,
+    dynamo_counts,
+    failure,
+    mode_label,
+    ratio,
+    warm_up,
+)
 from .workload import Workload, uniform_pairs
 
 LATENCY_MODEL = (
@@ -204,12 +217,22 @@ class Variant:
     granularity: str = "rank"
     weight_cache: str = "on_the_fly"
     description: str = ""
+    imbalance_threshold: float | None = None  # None: the benchmark's setting
 
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
         Variant("stock_bf16", "stock", description="transformers' own experts forward (grouped_mm) in bf16"),
+        Variant(
+            "realb_nothing_lowered",
+            "realb",
+            NOTHING_LOWERED["policy"],
+            "rank",
+            "on_the_fly",
+            "ReaLB's own bf16 pipeline: the dynamic policy (decided on the device where it runs) lowering nothing",
+            imbalance_threshold=NOTHING_LOWERED["imbalance_threshold"],
+        ),
         Variant(
             "realb_rank_otf",
             "realb",
@@ -258,6 +281,7 @@ VARIANTS: dict[str, Variant] = {
 }
 DEFAULT_VARIANTS = (
     "stock_bf16",
+    "realb_nothing_lowered",
     "realb_rank_otf",
     "realb_rank_persistent",
     "realb_expert_otf",
@@ -265,6 +289,7 @@ DEFAULT_VARIANTS = (
     "all_low",
     "oracle_bf16",
 )
+DEFAULT_COMPILE_VARIANTS = ("stock_bf16", "realb_nothing_lowered", "realb_rank_otf", "realb_rank_persistent")
 
 
 @dataclass
@@ -285,6 +310,8 @@ class LayerBenchSettings:
     dtype: str = "bfloat16"
     device: str | None = None  # None: cuda if available
     progress: bool = True
+    compile: CompileSettings = field(default_factory=CompileSettings)
+    compile_variants: Sequence[str] = DEFAULT_COMPILE_VARIANTS  # timed compiled too, in every mode of `compile`
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -296,6 +323,8 @@ class LayerBenchSettings:
             raise ValueError("repeats >= 1, warmup >= 0 and input_sets >= 1 are required")
         if "stock_bf16" not in self.variants:
             self.variants = ("stock_bf16", *self.variants)  # every speedup is relative to it
+        compilable = [v for v in VARIANTS if VARIANTS[v].kind != "oracle"]
+        self.compile_variants = compiled_subset(self.compile_variants, self.variants, compilable)
 
     def realb_config(self, variant: Variant, ep_size: int) -> RealbConfig:
         return RealbConfig(
@@ -306,9 +335,23 @@ class LayerBenchSettings:
             low_precision=self.low_precision,
             modality_threshold=self.modality_threshold,
             batch_threshold=self.batch_threshold,
-            imbalance_threshold=self.imbalance_threshold,
+            imbalance_threshold=(
+                self.imbalance_threshold if variant.imbalance_threshold is None else variant.imbalance_threshold
+            ),
             low_cost_ratio=self.low_cost_ratio,
         )
+
+    def timed_rows(self, variant: Variant) -> list[tuple[str, str]]:
+        """(row key, compile mode or EAGER) of every row `variant` gets: eager, then one per compile mode."""
+        rows = [(variant.name, EAGER)]
+        if variant.name in self.compile_variants:
+            rows += [(row_key(variant.name, m), m) for m in self.compile.modes]
+        return rows
+
+
+def row_key(variant: str, mode: str) -> str:
+    """A row's name in results: the variant's, with the compile mode in brackets for a compiled row."""
+    return variant if mode == EAGER else f"{variant} [{mode_label(mode)}]"
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -517,6 +560,8 @@ class RankResult:
     convert_ms: float | None = None
     peak_mem_bytes: int = 0
     cache_bytes: int = 0
+    compile_s: float | None = None  # compiled rows: seconds of the first (compiling) call
+    graph_breaks: int | None = None  # compiled rows: dynamo's graph breaks while compiling
 
 
 @dataclass
@@ -526,7 +571,7 @@ class VariantResult:
     layer_ms: float
     slowest_rank: int
     mean_rank_ms: float
-    speedup_vs_stock: float = 1.0
+    speedup_vs_stock: float | None = 1.0  # None: stock of this mode failed to compile
     lowered_fraction: float = 0.0
     reason: str = ""
     predicted_speedup: float | None = None
@@ -534,12 +579,19 @@ class VariantResult:
     peak_mem_bytes: int = 0  # max over ranks
     cache_bytes_per_rank: int = 0  # max over ranks (persistent low-precision weight copies)
     ranks: list[RankResult] = field(default_factory=list)
+    base_variant: str = ""  # the variant's name (`variant` also names a compiled row's mode)
+    mode: str = EAGER  # "eager" or the compiled row's mode label
+    compiled: bool = False
+    speedup_vs_nothing_lowered: float | None = None  # the precision lever's own gain, same mode
+    compile_s: float = 0.0  # sum over ranks of the first (compiling) call
+    graph_breaks: int = 0  # max over ranks
 
 
-def _variant_result(variant: Variant, ranks: list[RankResult]) -> VariantResult:
+def _variant_result(variant: Variant, ranks: list[RankResult], key: str | None = None) -> VariantResult:
     slowest = max(ranks, key=lambda r: r.ms)
     return VariantResult(
-        variant=variant.name,
+        variant=key or variant.name,
+        base_variant=variant.name,
         description=variant.description,
         layer_ms=slowest.ms,
         slowest_rank=slowest.rank,
@@ -623,67 +675,80 @@ def _bench_ep(experts, wl, hidden_sets, stats, ep, variants, settings, device, b
             record = make_record(0, "bench", stats, decision, params, MODALITY_SOURCE)
             decisions[v.name] = (decision, params, record)
     load = wl.rank_load(ep)
-    rank_results: dict[str, list[RankResult]] = {v.name: [] for v in variants if v.kind != "oracle"}
+    timed = [v for v in variants if v.kind != "oracle"]
+    rank_results: dict[str, list[RankResult | str]] = {k: [] for v in timed for k, _ in settings.timed_rows(v)}
     for r in range(ep):
         lo, hi = r * e_local, (r + 1) * e_local
         inputs = rank_inputs(wl, hidden_sets, r, ep, settings.ep_form)
         vision_share = inputs.vision_pairs / inputs.pairs if inputs.pairs else 0.0
-        for v in variants:
-            if v.kind == "oracle":
-                continue
+        for v in timed:
             bar.set_postfix_str(f"ep={ep} rank={r} {v.name}")
-            rank_results[v.name].append(
-                _bench_rank(
-                    experts, wl, v, decisions.get(v.name), inputs, lo, hi, ep, r, vision_share, settings, device
-                )
+            rows = _bench_rank(
+                experts, wl, v, decisions.get(v.name), inputs, lo, hi, ep, r, vision_share, settings, device
             )
+            for key, result in rows.items():
+                rank_results[key].append(result)
             bar.update(1)
         del inputs
-    results = {}
+    results: dict[str, VariantResult | dict[str, Any]] = {}
     for v in variants:
         if v.kind == "oracle":
             bar.set_postfix_str(f"ep={ep} oracle")
-            module = rank_module(experts, 0, e_local, ep > 1)
-            calls = oracle_inputs(wl, hidden_sets, ep, settings.ep_form)
-            with _Memory(device) as mem:
-                t = time_calls(module, calls, settings.warmup, settings.repeats, device)
-            pairs = -(-wl.tokens * wl.top_k // ep)
-            ranks = [
-                RankResult(
-                    0,
-                    pairs,
-                    wl.vision_share,
-                    "bf16",
-                    t.median_ms,
-                    t.min_ms,
-                    t.max_ms,
-                    t.first_ms,
-                    peak_mem_bytes=mem.peak,
-                )
-            ]
-            res = _variant_result(v, ranks)
-            res.rank_precision = ["bf16"] * ep
-            results[v.name] = res
+            results[v.name] = _oracle(experts, wl, hidden_sets, v, ep, e_local, settings, device)
             bar.update(1)
             continue
-        res = _variant_result(v, rank_results[v.name])
-        if v.name in decisions:
-            decision, params, record = decisions[v.name]
-            res.lowered_fraction = record.lowered_fraction
-            res.reason = record.reason
-            res.predicted_speedup = record.predicted_speedup
-        results[v.name] = res
-    stock = results["stock_bf16"].layer_ms
-    for res in results.values():
-        res.speedup_vs_stock = stock / res.layer_ms if res.layer_ms > 0 else float("inf")
+        for key, mode in settings.timed_rows(v):
+            ranks = rank_results[key]
+            errors = [r for r in ranks if isinstance(r, str)]
+            if errors:  # a rank whose compile failed: the row reports the error instead of a time
+                results[key] = {"variant": key, "mode": mode_label(mode), "compiled": True, "error": errors[0]}
+                continue
+            res = _variant_result(v, ranks, key)
+            res.mode, res.compiled = mode_label(mode), mode != EAGER
+            if res.compiled:
+                res.compile_s = sum(r.compile_s or 0.0 for r in ranks)
+                res.graph_breaks = max(r.graph_breaks or 0 for r in ranks)
+            if v.name in decisions:
+                decision, params, record = decisions[v.name]
+                res.lowered_fraction = record.lowered_fraction
+                res.reason = record.reason
+                res.predicted_speedup = record.predicted_speedup
+            results[key] = res
+    _add_ratios(results)
     return {
         "ep": ep,
         "local_experts": e_local,
         "rank_pairs": load.pairs,
         "rank_vision_share": [round(s, 6) for s in load.vision_share],
         "max_over_mean": round(load.max_over_mean, 6),
-        "variants": {name: asdict(res) for name, res in results.items()},
+        "variants": {name: res if isinstance(res, dict) else asdict(res) for name, res in results.items()},
     }
+
+
+def _add_ratios(results: dict[str, VariantResult | dict[str, Any]]) -> None:
+    """Against stock and against ReaLB's bf16 pipeline (nothing lowered) of the same mode: a compiled row is
+    compared with compiled rows of its mode, an eager one (and the oracle) with eager rows."""
+    rows = [r for r in results.values() if isinstance(r, VariantResult)]
+    for res in rows:
+        same = {r.base_variant: r.layer_ms for r in rows if r.mode == res.mode}
+        res.speedup_vs_stock = ratio(same.get("stock_bf16"), res.layer_ms)
+        res.speedup_vs_nothing_lowered = ratio(same.get("realb_nothing_lowered"), res.layer_ms)
+
+
+def _oracle(experts, wl, hidden_sets, v: Variant, ep: int, e_local: int, settings, device) -> VariantResult:
+    module = rank_module(experts, 0, e_local, ep > 1)
+    calls = oracle_inputs(wl, hidden_sets, ep, settings.ep_form)
+    with _Memory(device) as mem:
+        t = time_calls(module, calls, settings.warmup, settings.repeats, device)
+    pairs = -(-wl.tokens * wl.top_k // ep)
+    ranks = [
+        RankResult(
+            0, pairs, wl.vision_share, "bf16", t.median_ms, t.min_ms, t.max_ms, t.first_ms, peak_mem_bytes=mem.peak
+        )
+    ]
+    res = _variant_result(v, ranks)
+    res.rank_precision = ["bf16"] * ep
+    return res
 
 
 def _convert_ms(module: RealbExperts, fmt: str, experts: list[int], settings, device: torch.device) -> float:
@@ -692,9 +757,14 @@ def _convert_ms(module: RealbExperts, fmt: str, experts: list[int], settings, de
     return t.median_ms
 
 
-def _bench_rank(experts, wl, variant, decided, inputs, lo, hi, ep, rank, vision_share, settings, device) -> RankResult:
+def _bench_rank(
+    experts, wl, variant, decided, inputs, lo, hi, ep, rank, vision_share, settings, device
+) -> dict[str, RankResult | str]:
+    """This rank's result for every row of `variant` (eager, then compiled in each mode): the same module, rows and
+    input sets for all of them; a compiled row whose compile fails holds the error instead."""
+    rows = settings.timed_rows(variant)
     if inputs.pairs == 0 and ep > 1 and settings.ep_form == "all_to_all":
-        return RankResult(rank, 0, 0.0, "idle", 0.0, 0.0, 0.0, 0.0)
+        return {key: RankResult(rank, 0, 0.0, "idle", 0.0, 0.0, 0.0, 0.0) for key, _ in rows}
     precision, convert_ms, cache = "bf16", None, 0
     if variant.kind == "realb":
         decision, params, _ = decided
@@ -709,28 +779,48 @@ def _bench_rank(experts, wl, variant, decided, inputs, lo, hi, ep, rank, vision_
     else:
         module = rank_module(experts, lo, hi, ep > 1)
         call, calls = module, inputs.calls
-    with _Memory(device) as mem:
-        t = time_calls(call, calls, settings.warmup, settings.repeats, device)
-    if variant.kind == "realb":
-        cache = module.realb_runtime.telemetry.extra_memory_bytes
+    out: dict[str, RankResult | str] = {}
+    for key, mode in rows:
+        compile_s = graph_breaks = None
+        try:
+            fn = call if mode == EAGER else compile_callable(call, mode, settings.compile.backend)
+            if mode != EAGER:
+                compile_s = warm_up(partial(fn, *calls[0]))
+            with _Memory(device) as mem:
+                t = time_calls(fn, calls, settings.warmup, settings.repeats, device)
+            if mode != EAGER:
+                graph_breaks = dynamo_counts()["graph_breaks"]
+        except Exception as err:
+            if mode == EAGER:
+                raise
+            out[key] = failure(err)
+            continue
+        if variant.kind == "realb":
+            cache = module.realb_runtime.telemetry.extra_memory_bytes
+        out[key] = RankResult(
+            rank,
+            inputs.pairs,
+            vision_share,
+            precision,
+            t.median_ms,
+            t.min_ms,
+            t.max_ms,
+            t.first_ms,
+            convert_ms=convert_ms,
+            peak_mem_bytes=mem.peak,
+            cache_bytes=cache,
+            compile_s=compile_s,
+            graph_breaks=graph_breaks,
+        )
+    if len(rows) > 1:
+        torch._dynamo.reset()  # frees the compiled rank's graphs (and CUDA-graph pools) before the next rank
     del module, call
-    return RankResult(
-        rank,
-        inputs.pairs,
-        vision_share,
-        precision,
-        t.median_ms,
-        t.min_ms,
-        t.max_ms,
-        t.first_ms,
-        convert_ms=convert_ms,
-        peak_mem_bytes=mem.peak,
-        cache_bytes=cache,
-    )
+    return out
 
 
 __all__ = [
     "ALIASES",
+    "DEFAULT_COMPILE_VARIANTS",
     "DEFAULT_VARIANTS",
     "EP_FORMS",
     "LATENCY_MODEL",
@@ -746,6 +836,7 @@ __all__ = [
     "rank_module",
     "realb_rank_call",
     "routing_stats",
+    "row_key",
     "run_layer_bench",
     "time_calls",
 ]

@@ -24,12 +24,23 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .layer import DTYPES, VARIANTS, resolve_device, time_calls
+from .compiled import (
+    EAGER,
+    CompileSettings,
+    compile_callable,
+    compiled_subset,
+    dynamo_counts,
+    failure,
+    mode_label,
+    ratio,
+    warm_up,
+)
+from .layer import DTYPES, VARIANTS, resolve_device, row_key, time_calls
 from .workload import rank_load
 
 MEASURES = (
@@ -37,7 +48,9 @@ MEASURES = (
     "use_cache=False, logits of the last position only), CUDA events, median of repeats. Single process: every "
     "expert on one GPU, so this is the SUM of all virtual EP ranks' work, not EP latency. ReaLB decides per layer "
     "for virtual EP=`ep` and lowers the experts of the overloaded vision ranks; stock_bf16 is the unconverted "
-    "model, realb_off the converted model with policy=off (ReaLB's bookkeeping only)."
+    "model, realb_off the converted model with policy=off (ReaLB's bookkeeping only), realb_nothing_lowered ReaLB's own "
+    "bf16 pipeline (the dynamic policy lowering nothing). Compiled rows: torch.compile(model, dynamic=False) of the "
+    "same model in the same configuration, compiled stock before the conversion."
 )
 
 # Qwen/Qwen3-VL-30B-A3B-Instruct config.json (public): text 48 layers, hidden 2048, 32 heads / 4 KV heads of 128,
@@ -94,12 +107,14 @@ MODEL_PRESETS = ("qwen3-vl-30b-a3b", "tiny")
 MODEL_DEFAULT_VARIANTS = (
     "stock_bf16",
     "realb_off",
+    "realb_nothing_lowered",
     "realb_rank_otf",
     "realb_expert_otf",
     "realb_rank_persistent",
     "all_low",
 )
 MODEL_VARIANTS = ("stock_bf16", "realb_off", *[v for v in VARIANTS if VARIANTS[v].kind == "realb"])
+MODEL_DEFAULT_COMPILE_VARIANTS = ("stock_bf16", "realb_nothing_lowered", "realb_rank_otf")
 
 
 def model_config(preset: str, layers: int | None = None):
@@ -349,6 +364,8 @@ class ModelBenchSettings:
     dtype: str = "bfloat16"
     device: str | None = None
     progress: bool = True
+    compile: CompileSettings = field(default_factory=CompileSettings)
+    compile_variants: tuple[str, ...] = MODEL_DEFAULT_COMPILE_VARIANTS  # timed compiled too, in every mode
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in MODEL_VARIANTS]
@@ -358,6 +375,11 @@ class ModelBenchSettings:
             self.variants = ("stock_bf16", *self.variants)
         order = {name: i for i, name in enumerate(MODEL_VARIANTS)}
         self.variants = tuple(sorted(dict.fromkeys(self.variants), key=lambda v: order[v]))  # stock first
+        self.compile_variants = compiled_subset(self.compile_variants, self.variants, MODEL_VARIANTS)
+
+    def modes(self, variant: str) -> tuple[str, ...]:
+        """EAGER, then every compile mode where `variant` is compiled."""
+        return (EAGER, *(self.compile.modes if variant in self.compile_variants else ()))
 
 
 def _persistent_bytes(model, low: str) -> int:
@@ -367,6 +389,56 @@ def _persistent_bytes(model, low: str) -> int:
         m.gate_up_proj.numel() + m.down_proj.numel() for m in realb_modules(model) if hasattr(m, "gate_up_proj")
     )
     return int(params * (1.02 if low == "fp8" else 0.57))
+
+
+def _time_prefill(model, batch: PrefillBatch, mode: str, settings: ModelBenchSettings, device, runtime) -> dict:
+    """One row: the prefill of `model` as it is configured now, eager or compiled in `mode` (a failed compile is
+    reported in the row, not raised)."""
+    entry: dict[str, Any] = {"mode": mode_label(mode), "compiled": mode != EAGER, "compile_mode": mode}
+    try:
+        forward = model if mode == EAGER else compile_callable(model, mode, settings.compile.backend)
+        if mode != EAGER:
+            entry["compile_s"] = warm_up(lambda: prefill_forward(forward, batch))
+            entry.update(dynamo_counts())
+        t = time_calls(lambda: prefill_forward(forward, batch), [()], settings.warmup, settings.repeats, device)
+    except Exception as err:
+        if mode == EAGER:
+            raise
+        entry["error"] = failure(err)
+        return entry
+    finally:
+        if mode != EAGER:
+            torch._dynamo.reset()  # the next configuration compiles afresh; frees this one's graphs
+    entry.update(
+        ms=t.median_ms,
+        min_ms=t.min_ms,
+        max_ms=t.max_ms,
+        first_ms=t.first_ms,
+        tokens_per_s=batch.tokens / (t.median_ms / 1e3),
+    )
+    if runtime is not None:
+        summary = runtime.telemetry.summary()
+        entry.update(
+            lowered_fraction=summary["lowered_token_fraction"],
+            layers_lowered=summary["layers_lowered"] / max(1, summary["forwards"]),
+            predicted_layer_speedup=summary["predicted_speedup"],
+            extra_memory_bytes=runtime.telemetry.extra_memory_bytes,
+        )
+    return entry
+
+
+def _add_ratios(results: dict[str, dict[str, Any]]) -> None:
+    """Against stock and against ReaLB's bf16 pipeline (nothing lowered) of the same mode."""
+    for entry in results.values():
+        if "ms" not in entry:
+            continue
+        mode = entry["compile_mode"]
+        stock, nothing = (
+            results.get(row_key("stock_bf16", mode), {}),
+            results.get(row_key("realb_nothing_lowered", mode), {}),
+        )
+        entry["speedup_vs_stock"] = ratio(stock.get("ms"), entry["ms"])
+        entry["speedup_vs_nothing_lowered"] = ratio(nothing.get("ms"), entry["ms"])
 
 
 def run_model_bench(settings: ModelBenchSettings) -> dict[str, Any]:
@@ -460,7 +532,14 @@ def run_model_bench(settings: ModelBenchSettings) -> dict[str, Any]:
                     runtime.reconfigure(policy="off")
                 else:
                     v = VARIANTS[name]
-                    runtime.reconfigure(policy=v.policy, granularity=v.granularity, weight_cache=v.weight_cache)
+                    runtime.reconfigure(
+                        policy=v.policy,
+                        granularity=v.granularity,
+                        weight_cache=v.weight_cache,
+                        imbalance_threshold=(
+                            settings.imbalance_threshold if v.imbalance_threshold is None else v.imbalance_threshold
+                        ),
+                    )
                     if v.weight_cache == "persistent" and device.type == "cuda":
                         torch.cuda.empty_cache()
                         need = _persistent_bytes(model, runtime.params(device).low)
@@ -471,30 +550,13 @@ def run_model_bench(settings: ModelBenchSettings) -> dict[str, Any]:
                                 "(use --layers to cut depth)"
                             }
                             continue
-                runtime.telemetry.reset()
-            t = time_calls(lambda: prefill_forward(model, batch), [()], settings.warmup, settings.repeats, device)
-            entry: dict[str, Any] = {
-                "ms": t.median_ms,
-                "min_ms": t.min_ms,
-                "max_ms": t.max_ms,
-                "first_ms": t.first_ms,
-                "tokens_per_s": batch.tokens / (t.median_ms / 1e3),
-            }
-            if runtime is not None:
-                summary = runtime.telemetry.summary()
-                entry.update(
-                    lowered_fraction=summary["lowered_token_fraction"],
-                    layers_lowered=summary["layers_lowered"] / max(1, summary["forwards"]),
-                    predicted_layer_speedup=summary["predicted_speedup"],
-                    extra_memory_bytes=runtime.telemetry.extra_memory_bytes,
-                )
-            results[name] = entry
+            for mode in settings.modes(name):
+                if runtime is not None:
+                    runtime.telemetry.reset()
+                results[row_key(name, mode)] = _time_prefill(model, batch, mode, settings, device, runtime)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    stock = results["stock_bf16"]["ms"]
-    for entry in results.values():
-        if "ms" in entry:
-            entry["speedup_vs_stock"] = stock / entry["ms"]
+    _add_ratios(results)
     if replayer is not None:
         replayer.detach()
     if biaser is not None:

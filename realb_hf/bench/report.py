@@ -56,6 +56,18 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _x(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+SAME_MODE = (
+    "Ratios compare like with like: an eager row against eager stock, a compiled row (torch.compile of stock and "
+    "of ReaLB, each on its own) against compiled stock of its mode. 'vs ReaLB nothing lowered' is against ReaLB's "
+    "own bf16 pipeline of the same mode (realb_nothing_lowered): the precision lever's own gain, where 'vs stock' "
+    "is the total gain."
+)
+
+
 def _header(result: dict[str, Any], title: str, notes: list[str]) -> list[str]:
     """Title, machine line, command and notes of a markdown report (CPU runs flagged as smoke tests)."""
     env = result.get("env", {})
@@ -94,21 +106,29 @@ def layer_markdown(result: dict[str, Any]) -> str:
         )
         lines.append("")
         lines.append(
-            "| EP | max/mean load | variant | layer ms (max over ranks) | vs stock | per-rank ms | rank precision "
-            "| lowered pairs | predicted | peak MB/rank | cache MB/rank |"
+            "| EP | max/mean load | mode | variant | layer ms (max over ranks) | vs stock | vs ReaLB nothing lowered "
+            "| per-rank ms | rank precision | lowered pairs | predicted | peak MB/rank | cache MB/rank |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for ep in wl["eps"]:
             for name, v in ep["variants"].items():
+                if v.get("error"):
+                    lines.append(
+                        f"| {ep['ep']} | {ep['max_over_mean']:.2f} | {v['mode']} | {name} | failed: {v['error']} "
+                        "| - | - | - | - | - | - | - | - |"
+                    )
+                    continue
                 ranks = " / ".join(_ms(r["ms"]) for r in v["ranks"]) if name != "oracle_bf16" else "balanced"
                 precision = " ".join(v["rank_precision"])
                 predicted = f"{v['predicted_speedup']:.2f}x" if v.get("predicted_speedup") else "-"
                 lines.append(
-                    f"| {ep['ep']} | {ep['max_over_mean']:.2f} | {name} | {v['layer_ms']:.3f} | "
-                    f"{v['speedup_vs_stock']:.2f}x | {ranks} | {precision} | {v['lowered_fraction'] * 100:.1f}% | "
+                    f"| {ep['ep']} | {ep['max_over_mean']:.2f} | {v.get('mode', 'eager')} | {name} | "
+                    f"{v['layer_ms']:.3f} | {_x(v['speedup_vs_stock'])} | {_x(v.get('speedup_vs_nothing_lowered'))} "
+                    f"| {ranks} | {precision} | {v['lowered_fraction'] * 100:.1f}% | "
                     f"{predicted} | {_mb(v['peak_mem_bytes'])} | {_mb(v['cache_bytes_per_rank'])} |"
                 )
         lines.append("")
+    lines.append(SAME_MODE)
     lines.append(
         "vs stock = stock layer latency / variant layer latency. predicted = ReaLB's cost-model layer speedup "
         "(policy.low_cost_ratio). lowered pairs = share of token-expert pairs run in low precision. "
@@ -133,18 +153,23 @@ def model_markdown(result: dict[str, Any]) -> str:
     )
     lines.append("")
     lines.append(
-        "| variant | prefill ms | tokens/s | vs stock | lowered pairs | layers lowered | extra memory MB | note |"
+        "| mode | variant | prefill ms | tokens/s | vs stock | vs ReaLB nothing lowered | lowered pairs "
+        "| layers lowered | extra memory MB | note |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for name, v in result["variants"].items():
-        if v.get("skipped"):
-            lines.append(f"| {name} | - | - | - | - | - | - | skipped: {v['skipped']} |")
+        mode = v.get("mode", "eager")
+        if v.get("skipped") or v.get("error"):
+            note = f"skipped: {v['skipped']}" if v.get("skipped") else f"failed: {v['error']}"
+            lines.append(f"| {mode} | {name} | - | - | - | - | - | - | - | {note} |")
             continue
         lines.append(
-            f"| {name} | {v['ms']:.1f} | {v['tokens_per_s']:.0f} | {v['speedup_vs_stock']:.3f}x | "
-            f"{v.get('lowered_fraction', 0.0) * 100:.1f}% | {v.get('layers_lowered', '-')} | "
-            f"{_mb(v.get('extra_memory_bytes'))} | {v.get('note', '')} |"
+            f"| {mode} | {name} | {v['ms']:.1f} | {v['tokens_per_s']:.0f} | {_x(v.get('speedup_vs_stock'))} | "
+            f"{_x(v.get('speedup_vs_nothing_lowered'))} | {v.get('lowered_fraction', 0.0) * 100:.1f}% | "
+            f"{v.get('layers_lowered', '-')} | {_mb(v.get('extra_memory_bytes'))} | {v.get('note', '')} |"
         )
+    lines.append("")
+    lines.append(SAME_MODE.replace("realb_nothing_lowered", "the realb_nothing_lowered variant"))
     lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -177,11 +202,12 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
         panels = result["workloads"]
         fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
         for ax, wl in zip(axes[0], panels):
-            names = list(wl["eps"][0]["variants"])
+            names = [n for n, v in wl["eps"][0]["variants"].items() if not v.get("error")]
             width = 0.8 / len(names)
             for i, name in enumerate(names):
                 xs = [j + i * width for j in range(len(wl["eps"]))]
-                ax.bar(xs, [ep["variants"][name]["speedup_vs_stock"] for ep in wl["eps"]], width, label=name)
+                speedups = [ep["variants"].get(name, {}).get("speedup_vs_stock") or 0.0 for ep in wl["eps"]]
+                ax.bar(xs, speedups, width, label=name)
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(wl["eps"]))])
             ax.set_xticklabels([f"EP={ep['ep']}\n{ep['max_over_mean']:.2f}" for ep in wl["eps"]])
             ax.axhline(1.0, color="black", linewidth=0.8)
@@ -189,7 +215,7 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
             ax.set_title(wl["label"])
         axes[0][0].legend(fontsize=7)
     else:
-        names = [n for n, v in result["variants"].items() if not v.get("skipped")]
+        names = [n for n, v in result["variants"].items() if not v.get("skipped") and not v.get("error")]
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.bar(names, [result["variants"][n]["tokens_per_s"] for n in names])
         ax.set_ylabel("prefill tokens/s")

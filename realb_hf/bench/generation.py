@@ -1,0 +1,239 @@
+"""Decode time of `generate`, stock vs ReaLB, with a static cache (which transformers compiles) and a dynamic one.
+
+A Qwen3-VL-30B-A3B-shaped model (`bench.model`, random weights, `--layers` decoder layers) generates
+`--new-tokens` greedy tokens for `--requests` text prompts of `--prompt-tokens` tokens; no end-of-sequence token
+is set, so every run generates exactly that many. Each variant is a fresh model from the same seed, after a dynamo
+reset, so a compiled decode step belongs to the variant that is timed.
+
+Decode time per step, and where it goes (the decomposition of docs/benchmarks.md: equal GPU time, host time
+measured):
+- wall: the same `generate` run twice, once stopped after its first new token (prefill and the first step) and
+  once to the end, both with the same cache size; (full - first) / (new_tokens - 1) is one decode step. Median of
+  `--repeats`, synchronized wall clock, after warm-up calls that compile.
+- GPU busy: the same difference of the GPU-busy time of each run under torch.profiler (CUDA only).
+- host: wall - GPU busy per step, the time the GPU waits for the host (launches, Python, the per-step sync).
+A ReaLB row whose GPU time equals stock's and whose wall time is higher loses that difference on the host.
+
+    python -m realb_hf.bench.generation --layers 4 --requests 16 --prompt-tokens 32 --new-tokens 32 --out gen.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import CompileConfig, StoppingCriteria, StoppingCriteriaList
+
+from .compiled import COMPILE_BACKENDS, dynamo_counts, failure, ratio
+from .hot_rank import finish
+from .model import MODEL_PRESETS, build_model, model_config
+from .profiling import profile_calls
+
+CACHES = ("static", "dynamic")
+VARIANTS: dict[str, dict | None] = {
+    "stock": None,  # the unconverted model
+    "realb default config": {},
+    "realb policy=off": {"policy": "off"},
+}
+
+
+class StopAfter(StoppingCriteria):
+    """Stop once sequences reach `length` tokens: both runs of a measurement keep the same cache size."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        done = input_ids.shape[1] >= self.length
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def generate_call(model, input_ids: torch.Tensor, new_tokens: int, cache: str, stop_at: int, backend: str):
+    """`model.generate` as a user calls it: greedy, `new_tokens` at most, the static cache compiled by transformers
+    with `backend`; stopped once sequences reach `stop_at` tokens."""
+    kwargs = {}
+    if cache == "static":
+        # transformers' default mode (reduce-overhead) is an inductor mode; other backends take none
+        mode = {} if backend == "inductor" else {"mode": None}
+        kwargs = dict(cache_implementation="static", compile_config=CompileConfig(backend=backend, **mode))
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        stopping_criteria=StoppingCriteriaList([StopAfter(stop_at)]),
+        **kwargs,
+    )
+
+
+def wall_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median synchronized wall-clock ms of `fn`."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def measure(model, input_ids, new_tokens: int, cache: str, repeats: int, backend: str) -> dict:
+    """One row: decode step wall, GPU-busy and host ms (see the module docstring), and whether the decode compiled."""
+    prompt = input_ids.shape[1]
+
+    def run(stop_at: int):
+        return lambda: generate_call(model, input_ids, new_tokens, cache, stop_at, backend)
+
+    full, first = run(prompt + new_tokens), run(prompt + 1)
+    with torch.no_grad():
+        out = full()  # the first call compiles (static cache); its output is checked
+        generated = out.shape[1] - prompt
+        for fn in (first, full, first):
+            fn()
+        row = dict(cache=cache, generated_tokens=generated, decode_compiled=dynamo_counts()["graphs"] > 0)
+        row.update(dynamo_counts())
+        row["full_ms"], row["first_token_ms"] = wall_ms(full, repeats), wall_ms(first, repeats)
+        steps = new_tokens - 1
+        row["decode_step_ms"] = (row["full_ms"] - row["first_token_ms"]) / steps
+        try:
+            busy = [profile_calls(fn, calls=2)["gpu_busy_ms"] for fn in (full, first)]
+        except Exception as err:  # the wall-clock row stands without the split; the reason is kept
+            row["profile_error"] = failure(err)
+            busy = [None]
+    if None in busy:
+        row["gpu_busy_step_ms"] = row["host_step_ms"] = None  # no GPU (or no profile): nothing to split
+    else:
+        row["gpu_busy_step_ms"] = (busy[0] - busy[1]) / steps
+        row["host_step_ms"] = row["decode_step_ms"] - row["gpu_busy_step_ms"]
+    return row
+
+
+def run(
+    preset: str,
+    layers: int,
+    requests: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    variants: list[str],
+    caches: list[str],
+    ep: int,
+    repeats: int,
+    device: torch.device,
+    backend: str = "inductor",
+    seed: int = 0,
+) -> dict:
+    from .. import RealbConfig, apply_realb
+
+    config = model_config(preset, layers)
+    vocab = min(config.text_config.vocab_size, 150000)
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(10, vocab, (requests, prompt_tokens), generator=gen).to(device)
+    rows = []
+    for name in variants:
+        torch._dynamo.reset()
+        model = build_model(config, device, torch.bfloat16 if device.type == "cuda" else torch.float32, seed)
+        model.generation_config.eos_token_id = None  # every run generates exactly new_tokens
+        model.generation_config.pad_token_id = 0
+        if VARIANTS[name] is not None:
+            apply_realb(model, RealbConfig(ep_size=ep, **VARIANTS[name]))
+        for cache in caches:
+            torch._dynamo.reset()
+            row = dict(variant=name, **measure(model, input_ids, new_tokens, cache, repeats, backend))
+            rows.append(row)
+            print(
+                f"{cache:<8} {name:<22} decode step {row['decode_step_ms']:8.3f} ms  first token "
+                f"{row['first_token_ms']:8.2f} ms  compiled {row['decode_compiled']}",
+                flush=True,
+            )
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for row in rows:
+        stock = next((r for r in rows if r["variant"] == "stock" and r["cache"] == row["cache"]), None)
+        row["vs_stock"] = ratio(stock and stock["decode_step_ms"], row["decode_step_ms"])
+        for key in ("decode_step_ms", "gpu_busy_step_ms", "host_step_ms"):
+            theirs = stock and stock[key]
+            row[f"extra_{key}"] = None if theirs is None or row[key] is None else row[key] - theirs
+    return dict(
+        preset=preset,
+        layers=layers,
+        requests=requests,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        ep_size=ep,
+        compile_backend=backend,
+        results=rows,
+    )
+
+
+def _x(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}x"
+
+
+def _ms(x: float | None, signed: bool = False) -> str:
+    return "-" if x is None else f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def table(rows: list[dict]) -> tuple[str, list[str]]:
+    header = (
+        "| cache | variant | decode compiled | decode step ms | vs stock | GPU busy ms/step | host ms/step "
+        "| extra ms/step vs stock: wall / GPU / host | first token ms |\n|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [
+        f"| {r['cache']} | {r['variant']} | {'yes' if r['decode_compiled'] else 'no'} | {r['decode_step_ms']:.3f} | "
+        f"{_x(r['vs_stock'])} | {_ms(r['gpu_busy_step_ms'])} | "
+        f"{_ms(r['host_step_ms'])} | {_ms(r['extra_decode_step_ms'], True)} / {_ms(r['extra_gpu_busy_step_ms'], True)}"
+        f" / {_ms(r['extra_host_step_ms'], True)} | {r['first_token_ms']:.2f} |"
+        for r in rows
+    ]
+    return header, lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=MODEL_PRESETS, default="qwen3-vl-30b-a3b")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["stock", "realb default config"])
+    parser.add_argument("--caches", nargs="+", choices=CACHES, default=list(CACHES))
+    parser.add_argument("--ep", type=int, default=4, help="RealbConfig.ep_size of the ReaLB variants")
+    parser.add_argument("--repeats", type=int, default=5, help="timed generate calls per measurement (median)")
+    parser.add_argument(
+        "--compile-backend", choices=COMPILE_BACKENDS, default="inductor", help="backend of the static-cache compile"
+    )
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    for name in ("layers", "requests", "prompt_tokens", "repeats", "ep"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.new_tokens < 2:
+        parser.error(f"--new-tokens must be at least 2 (a decode step after the first token), got {args.new_tokens}")
+    variants = list(dict.fromkeys(["stock", *args.variants]))  # every ratio is against stock
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = run(
+        args.preset, args.layers, args.requests, args.prompt_tokens, args.new_tokens, variants,
+        list(dict.fromkeys(args.caches)), args.ep, args.repeats, device, args.compile_backend,
+    )  # fmt: skip
+    header, lines = table(result["results"])
+    lines += [
+        "",
+        "decode step = (full generate - generate stopped after its first new token) / (new tokens - 1); GPU busy "
+        "from torch.profiler the same way; host = wall - GPU busy. Ratios and extras are against stock with the "
+        "same cache.",
+    ]
+    finish(result, device, "realb_hf.bench.generation", argv, header, lines, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
