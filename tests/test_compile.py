@@ -311,3 +311,36 @@ def test_compiled_model_prefill_and_decode_on_cuda():
     )  # fmt: skip
     assert hasattr(model, "_compiled_call") and torch.equal(eager, static)
     assert get_runtime(model).telemetry.forwards > 0
+
+
+def test_export_serves_batches_on_both_sides_of_the_batch_threshold():
+    """One exported program, dynamic token count: the threshold is a device op, so a batch above it lowers and a
+    batch below it does not, each equal to eager."""
+    model = _mixtral("realb", ep_size=4, batch_threshold=64, modality_threshold=0.0).to(torch.bfloat16)
+    for module in realb_modules(model):
+        module.realb_device_path = "always"
+    vocab = model.config.vocab_size
+    shapes = {"input_ids": {0: torch.export.Dim("batch", max=16), 1: torch.export.Dim("seq", min=2, max=256)},
+              "use_cache": None}  # fmt: skip
+    with torch.no_grad():
+        exported = torch.export.export(
+            model, (), {"input_ids": torch.randint(3, vocab, (2, 8)), "use_cache": False}, dynamic_shapes=shapes
+        )
+        telemetry = get_telemetry(model)
+        for shape, lowers in (((3, 40), True), ((2, 10), False)):
+            ids = torch.randint(3, vocab, shape)
+            telemetry.reset()
+            got = exported.module()(input_ids=ids, use_cache=False).logits
+            records = telemetry.records
+            want = model(input_ids=ids, use_cache=False).logits
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            assert any(r.lowered_experts for r in records) == lowers
+            assert {r.reason for r in records} <= (
+                {"lowered", "no_eligible_rank"} if lowers else {"below_batch_threshold"}
+            )
+
+
+def test_export_refuses_a_host_decision_and_says_why():
+    model = _mixtral("realb", ep_size=4, batch_threshold=4)  # float32 on CPU: the host path decides
+    with pytest.raises(RuntimeError, match="torch.export cannot trace ReaLB's dynamic policy here"):
+        torch.export.export(model, (), {"input_ids": torch.randint(3, 100, (2, 8)), "use_cache": False})

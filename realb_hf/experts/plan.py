@@ -137,7 +137,12 @@ def plan_layer(
     `record`: whether telemetry takes this call; a config-only call with nothing lowered then costs a few lookups.
     """
     num_tokens = top_k_index.shape[0]
-    if host_stats is None and not needs_routing(params, num_tokens):
+    # torch.export with a dynamic token count: one program must serve batches on both sides of the batch threshold,
+    # so the device decision takes the threshold as a tensor op instead of a branch on the size
+    exporting_sizes = (
+        torch.compiler.is_exporting() and isinstance(num_tokens, torch.SymInt) and decides_on_device(params)
+    )
+    if host_stats is None and not exporting_sizes and not needs_routing(params, num_tokens):
         hit = config_decision(cache if cache is not None else [], params, placement)
         if not record and hit.stock is not None:
             return hit.stock
@@ -151,13 +156,22 @@ def plan_layer(
         return _from_precisions(module, hidden, params, hit.precisions, hit.decision, counts)
     codes, source = modality if modality is not None else module.realb_modality(num_tokens)
     supported = device_path.supports(module, hidden)
-    if host_stats is None and decides_on_device(params) and supported and device_path.runs_formats(params.high, params.low):
+    if (
+        host_stats is None
+        and decides_on_device(params)
+        and supported
+        and device_path.runs_formats(params.high, params.low)
+    ):
         device_counts, flags = count_kernels.counts_and_flags(
             top_k_index, codes, placement.num_global, params.device_rule(), TEXT
         )
+        if exporting_sizes:
+            flags = flags & (torch.full((), num_tokens, device=flags.device) >= params.batch_threshold)
         counts = LayerCounts(device_counts, None, num_tokens, params, source)
         return LayerPlan(DEVICE, params.high, params.low, flags[placement.local], None, None, None, counts)
     if host_stats is None:
+        if torch.compiler.is_exporting():
+            raise RuntimeError(_host_decision_in_export(module, params, supported))
         host_stats = routing_stats(top_k_index, codes, placement.num_global)
     decision = decide(host_stats, params)
     precisions = decision.expert_precision[placement.local]
@@ -168,6 +182,20 @@ def plan_layer(
         if plan.fp8_ranks[ep_rank]:  # every local expert is fp8: rows arrive quantized
             plan = plan._replace(executor=RECEIVED, low="fp8", low_flags=None)
     return plan
+
+
+def _host_decision_in_export(module: torch.nn.Module, params: PolicyParams, supported: bool) -> str:
+    why = (
+        f"low_precision={params.low!r} runs on the host path (the device path takes bf16 or fp8)"
+        if supported
+        else "the device path does not run this module here (see realb_hf.experts.device_path.supports: CUDA, or "
+        "realb_device_path='always', with bf16 activations and plain SwiGLU experts)"
+    )
+    return (
+        f"{getattr(module, 'realb_name', 'experts')}: torch.export cannot trace ReaLB's dynamic policy here because "
+        f"the decision would read routing counts back to the host, and {why}. Export with policy 'off', 'static' or "
+        "'all_low', or where the device path runs the dynamic policy"
+    )
 
 
 def _from_precisions(
