@@ -109,12 +109,13 @@ def compile_callable(fn: Callable, mode: str, backend: str) -> Callable:
 
 
 def dynamo_counts() -> dict[str, int]:
-    """Graph breaks and graphs compiled since the last dynamo reset (dynamo's own counters)."""
+    """Graph breaks, graphs compiled and graphs CUDA graphs skipped since the last dynamo reset (torch's counters)."""
     from torch._dynamo.utils import counters
 
     return {
         "graph_breaks": int(sum(counters["graph_break"].values())),
         "graphs": int(counters["stats"]["unique_graphs"]),
+        "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]),  # reduce-overhead graphs run without
     }
 
 

@@ -38,7 +38,9 @@ VARIANTS: dict[str, dict | None] = {
     "stock": None,  # the unconverted model
     "realb default config": {},
     "realb policy=off": {"policy": "off"},
+    "realb default config, telemetry off": {},  # what telemetry's hand-offs cost a compiled decode step
 }
+TELEMETRY_OFF = {"realb default config, telemetry off"}
 
 
 class StopAfter(StoppingCriteria):
@@ -128,25 +130,28 @@ def run(
     repeats: int,
     device: torch.device,
     backend: str = "inductor",
+    rounds: int = 1,
     seed: int = 0,
 ) -> dict:
-    from .. import RealbConfig, apply_realb
+    from .. import RealbConfig, apply_realb, get_telemetry
 
     config = model_config(preset, layers)
     vocab = min(config.text_config.vocab_size, 150000)
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(10, vocab, (requests, prompt_tokens), generator=gen).to(device)
     rows = []
-    for name in variants:
+    for name in [v for _ in range(rounds) for v in variants]:  # rounds alternate the variants: drift hits all
         torch._dynamo.reset()
         model = build_model(config, device, torch.bfloat16 if device.type == "cuda" else torch.float32, seed)
         model.generation_config.eos_token_id = None  # every run generates exactly new_tokens
         model.generation_config.pad_token_id = 0
         if VARIANTS[name] is not None:
             apply_realb(model, RealbConfig(ep_size=ep, **VARIANTS[name]))
+            get_telemetry(model).enabled = name not in TELEMETRY_OFF
         for cache in caches:
             torch._dynamo.reset()
-            row = dict(variant=name, **measure(model, input_ids, new_tokens, cache, repeats, backend))
+            row = dict(variant=name, round=sum(r["variant"] == name and r["cache"] == cache for r in rows) + 1)
+            row.update(measure(model, input_ids, new_tokens, cache, repeats, backend))
             rows.append(row)
             print(
                 f"{cache:<8} {name:<22} decode step {row['decode_step_ms']:8.3f} ms  first token "
@@ -156,6 +161,7 @@ def run(
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    per_round, rows = rows, median_rows(rows)
     for row in rows:
         stock = next((r for r in rows if r["variant"] == "stock" and r["cache"] == row["cache"]), None)
         row["vs_stock"] = ratio(stock and stock["decode_step_ms"], row["decode_step_ms"])
@@ -170,8 +176,27 @@ def run(
         new_tokens=new_tokens,
         ep_size=ep,
         compile_backend=backend,
+        rounds=rounds,
         results=rows,
+        per_round=per_round,
     )
+
+
+MEDIAN_KEYS = ("decode_step_ms", "gpu_busy_step_ms", "host_step_ms", "first_token_ms", "full_ms")
+
+
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One row per (variant, cache): the median over rounds of every timing, the rest from the first round."""
+    out = []
+    for key in dict.fromkeys((r["variant"], r["cache"]) for r in rows):
+        group = [r for r in rows if (r["variant"], r["cache"]) == key]
+        row = {k: v for k, v in group[0].items() if k != "round"}
+        for name in MEDIAN_KEYS:
+            values = [r[name] for r in group if r.get(name) is not None]
+            row[name] = statistics.median(values) if values else None
+        row["rounds"] = len(group)
+        out.append(row)
+    return out
 
 
 def _x(x: float | None) -> str:
@@ -182,13 +207,20 @@ def _ms(x: float | None, signed: bool = False) -> str:
     return "-" if x is None else f"{x:+.3f}" if signed else f"{x:.3f}"
 
 
+def _compiled(row: dict) -> str:
+    if not row["decode_compiled"]:
+        return "no"
+    skips = row.get("cudagraph_skips", 0)
+    return f"yes, {skips} graph(s) without CUDA graphs" if skips else "yes"
+
+
 def table(rows: list[dict]) -> tuple[str, list[str]]:
     header = (
         "| cache | variant | decode compiled | decode step ms | vs stock | GPU busy ms/step | host ms/step "
         "| extra ms/step vs stock: wall / GPU / host | first token ms |\n|---|---|---|---|---|---|---|---|---|"
     )
     lines = [
-        f"| {r['cache']} | {r['variant']} | {'yes' if r['decode_compiled'] else 'no'} | {r['decode_step_ms']:.3f} | "
+        f"| {r['cache']} | {r['variant']} | {_compiled(r)} | {r['decode_step_ms']:.3f} | "
         f"{_x(r['vs_stock'])} | {_ms(r['gpu_busy_step_ms'])} | "
         f"{_ms(r['host_step_ms'])} | {_ms(r['extra_decode_step_ms'], True)} / {_ms(r['extra_gpu_busy_step_ms'], True)}"
         f" / {_ms(r['extra_host_step_ms'], True)} | {r['first_token_ms']:.2f} |"
@@ -208,12 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--caches", nargs="+", choices=CACHES, default=list(CACHES))
     parser.add_argument("--ep", type=int, default=4, help="RealbConfig.ep_size of the ReaLB variants")
     parser.add_argument("--repeats", type=int, default=5, help="timed generate calls per measurement (median)")
+    parser.add_argument("--rounds", type=int, default=1, help="times every variant is measured, alternating (median)")
     parser.add_argument(
         "--compile-backend", choices=COMPILE_BACKENDS, default="inductor", help="backend of the static-cache compile"
     )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
-    for name in ("layers", "requests", "prompt_tokens", "repeats", "ep"):
+    for name in ("layers", "requests", "prompt_tokens", "repeats", "ep", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.new_tokens < 2:
@@ -222,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = run(
         args.preset, args.layers, args.requests, args.prompt_tokens, args.new_tokens, variants,
-        list(dict.fromkeys(args.caches)), args.ep, args.repeats, device, args.compile_backend,
+        list(dict.fromkeys(args.caches)), args.ep, args.repeats, device, args.compile_backend, args.rounds,
     )  # fmt: skip
     header, lines = table(result["results"])
     lines += [
