@@ -21,7 +21,7 @@ from .formats import get_format, resolve_low_precision
 from .kernels.counts import routing_counts_many
 from .modality import TEXT, ModalityTracker, placeholder_ids
 from .policy import PolicyParams, expert_ranges
-from .telemetry import LayerCounts, RoutingStats, Telemetry
+from .telemetry import Telemetry
 
 
 def model_telemetry(**kwargs: Any) -> Telemetry:
@@ -106,8 +106,6 @@ class _PerThread(threading.local):
     def __init__(self) -> None:
         self.in_flight: dict[int, Settings] = {}
         self.overrides: dict[int, Settings] = {}
-        # compiled forwards: [whether the forward count is still to be taken, [(layer, LayerCounts), ...]]
-        self.traced: dict[int, list] = {}
 
 
 _THREAD = _PerThread()
@@ -167,35 +165,13 @@ class RealbRuntime:
     def begin_forward(self) -> None:
         """At the start of a model forward (its pre-hook): the forward decides every layer with today's settings."""
         _THREAD.in_flight[id(self)] = self.settings
-        compiling = torch.compiler.is_compiling()
-        _THREAD.traced[id(self)] = [compiling, []]  # compiled: telemetry gets the whole forward at its end
-        if not compiling:
+        if torch.compiler.is_compiling():
+            telemetry_ops.next_forward(self.handle)
+        else:
             self.telemetry.next_forward()
-
-    def receive(self, layer: str, counts: LayerCounts) -> None:
-        """One layer call's telemetry input: now from eager code, at the forward's end from compiled code."""
-        if not torch.compiler.is_compiling():
-            self.telemetry.receive(layer, counts)
-        elif type(counts.counts) is RoutingStats:
-            telemetry_ops.receive_now(self.handle, layer, counts)
-        elif id(self) in _THREAD.traced:
-            _THREAD.traced[id(self)][1].append((layer, counts))
-        else:  # a layer compiled on its own, outside any model forward
-            telemetry_ops.receive(self.handle, layer, counts)
 
     def end_forward(self) -> None:
         _THREAD.in_flight.pop(id(self), None)
-        traced = _THREAD.traced.pop(id(self), None)
-        if traced is None:
-            return
-        next_forward, calls = traced
-        if torch.compiler.is_compiling():
-            telemetry_ops.receive_forward(self.handle, next_forward, calls)
-            return
-        if next_forward:  # the forward began in compiled code and ends in eager code
-            self.telemetry.next_forward()
-        for layer, counts in calls:  # layers compiled inside an eager forward
-            self.telemetry.receive(layer, counts)
 
     def add_layer(self, name: str, shape: LayerShape) -> None:
         """Register a converted experts layer, after checking the config against it."""

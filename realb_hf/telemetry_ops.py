@@ -1,11 +1,9 @@
 """Telemetry's hand-offs as registered operators, for code that torch.compile traces.
 
 Dynamo cannot trace a lock, and a graph break in every MoE layer would cost what compiling saves. So while
-compiling, telemetry's inputs go through opaque operators of the `realb_telemetry` namespace. Their Python runs
-each time the compiled graph runs, with real tensors, and calls the same `Telemetry` methods eager code calls, so
-compiled and eager forwards leave the same records. A compiled model forward hands over all its layer calls in one
-operator call at its end (`receive_forward`: one Python call per forward, and no split of a CUDA-graph capture in
-the middle of the model); a layer compiled on its own hands over each call (`receive`).
+compiling, a model's forward count and each layer call's counts go to telemetry through two opaque operators of
+the `realb_telemetry` namespace. Their Python runs each time the compiled graph runs, with real tensors, and calls
+the same `Telemetry` methods eager code calls, so compiled and eager forwards leave the same records.
 
 Invariants:
 - the operators mutate `TALLY` (a CPU scalar counting hand-offs), so no graph pass drops them as dead code;
@@ -22,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .telemetry import DeferredRouting, LayerCounts
+from .telemetry import DeferredRouting, LayerCounts, RoutingStats
 
 NAMESPACE = "realb_telemetry"
 _LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
@@ -45,6 +43,28 @@ def _runtime(handle: int) -> Any:
     return runtime
 
 
+def _next_forward(tally: torch.Tensor, runtime: int) -> None:
+    _runtime(runtime).telemetry.next_forward()
+    tally.add_(1)
+
+
+def _receive(
+    tally: torch.Tensor,
+    counts: torch.Tensor | None,
+    routing: torch.Tensor,
+    modality: torch.Tensor | None,
+    runtime: int,
+    layer: str,
+    num_experts: int,
+    source: str,
+) -> None:
+    owner = _runtime(runtime)
+    held = counts if counts is not None else DeferredRouting(routing, modality, num_experts)
+    params = owner.params(routing.device)
+    owner.telemetry.receive(layer, LayerCounts(held, None, routing.shape[0], params, source))
+    tally.add_(1)
+
+
 def _nothing(*args) -> None:
     return None
 
@@ -56,60 +76,32 @@ def _define(name: str, schema: str, impl) -> torch._ops.OpOverload:
     return getattr(getattr(torch.ops, NAMESPACE), name).default
 
 
-def _receive_forward(
-    tally: torch.Tensor,
-    held: list[torch.Tensor],
-    modalities: list[torch.Tensor | None],
-    num_tokens: list[int],
-    runtime: int,
-    next_forward: bool,
-    layers: list[str],
-    num_experts: list[int],
-    sources: list[str],
-) -> None:
-    owner = _runtime(runtime)
-    telemetry = owner.telemetry
-    if next_forward:
-        telemetry.next_forward()
-    for i, layer in enumerate(layers):
-        routed = num_experts[i] > 0  # the routing itself (counted later), else (2, E) counts
-        counts = DeferredRouting(held[i], modalities[i], num_experts[i]) if routed else held[i]
-        params = owner.params(held[i].device)
-        telemetry.receive(layer, LayerCounts(counts, None, num_tokens[i], params, sources[i]))
-    tally.add_(1)
-
-
-_RECEIVE_FORWARD = _define(
-    "receive_forward",
-    "(Tensor(a!) tally, Tensor[] held, Tensor?[] modalities, SymInt[] num_tokens, int runtime, bool next_forward,"
-    " str[] layers, int[] num_experts, str[] sources) -> ()",
-    _receive_forward,
+_NEXT_FORWARD = _define("next_forward", "(Tensor(a!) tally, int runtime) -> ()", _next_forward)
+_RECEIVE = _define(
+    "receive",
+    "(Tensor(a!) tally, Tensor? counts, Tensor routing, Tensor? modality, int runtime, str layer, int num_experts,"
+    " str source) -> ()",
+    _receive,
 )
 
 
-def receive_forward(handle: int, next_forward: bool, calls: list[tuple[str, LayerCounts]]) -> None:
-    """A compiled forward's telemetry at its end: the forward count (`next_forward`) and its layer calls' counts
-    (never host `RoutingStats`: those went in at once, see `receive_now`)."""
-    held, modalities, num_tokens, layers, num_experts, sources = [], [], [], [], [], []
-    for layer, counts in calls:
-        routing = counts.counts
-        routed = type(routing) is DeferredRouting
-        held.append(routing.top_k_index if routed else routing)
-        modalities.append(routing.modality if routed else None)
-        num_experts.append(routing.num_experts if routed else 0)
-        num_tokens.append(counts.num_tokens)
-        layers.append(layer)
-        sources.append(counts.source)
-    _RECEIVE_FORWARD(TALLY, held, modalities, num_tokens, handle, next_forward, layers, num_experts, sources)
+def next_forward(handle: int) -> None:
+    """`Telemetry.next_forward` of runtime `handle`, from code being compiled."""
+    _NEXT_FORWARD(TALLY, handle)
 
 
-def receive(handle: int, layer: str, counts: LayerCounts) -> None:
-    """One layer call's counts, from a layer compiled on its own (no model forward around it)."""
-    receive_forward(handle, False, [(layer, counts)])
+def receive(handle: int, layer: str, counts: LayerCounts, top_k_index: torch.Tensor) -> None:
+    """`Telemetry.receive` from code being compiled. Counts decided on the host (the host path) are plain numbers,
+    which a graph cannot carry: they go in eagerly, at the cost of a graph break on that path only."""
+    held = counts.counts
+    if type(held) is RoutingStats:
+        _receive_now(handle, layer, counts)
+    elif type(held) is DeferredRouting:
+        _RECEIVE(TALLY, None, held.top_k_index, held.modality, handle, layer, held.num_experts, counts.source)
+    else:
+        _RECEIVE(TALLY, held, top_k_index, None, handle, layer, held.shape[-1], counts.source)
 
 
 @torch.compiler.disable
-def receive_now(handle: int, layer: str, counts: LayerCounts) -> None:
-    """Host `RoutingStats` (the host path): plain numbers a graph cannot carry go in eagerly, a graph break on that
-    path only."""
+def _receive_now(handle: int, layer: str, counts: LayerCounts) -> None:
     _runtime(handle).telemetry.receive(layer, counts)

@@ -111,7 +111,7 @@ def test_explain_counts_no_graph_break_in_a_device_path_layer():
         explained = torch._dynamo.explain(layer)(*_skewed(512, 16, 64, "cpu", 0))
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     targets = {str(getattr(n.target, "_name", n.target)) for g in explained.graphs for n in g.graph.nodes}
-    assert {"realb_kernels::counts_and_flags", "realb_telemetry::receive_forward"} <= targets
+    assert {"realb_kernels::counts_and_flags", "realb_telemetry::receive"} <= targets
 
 
 def _mixtral(policy: str = "off", **config) -> torch.nn.Module:
@@ -221,10 +221,6 @@ def test_compiled_model_forward_records_like_eager():
     compiled_records = get_telemetry(model).records
     assert [r.precision_per_rank for r in compiled_records] == [r.precision_per_rank for r in eager_records]
     assert get_telemetry(model).forwards == 1
-    with torch.no_grad():
-        explained = torch._dynamo.explain(model)(ids)
-    handoffs = [n for g in explained.graphs for n in g.graph.nodes if "realb_telemetry" in str(n.target)]
-    assert len(handoffs) == 1  # the whole forward's telemetry in one operator call, at its end
 
 
 # ---- CUDA -----------------------------------------------------------------------------------------

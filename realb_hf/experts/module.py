@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import telemetry_ops
 from ..kernels import counts as count_kernels
 from ..modality import TEXT
 from ..policy import RoutingStats
@@ -152,6 +153,10 @@ class RealbExperts(torch.nn.Module):
             return super().forward(hidden_states, top_k_index, top_k_weights)
         telemetry = runtime.telemetry
         plan = self.realb_plan(hidden_states, top_k_index, record=telemetry.enabled)
-        if plan.telemetry is not None:
-            runtime.receive(self.realb_name, plan.telemetry)
+        if plan.telemetry is None:
+            pass
+        elif torch.compiler.is_compiling():
+            telemetry_ops.receive(runtime.handle, self.realb_name, plan.telemetry, top_k_index)
+        else:
+            telemetry.receive(self.realb_name, plan.telemetry)
         return self.realb_run(plan, hidden_states, top_k_index, top_k_weights)
