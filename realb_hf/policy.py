@@ -153,16 +153,6 @@ def predicted_rank_costs(stats: RoutingStats, expert_precision: Sequence[str], p
     ]
 
 
-def conversion_cost_for(weight_cache: str) -> float:
-    """`PolicyParams.conversion_cost` for a `RealbConfig.weight_cache`: the default per-call conversion for
-    "on_the_fly", none for "persistent" (the copies are made once)."""
-    if weight_cache == "on_the_fly":
-        return DEFAULT_CONVERSION_COST
-    if weight_cache == "persistent":
-        return 0.0
-    raise ValueError(f"weight_cache={weight_cache!r} is not allowed; choose one of ['on_the_fly', 'persistent']")
-
-
 def balancedness(loads: Sequence[float]) -> float:
     """mean / max: 1.0 is perfectly balanced; an idle layer counts as balanced."""
     peak = max(loads, default=0)

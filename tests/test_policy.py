@@ -11,7 +11,6 @@ from realb_hf.policy import (
     PolicyParams,
     RoutingStats,
     balancedness,
-    conversion_cost_for,
     decide,
     expert_ranges,
     may_give_a_rank,
@@ -306,11 +305,7 @@ def test_with_conversion_the_policy_never_predicts_a_loss_against_nothing_lowere
     assert changed > 20  # the sample exercises the term
 
 
-def test_conversion_cost_follows_the_weight_cache_and_is_validated():
-    assert conversion_cost_for("on_the_fly") == DEFAULT_CONVERSION_COST
-    assert conversion_cost_for("persistent") == 0.0
-    with pytest.raises(ValueError, match="weight_cache='disk' is not allowed"):
-        conversion_cost_for("disk")
+def test_conversion_cost_is_validated():
     assert PolicyParams(conversion_cost=7).device_rule().conversion_cost == 7.0
     for bad in (-1.0, float("nan"), float("inf"), True, "512", None):
         with pytest.raises(ValueError, match=r"conversion_cost must be a finite number of token-expert pairs >= 0"):
