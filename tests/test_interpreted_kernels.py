@@ -112,7 +112,7 @@ def _check_exchange_counts() -> int:
     """EP all-to-all's count vector: counts, rows and the fp8 finite flag from one launch, as the reference."""
     import torch
 
-    from realb_hf.ep.count_exchange import exchange_counts, exchange_counts_triton
+    from realb_hf.kernels.exchange import exchange_counts, exchange_counts_triton
     from realb_hf.modality import TEXT
 
     # (tokens, top_k, experts): 700 x 3 pairs take 3 count blocks, 44 check blocks; 0 tokens launch nothing

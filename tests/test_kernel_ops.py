@@ -9,7 +9,7 @@ written (padding rows hold whatever memory held, so only metadata is compared wh
 import pytest
 import torch
 
-import realb_hf.ep.count_exchange  # noqa: F401  (registers realb_kernels::exchange_counts)
+import realb_hf.kernels.exchange  # noqa: F401  (registers realb_kernels::exchange_counts)
 from realb_hf.kernels import counts, rows, sort
 from realb_hf.kernels.combine import weighted_combine_reference
 from realb_hf.kernels.counts import DecisionRule

@@ -4,7 +4,7 @@
 - The count exchange carries the global routing counts: one all-gather of (pairs per expert, vision pairs per
   expert, rows, a flag for rows that do not fit fp8) from every rank replaces transformers' all-to-all of counts.
   Still one small collective and the layer's one host sync, now with everything the decision and the split sizes
-  need; the vector is built in one launch (`count_exchange.exchange_counts`), the finite check only where a rank
+  need; the vector is built in one launch (`kernels.exchange.exchange_counts`), the finite check only where a rank
   can be lowered to fp8.
 - This rank's lowered experts start converting before the token exchange is queued (`RealbEP.prefetch`).
 - Ranks lowered to fp8 receive their rows as e4m3 + one fp32 scale per row (about half the bytes), quantized in the
@@ -25,10 +25,10 @@ from ..experts import RECEIVED, LayerPlan, Prefetch
 from ..formats.fp8 import quantize_rowwise
 from ..kernels import rows as row_kernels
 from ..kernels.combine import weighted_combine
+from ..kernels.exchange import exchange_counts
 from ..modality import TEXT
 from ..policy import RoutingStats, may_give_a_rank
 from .base import RealbEP, grad_flows
-from .count_exchange import exchange_counts
 from .groups import all_gather_into, collective, section
 from .state import EpState
 from .tp_rows import tp_gather_rows, tp_rows

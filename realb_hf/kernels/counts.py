@@ -44,6 +44,25 @@ class DecisionRule:
 if triton is not None:
 
     @triton.jit
+    def count_block(
+        ids_ptr, mod_ptr, out_ptr, block, rows, E,
+        TOP_K: tl.constexpr, HAS_MOD: tl.constexpr, TEXT_CODE: tl.constexpr, BINS: tl.constexpr,
+    ):  # fmt: skip
+        """Add block `block`'s 1024 token-expert pairs to `out[:E]` (pairs per expert) and, with a modality,
+        `out[E:2E]` (vision pairs). A block histogram, then one atomic per bin: rows sorted by expert (what an EP rank
+        receives) would otherwise send a whole block's atomics to one address. Ids >= E are not counted."""
+        offs = block.to(tl.int64) * 1024 + tl.arange(0, 1024)
+        m = offs < rows
+        ids = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int64)
+        valid = m & (ids < E)
+        bins = tl.arange(0, BINS)
+        tl.atomic_add(out_ptr + bins, tl.histogram(tl.where(valid, ids, E).to(tl.int32), BINS), mask=bins < E)
+        if HAS_MOD:
+            vision = tl.load(mod_ptr + offs // TOP_K, mask=m, other=TEXT_CODE) != TEXT_CODE
+            hist = tl.histogram(tl.where(valid & vision, ids, E).to(tl.int32), BINS)
+            tl.atomic_add(out_ptr + E + bins, hist, mask=bins < E)
+
+    @triton.jit
     def _counts_kernel(
         ids_ptr,
         mod_ptr,
@@ -64,18 +83,7 @@ if triton is not None:
         PER_BLOCK: tl.constexpr,
         EXPERT: tl.constexpr,
     ):
-        # A block histogram, then one atomic per bin: rows sorted by expert (what an EP rank receives) would
-        # otherwise send a whole block's atomics to one address.
-        offs = tl.program_id(0).to(tl.int64) * 1024 + tl.arange(0, 1024)
-        m = offs < rows
-        ids = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int64)
-        valid = m & (ids < E)
-        bins = tl.arange(0, BINS)
-        tl.atomic_add(out_ptr + bins, tl.histogram(tl.where(valid, ids, E).to(tl.int32), BINS), mask=bins < E)
-        if HAS_MOD:
-            vision = tl.load(mod_ptr + offs // TOP_K, mask=m, other=TEXT_CODE) != TEXT_CODE
-            hist = tl.histogram(tl.where(valid & vision, ids, E).to(tl.int32), BINS)
-            tl.atomic_add(out_ptr + E + bins, hist, mask=bins < E)
+        count_block(ids_ptr, mod_ptr, out_ptr, tl.program_id(0), rows, E, TOP_K, HAS_MOD, TEXT_CODE, BINS)
         if DECIDE:  # the last block to finish sees every count (acquire) and makes the decision
             tl.debug_barrier()
             if tl.atomic_add(done_ptr, 1) == tl.num_programs(0) - 1:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.counts import routing_counts
-from ..kernels.library import define_op
-from ..kernels.sort import LOW_PRECISION_LIMIT, rows_fit_low_precision
+from .counts import routing_counts
+from .library import define_op
+from .sort import LOW_PRECISION_LIMIT, rows_fit_low_precision
 
 try:
     import triton
@@ -27,6 +27,8 @@ _BLOCK = 1024  # routed pairs counted per program
 _CHECK_ROWS = 16  # rows of the hidden states checked per program
 
 if triton is not None:
+    from .counts import count_block
+
     _LIMIT = tl.constexpr(LOW_PRECISION_LIMIT)
 
     @triton.jit(do_not_specialize=["pairs", "tokens", "count_blocks"])
@@ -50,17 +52,8 @@ if triton is not None:
         H_CHUNK: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        if pid < count_blocks:  # a block histogram, then one atomic per bin (as kernels.counts)
-            offs = pid.to(tl.int64) * 1024 + tl.arange(0, 1024)
-            m = offs < pairs
-            ids = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int64)
-            valid = m & (ids < E)
-            bins = tl.arange(0, BINS)
-            tl.atomic_add(out_ptr + bins, tl.histogram(tl.where(valid, ids, E).to(tl.int32), BINS), mask=bins < E)
-            if HAS_MOD:
-                vision = tl.load(mod_ptr + offs // TOP_K, mask=m, other=TEXT_CODE) != TEXT_CODE
-                hist = tl.histogram(tl.where(valid & vision, ids, E).to(tl.int32), BINS)
-                tl.atomic_add(out_ptr + E + bins, hist, mask=bins < E)
+        if pid < count_blocks:
+            count_block(ids_ptr, mod_ptr, out_ptr, pid, pairs, E, TOP_K, HAS_MOD, TEXT_CODE, BINS)
         if pid == 0:
             tl.store(out_ptr + 2 * E, tokens.to(tl.int32))
         if CHECK:
