@@ -134,6 +134,10 @@ class RealbRuntime:
     def __post_init__(self) -> None:
         self.handle = telemetry_ops.register(self)
 
+    def __setstate__(self, state: dict) -> None:  # a copy (deepcopy, pickle) gets its own handle
+        self.__dict__.update(state)
+        self.handle = telemetry_ops.register(self)
+
     @classmethod
     def for_model(cls, model: torch.nn.Module, config: RealbConfig) -> RealbRuntime:
         image_id, video_id = placeholder_ids(model.config)

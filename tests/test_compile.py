@@ -344,3 +344,15 @@ def test_export_refuses_a_host_decision_and_says_why():
     model = _mixtral("realb", ep_size=4, batch_threshold=4)  # float32 on CPU: the host path decides
     with pytest.raises(RuntimeError, match="torch.export cannot trace ReaLB's dynamic policy here"):
         torch.export.export(model, (), {"input_ids": torch.randint(3, 100, (2, 8)), "use_cache": False})
+
+
+def test_a_copied_layer_records_into_its_own_telemetry():
+    """Compiled code names a runtime by a handle: a deep copy gets its own, so its records stay its own."""
+    import copy
+
+    layer = _layer("cpu", **DEVICE_CONFIGS["realb-rank"])
+    twin = copy.deepcopy(layer)
+    assert twin.realb_runtime.handle != layer.realb_runtime.handle
+    with torch.no_grad():
+        torch.compile(twin, fullgraph=True, backend="aot_eager")(*_skewed(512, 16, 64, "cpu", 0))
+    assert len(twin.realb_runtime.telemetry.records) == 1 and not layer.realb_runtime.telemetry.records

@@ -153,10 +153,9 @@ class RealbExperts(torch.nn.Module):
             return super().forward(hidden_states, top_k_index, top_k_weights)
         telemetry = runtime.telemetry
         plan = self.realb_plan(hidden_states, top_k_index, record=telemetry.enabled)
-        if plan.telemetry is None:
-            pass
-        elif torch.compiler.is_compiling():
-            telemetry_ops.receive(runtime.handle, self.realb_name, plan.telemetry, top_k_index)
-        else:
-            telemetry.receive(self.realb_name, plan.telemetry)
+        if plan.telemetry is not None:
+            if torch.compiler.is_compiling():  # dynamo cannot trace telemetry's lock: an operator hands it over
+                telemetry_ops.receive(runtime.handle, self.realb_name, plan.telemetry, top_k_index)
+            else:
+                telemetry.receive(self.realb_name, plan.telemetry)
         return self.realb_run(plan, hidden_states, top_k_index, top_k_weights)
