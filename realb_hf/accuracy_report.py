@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .bootstrap import Interval, format_interval
 from .bundled import bundled_model_dir
+from .premise import findings as premise_findings
+from .premise import to_markdown as premise_markdown
 
 MODALITIES = ("image", "text")
 
@@ -43,16 +46,21 @@ def _run_section(report: dict[str, Any], run: dict[str, Any]) -> list[str]:
         f"{report['batch_size']} questions per `generate` call, left padding; {_BATCHING_TEXT.get(run['batching'], '')}. "
         f"Prefill forwards hold {', '.join(map(str, tokens))} tokens.",
         "",
-        "| configuration | image | text | overall | Δ overall vs bf16 | answer NLL image / text | "
-        "lowered pairs, prefill | prefill layers lowered | predicted MoE speedup |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| configuration | image | text | overall | Δ overall vs bf16 [95% CI] | answer NLL image / text | "
+        "Δ answer NLL [95% CI] | lowered pairs, prefill | prefill layers lowered | predicted MoE speedup |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         acc = r["accuracy"]
-        delta = (acc["overall"] - base["accuracy"]["overall"]) * 100
-        cells = [r["name"], _pct(acc.get("image", 0)), _pct(acc.get("text", 0)), _pct(acc["overall"]), f"{delta:+.1f}"]
+        em, loss = _intervals(r)
+        if em is None:
+            em_cell = f"{(acc['overall'] - base['accuracy']['overall']) * 100:+.1f}"
+        else:
+            em_cell = format_interval(em[0], scale=100) + _mark(em[1])
+        cells = [r["name"], _pct(acc.get("image", 0)), _pct(acc.get("text", 0)), _pct(acc["overall"]), em_cell]
         nll = r.get("answer_nll", {})
         cells.append(f"{nll.get('image', 0):.4f} / {nll.get('text', 0):.4f}")
+        cells.append("-" if loss is None else format_interval(loss[0], digits=4) + _mark(loss[1]))
         if r["realb"] is None:
             cells += ["-", "-", "-"]
         else:
@@ -72,6 +80,25 @@ def _run_section(report: dict[str, Any], run: dict[str, Any]) -> list[str]:
     lines += _findings(rows, base)
     lines.append("")
     return lines
+
+
+def _intervals(row: dict) -> tuple[tuple[Interval, str] | None, tuple[Interval, str] | None]:
+    """(interval, verdict) of overall exact match and answer NLL against bf16, when the row carries them."""
+    overall = row.get("vs_bf16", {}).get("overall")
+    if not overall:
+        return None, None
+
+    def one(key: str) -> tuple[Interval, str]:
+        d = dict(overall[key])
+        verdict = d.pop("verdict")
+        return Interval(**d), verdict
+
+    return one("exact_match"), one("answer_nll")
+
+
+def _mark(verdict: str) -> str:
+    """Nothing when the interval contains 0 (no measurable difference); a word when it does not."""
+    return {"measurably better": " better", "measurably worse": " **worse**"}.get(verdict, "")
 
 
 def to_markdown(report: dict[str, Any], command: str, date: str) -> str:
@@ -106,9 +133,12 @@ def to_markdown(report: dict[str, Any], command: str, date: str) -> str:
         "rank or expert. *predicted MoE speedup*: mean over prefill layers of slowest-rank time before / after from "
         "ReaLB's cost model of the target GPU (fp8 0.78, fp4 0.6 of bf16 time), not a CPU measurement.",
         "",
+        *_bootstrap_text(report),
     ]
     for run in report["runs"]:
         lines += _run_section(report, run)
+    if report.get("premise"):
+        lines += _premise_section(report["premise"])
     lines += ["## Caveats", ""]
     lines += [
         "- CPU run: fp8 (e4m3, rowwise scales), nvfp4 and mxfp4 are emulated (quantize, dequantize, bf16 grouped "
@@ -130,6 +160,36 @@ def to_markdown(report: dict[str, Any], command: str, date: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _premise_section(premise: dict[str, Any]) -> list[str]:
+    return [
+        "## Premise test: vision rows vs text rows",
+        "",
+        f"`realb_hf.premise.RowLowering` forces rows to {premise['low']} outside ReaLB's policy: in every prefill MoE "
+        "layer call it lowers the given share of the real (non-padding) tokens' rows, all drawn from vision tokens, "
+        f"all from text tokens, or at random from both (seed {premise['seed']}), on mixed batches; decode steps "
+        "stay bf16. Intervals against bf16 on the same batches, as above.",
+        "",
+        *premise_markdown(premise),
+        "",
+        *premise_findings(premise),
+        "",
+    ]
+
+
+def _bootstrap_text(report: dict[str, Any]) -> list[str]:
+    boot = report.get("bootstrap")
+    if not boot:
+        return []
+    return [
+        "Intervals: paired bootstrap over questions (`realb_hf.bootstrap`): the per-question differences from the "
+        f"stock bf16 row of the same batching are resampled with replacement {boot['n_resamples']} times (seed "
+        f"{boot['seed']}) and the 2.5th / 97.5th percentiles of their mean bound the 95% interval. Δ exact match in "
+        "points, Δ NLL in nats. An interval that contains 0 is *no measurable difference*; a row marked **worse** or "
+        "better is one whose interval excludes 0.",
+        "",
+    ]
 
 
 def _find(rows: list[dict], name: str) -> dict | None:
