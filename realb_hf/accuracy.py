@@ -256,14 +256,14 @@ def run(
     n_resamples: int = 2000,
     bootstrap_seed: int = 0,
     premise_shares: tuple[float, ...] = (),
-    premise_low: str = "nvfp4",
+    premise_low: tuple[str, ...] = ("nvfp4",),
 ) -> dict[str, Any]:
     """Load `model_dir` once and score every configuration under every batching; returns the report (JSON values).
 
     The stock rows (`realb=None`) of every batching run first, on the untouched model; then `apply_realb` converts
     it once and every other row is a `reconfigure(...)`. Every row gets paired-bootstrap intervals against the
     first stock row of its batching (`n_resamples` draws, `bootstrap_seed`). With `premise_shares`, the premise
-    test (`realb_hf.premise`) runs last, on mixed batches, lowering `premise_low`.
+    test (`realb_hf.premise`) runs last, on mixed batches, once per format in `premise_low`.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -308,11 +308,12 @@ def run(
         def score(name: str) -> AccuracyResult:
             return evaluate(model, processor, mixed, EvalConfig(name, None), batch_size=batch_size)
 
-        premise_report = run_premise(
-            model, score, mixed, base, premise_shares, premise_low, seed, n_resamples, bootstrap_seed
-        )
+        premise_report = [
+            run_premise(model, score, mixed, base, premise_shares, low, seed, n_resamples, bootstrap_seed)
+            for low in premise_low
+        ]
         if progress:
-            for row in premise_report["rows"]:
+            for row in (row for part in premise_report for row in part["rows"]):
                 print(f"[premise] {row['name']:<36} overall {row['accuracy']['overall'] * 100:5.1f}", flush=True)
     counts = {m: sum(1 for ex in heldout if ex.modality == m) for m in MODALITIES}
     return {
@@ -367,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the premise test (vision rows vs text rows vs random rows lowered) at these shares of "
         "token-expert pairs, in (0, 1]",
     )
-    parser.add_argument("--premise-low", default="nvfp4", help="the low format of the premise test")
+    parser.add_argument(
+        "--premise-low", nargs="+", default=["nvfp4"], help="the low formats of the premise test (one test each)"
+    )
     parser.add_argument("--out", help="write the Markdown report here and the JSON next to it")
     parser.add_argument("--date", default=_dt.date.today().isoformat(), help="date printed in the report")
     parser.add_argument("--notes", help="Markdown file appended to the report (hand-written notes)")
@@ -378,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in args.premise if not 0.0 < s <= 1.0]
     if bad:
         parser.error(f"--premise: shares must lie in (0, 1], got {bad}")
-    if args.premise_low not in LOW_PRECISIONS:
-        parser.error(f"--premise-low {args.premise_low!r}: choose one of {list(LOW_PRECISIONS)}")
+    unknown = [f for f in args.premise_low if f not in LOW_PRECISIONS]
+    if unknown:
+        parser.error(f"--premise-low {unknown[0]!r}: choose one of {list(LOW_PRECISIONS)}")
     if args.bootstrap < 1:
         parser.error(f"--bootstrap must be >= 1 resample, got {args.bootstrap}")
     try:
@@ -399,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         n_resamples=args.bootstrap,
         bootstrap_seed=args.bootstrap_seed,
         premise_shares=tuple(args.premise),
-        premise_low=args.premise_low,
+        premise_low=tuple(args.premise_low),
     )
     report["date"] = args.date
     command = "python -m realb_hf.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])

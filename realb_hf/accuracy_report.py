@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .bootstrap import Interval, format_interval
+from .bootstrap import describe
 from .bundled import bundled_model_dir
 from .premise import findings as premise_findings
 from .premise import to_markdown as premise_markdown
@@ -52,15 +52,15 @@ def _run_section(report: dict[str, Any], run: dict[str, Any]) -> list[str]:
     ]
     for r in rows:
         acc = r["accuracy"]
-        em, loss = _intervals(r)
-        if em is None:
-            em_cell = f"{(acc['overall'] - base['accuracy']['overall']) * 100:+.1f}"
+        overall = r.get("vs_bf16", {}).get("overall")
+        if overall is None:  # a report written before intervals existed
+            em_cell, nll_cell = f"{(acc['overall'] - base['accuracy']['overall']) * 100:+.1f}", "-"
         else:
-            em_cell = format_interval(em[0], scale=100) + _mark(em[1])
+            em_cell = describe(overall["exact_match"], scale=100)
+            nll_cell = describe(overall["answer_nll"], digits=4)
         cells = [r["name"], _pct(acc.get("image", 0)), _pct(acc.get("text", 0)), _pct(acc["overall"]), em_cell]
         nll = r.get("answer_nll", {})
-        cells.append(f"{nll.get('image', 0):.4f} / {nll.get('text', 0):.4f}")
-        cells.append("-" if loss is None else format_interval(loss[0], digits=4) + _mark(loss[1]))
+        cells += [f"{nll.get('image', 0):.4f} / {nll.get('text', 0):.4f}", nll_cell]
         if r["realb"] is None:
             cells += ["-", "-", "-"]
         else:
@@ -80,25 +80,6 @@ def _run_section(report: dict[str, Any], run: dict[str, Any]) -> list[str]:
     lines += _findings(rows, base)
     lines.append("")
     return lines
-
-
-def _intervals(row: dict) -> tuple[tuple[Interval, str] | None, tuple[Interval, str] | None]:
-    """(interval, verdict) of overall exact match and answer NLL against bf16, when the row carries them."""
-    overall = row.get("vs_bf16", {}).get("overall")
-    if not overall:
-        return None, None
-
-    def one(key: str) -> tuple[Interval, str]:
-        d = dict(overall[key])
-        verdict = d.pop("verdict")
-        return Interval(**d), verdict
-
-    return one("exact_match"), one("answer_nll")
-
-
-def _mark(verdict: str) -> str:
-    """Nothing when the interval contains 0 (no measurable difference); a word when it does not."""
-    return {"measurably better": " better", "measurably worse": " **worse**"}.get(verdict, "")
 
 
 def to_markdown(report: dict[str, Any], command: str, date: str) -> str:
@@ -162,20 +143,20 @@ def to_markdown(report: dict[str, Any], command: str, date: str) -> str:
     return "\n".join(lines)
 
 
-def _premise_section(premise: dict[str, Any]) -> list[str]:
-    return [
+def _premise_section(premises: list[dict[str, Any]]) -> list[str]:
+    lines = [
         "## Premise test: vision rows vs text rows",
         "",
-        f"`realb_hf.premise.RowLowering` forces rows to {premise['low']} outside ReaLB's policy: in every prefill MoE "
+        "`realb_hf.premise.RowLowering` forces rows to a low format outside ReaLB's policy: in every prefill MoE "
         "layer call it lowers the given share of the real (non-padding) tokens' rows, all drawn from vision tokens, "
-        f"all from text tokens, or at random from both (seed {premise['seed']}), on mixed batches; decode steps "
-        "stay bf16. Intervals against bf16 on the same batches, as above.",
-        "",
-        *premise_markdown(premise),
-        "",
-        *premise_findings(premise),
+        f"all from text tokens, or at random from both (seed {premises[0]['seed']}), on mixed batches; decode steps "
+        "stay bf16. Intervals against bf16 on the same batches, as above; the findings compare vision rows with "
+        "text rows directly (paired bootstrap of the two runs).",
         "",
     ]
+    for premise in premises:
+        lines += [*premise_markdown(premise), "", *premise_findings(premise), ""]
+    return lines
 
 
 def _bootstrap_text(report: dict[str, Any]) -> list[str]:
@@ -204,6 +185,14 @@ def _findings(rows: list[dict], base: dict) -> list[str]:
     def delta(r: dict) -> float:
         return (r["accuracy"]["overall"] - b) * 100
 
+    def points(r: dict) -> str:
+        """Δ overall exact match, with its interval and verdict when the row has them."""
+        overall = r.get("vs_bf16", {}).get("overall")
+        if overall is None:
+            return f"{delta(r):+.1f} points"
+        em = overall["exact_match"]
+        return f"{describe(em, scale=100)} points, {em['verdict']}"
+
     off = _find(rows, "ReaLB policy=off (plumbing check)")
     if off is not None:
         same = off["answers"] == base["answers"]
@@ -219,7 +208,7 @@ def _findings(rows: list[dict], base: dict) -> list[str]:
             verdict = "within" if abs(delta(r)) <= 1.0 else "NOT within"
             out.append(
                 f"- ReaLB {gran} granularity, M_d=0.7, {low}: {r['accuracy']['overall'] * 100:.1f}% vs bf16 {b * 100:.1f}% "
-                f"({delta(r):+.1f} points, {verdict} the 1-point target), with "
+                f"({points(r)}; {verdict} the 1-point target), with "
                 f"{r['prefill_lowered_token_fraction'] * 100:.1f}% of prefill token-expert pairs in {low} and "
                 f"{r['prefill_layers_lowered'] * 100:.0f}% of prefill MoE layers lowering something."
             )
@@ -229,8 +218,8 @@ def _findings(rows: list[dict], base: dict) -> list[str]:
         if r0 is not None and r9 is not None:
             out.append(
                 f"- Modality threshold, rank granularity, {low}: M_d=0.0 lowers "
-                f"{r0['prefill_lowered_token_fraction'] * 100:.1f}% of prefill pairs ({delta(r0):+.1f} points), "
-                f"M_d=0.9 lowers {r9['prefill_lowered_token_fraction'] * 100:.1f}% ({delta(r9):+.1f} points)."
+                f"{r0['prefill_lowered_token_fraction'] * 100:.1f}% of prefill pairs ({points(r0)}), "
+                f"M_d=0.9 lowers {r9['prefill_lowered_token_fraction'] * 100:.1f}% ({points(r9)})."
             )
     picks = [("bf16", base)] + [
         (label, _find(rows, name))
@@ -253,7 +242,7 @@ def _findings(rows: list[dict], base: dict) -> list[str]:
     if everywhere:
         out.append(
             "- Everything low (the FP4/FP8-everywhere baselines): "
-            + ", ".join(f"{r['name'].split()[0]} {delta(r):+.1f} points" for r in everywhere)
+            + "; ".join(f"{r['name'].split()[0]} {points(r)}" for r in everywhere)
             + "."
         )
     return out

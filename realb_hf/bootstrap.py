@@ -78,9 +78,25 @@ def verdict(interval: Interval, higher_is_better: bool) -> str:
 
 
 def format_interval(interval: Interval, scale: float = 1.0, digits: int = 1) -> str:
-    """`+1.2 [-0.3, +2.7]` with values multiplied by `scale` (100 for exact match in points)."""
-    d, lo, hi = (v * scale for v in (interval.diff, interval.low, interval.high))
-    return f"{d:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+    """`+1.2 [-0.3, +2.7]` with values multiplied by `scale` (100 for exact match in points). A value that is not 0
+    but too small for `digits` decimals is written in scientific notation, so that a bound that excludes 0 never
+    reads as 0."""
+
+    def text(v: float) -> str:
+        return format(v, "+.1e" if v != 0 and abs(v) < 0.5 * 10**-digits else f"+.{digits}f")
+
+    d, lo, hi = (text(v * scale) for v in (interval.diff, interval.low, interval.high))
+    return f"{d} [{lo}, {hi}]"
+
+
+MARKS = {BETTER: " better", WORSE: " **worse**", NO_DIFFERENCE: ""}
+
+
+def describe(entry: dict, scale: float = 1.0, digits: int = 1) -> str:
+    """A result of `compare` (the interval's fields and its verdict) as Markdown: the interval, then **worse** or
+    better when it excludes 0; nothing more when it holds 0 (no measurable difference)."""
+    fields = {k: entry[k] for k in ("diff", "low", "high", "confidence", "n")}
+    return format_interval(Interval(**fields), scale, digits) + MARKS[entry["verdict"]]
 
 
 def compare(

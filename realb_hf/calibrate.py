@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .bootstrap import paired_bootstrap, verdict
+from .bootstrap import describe, paired_bootstrap, verdict
 from .formats import LOW_PRECISIONS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -310,21 +310,17 @@ def table(report: dict[str, Any]) -> str:
         "| --- |" + " ---: | ---: | --- |" * len(formats),
     ]
 
-    def cost(c: dict) -> str:
-        mark = {"measurably worse": " **worse**", "measurably better": " better"}.get(c["verdict"], "")
-        return f"{c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]{mark}"
-
     for row in report["layers"]:
         cells = [row["layer"]]
         for f in formats:
             cell = row[f]
             worst = max(cell["experts"].items(), key=lambda kv: kv[1]["relative_error"], default=None)
             worst_text = f"e{worst[0]}: {worst[1]['relative_error']:.4f}" if worst else "-"
-            cells += [f"{cell['relative_error']:.4f}", cost(cell["nll_cost"]), worst_text]
+            cells += [f"{cell['relative_error']:.4f}", describe(cell["nll_cost"], digits=4), worst_text]
         lines.append("| " + " | ".join(cells) + " |")
     cells = ["all layers"]
     for f in formats:
-        cells += ["", cost(report["all_layers"][f]), ""]
+        cells += ["", describe(report["all_layers"][f], digits=4), ""]
     lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .bootstrap import intervals
+from .bootstrap import describe, intervals
 from .experts import RealbExperts, host_path
 from .formats import LOW_PRECISIONS
 from .modality import TEXT, modality_from_inputs, placeholder_ids
@@ -229,15 +229,9 @@ def findings(premise: dict[str, Any]) -> list[str]:
 
 def to_markdown(premise: dict[str, Any]) -> list[str]:
     """The premise section of the accuracy report."""
-    from .bootstrap import Interval, format_interval
-
     def cell(row: dict, key: str, metric: str, scale: float, digits: int) -> str:
-        d = dict(row["vs_bf16"].get(key, {}).get(metric, {}))
-        if not d:
-            return "-"
-        verdict = d.pop("verdict")
-        mark = {"measurably worse": " **worse**", "measurably better": " better"}.get(verdict, "")
-        return format_interval(Interval(**d), scale, digits) + mark
+        entry = row["vs_bf16"].get(key)
+        return describe(entry[metric], scale, digits) if entry else "-"
 
     lines = [
         "| lowered rows | share asked | pairs lowered, prefill | image | text | Δ exact match image | "

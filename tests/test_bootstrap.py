@@ -66,6 +66,11 @@ def test_format_interval():
     interval = paired_bootstrap([1, 0] * 10, [1, 1] * 10, n_resamples=500)
     text = format_interval(interval, scale=100)
     assert text.startswith("-50.0 [") and text.count(",") == 1
+    tiny = paired_bootstrap([1e-6, 2e-6, 3e-6], [0.0, 0.0, 0.0], n_resamples=200)
+    assert verdict(tiny, higher_is_better=False) == WORSE
+    assert format_interval(tiny, digits=4).startswith("+2.0e-06 [+1.")  # not "+0.0000 [+0.0000, +0.0000]"
+    same = paired_bootstrap([1.0, 2.0], [1.0, 2.0])
+    assert format_interval(same, digits=4) == "+0.0000 [+0.0000, +0.0000]"
 
 
 @pytest.mark.parametrize(

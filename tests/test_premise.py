@@ -6,6 +6,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from realb_hf import RealbConfig, accuracy, apply_realb, bundled
 from realb_hf.accuracy_report import to_markdown
+from realb_hf.bootstrap import describe
 from realb_hf.experts import RealbExperts, host_path
 from realb_hf.premise import RowLowering, pool, run_premise
 
@@ -125,7 +126,7 @@ def test_run_premise_reports_equal_shares_with_intervals(loaded):
     report = {
         "machine": "test", "model": "demo/model", "moe_layers": 4, "num_experts": 8, "top_k": 2, "n": N,
         "held_out_seed": 0, "counts": {"image": 8, "text": 8}, "ep_size": 4, "batch_threshold": 2048,
-        "batch_size": N, "runs": [], "premise": premise,
+        "batch_size": N, "runs": [], "premise": [premise],
     }  # fmt: skip
     text = to_markdown(report, "cmd", "2026-12-04")
     assert "## Premise test: vision rows vs text rows" in text
@@ -146,7 +147,7 @@ def test_accuracy_run_gives_every_row_intervals_and_runs_the_premise():
         "policy": "all_low", "low_precision": "fp8", "batch_threshold": 2048})]  # fmt: skip
     report = accuracy.run(
         bundled.bundled_model_dir(), n=N, batch_size=N, configs=configs, progress=False, batchings=("mixed",),
-        n_resamples=100, premise_shares=(0.1,), premise_low="mxfp4",
+        n_resamples=100, premise_shares=(0.1,), premise_low=("mxfp4",),
     )  # fmt: skip
     base, low = report["runs"][0]["results"]
     assert base["vs_bf16"]["overall"]["exact_match"] == {
@@ -154,6 +155,8 @@ def test_accuracy_run_gives_every_row_intervals_and_runs_the_premise():
     }  # fmt: skip
     assert low["vs_bf16"]["text"]["answer_nll"]["n"] == report["counts"]["text"]
     assert report["bootstrap"] == {"n_resamples": 100, "seed": 0, "confidence": 0.95}
-    assert [row["low"] for row in report["premise"]["rows"]] == ["mxfp4"] * 3
+    assert [row["low"] for row in report["premise"][0]["rows"]] == ["mxfp4"] * 3
     text = to_markdown(report, "cmd", "2026-12-04")
     assert "Δ overall vs bf16 [95% CI]" in text and "+0.0 [+0.0, +0.0]" in text and "(mxfp4)" in text
+    verdict = low["vs_bf16"]["overall"]["exact_match"]["verdict"]
+    assert f"baselines): fp8 {describe(low['vs_bf16']['overall']['exact_match'], scale=100)} points, {verdict}." in text
