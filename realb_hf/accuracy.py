@@ -305,6 +305,7 @@ def run(
         if getattr(model, "realb", None) is None:
             apply_realb(model, RealbConfig(ep_size=ep_size, batch_threshold=batch_threshold))
         base = evaluate(model, processor, mixed, EvalConfig("bf16 (policy=off)", None), batch_size=batch_size)
+
         def score(name: str) -> AccuracyResult:
             return evaluate(model, processor, mixed, EvalConfig(name, None), batch_size=batch_size)
 

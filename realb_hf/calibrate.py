@@ -80,7 +80,7 @@ def load_samples(data: str | None, limit: int, seed: int = 0) -> list[Sample]:
 
 def load_model(model_dir: str | Path):
     """(model, processor) of a local Hub-format folder, in bf16, converted with ReaLB under policy "off"."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     from . import RealbConfig, apply_realb
 
@@ -91,11 +91,13 @@ def load_model(model_dir: str | Path):
         raise ValueError(f"{model_dir}: not a model folder (no config.json)")
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16)
-    except ValueError:  # not an image-text model: a text-only MoE
+        reader = AutoProcessor
+    except ValueError:  # not an image-text model: a text-only MoE reads its data with its tokenizer
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        reader = AutoTokenizer
     model.eval()
     try:
-        processor = AutoProcessor.from_pretrained(path)
+        processor = reader.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise ValueError(f"{model_dir}: no processor or tokenizer to read the data with ({err})") from None
     if getattr(model, "realb", None) is None:

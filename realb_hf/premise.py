@@ -75,7 +75,7 @@ def pool(strategy: str, codes: torch.Tensor, real: torch.Tensor) -> torch.Tensor
 class RowLowering:
     """`with RowLowering(model, "vision", 0.2, "nvfp4"):` runs the model's prefill forwards with that share of real
     tokens' rows in `low`, chosen from `strategy`'s pool. The model must carry ReaLB (`apply_realb`); its policy is
-    set to "off" inside the block so that nothing but this selection is lowered."""
+    "off" inside the block, so that nothing but this selection is lowered, and back to what it was after it."""
 
     model: torch.nn.Module
     strategy: str
@@ -96,6 +96,7 @@ class RowLowering:
             raise ValueError("RowLowering needs a model converted with realb_hf.apply_realb (no ReaLB experts found)")
 
     def __enter__(self) -> RowLowering:
+        self._policy = self.model.realb.settings.config.policy  # given back on exit
         self.model.realb.reconfigure(policy="off")
         self._rows = _Rows()
         self.last_lowered: torch.Tensor | None = None
@@ -110,6 +111,7 @@ class RowLowering:
         self._hook.remove()
         for module in self.experts:
             del module.forward  # the class's forward again
+        self.model.realb.reconfigure(policy=self._policy)
 
     def _capture(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)

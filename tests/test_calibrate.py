@@ -114,3 +114,31 @@ def test_library_refusals(loaded):
         calibrate(model, processor, [], ("fp8",), progress=False)
     with pytest.raises(ValueError, match="no MoE experts layers"):
         experts_modules(torch.nn.Linear(2, 2))
+
+
+@pytest.fixture(scope="module")
+def text_moe_dir(tmp_path_factory):
+    """A tiny text-only Qwen3-MoE folder with the bundled word-level tokenizer and its chat template."""
+    from transformers import AutoTokenizer
+
+    from realb_hf.tiny import build_tiny_model, tiny_qwen3_moe_config
+
+    path = tmp_path_factory.mktemp("text_moe")
+    build_tiny_model(tiny_qwen3_moe_config()).save_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    tokenizer.chat_template = (bundled.bundled_model_dir() / "chat_template.jinja").read_text()
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_text_only_moe_reads_prompts_with_its_tokenizer(text_moe_dir, tmp_path):
+    (tmp_path / "a.txt").write_text("what is 3 + 4 ?")
+    (tmp_path / "b.txt").write_text("what comes after b ?")
+    model, tokenizer = load_model(text_moe_dir)
+    assert type(model).__name__ == "Qwen3MoeForCausalLM" and not hasattr(tokenizer, "image_processor")
+    report = calibrate(model, tokenizer, load_samples(str(tmp_path), 10), ("fp8",), batch_size=2, progress=False)
+    assert [row["layer"] for row in report["layers"]] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert report["bf16_nll"] > 0 and all(row["fp8"]["relative_error"] > 0 for row in report["layers"])
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="the data holds images but the model folder has no image processor"):
+        calibrate(model, tokenizer, load_samples(str(tmp_path), 10), ("fp8",), progress=False)

@@ -58,6 +58,18 @@ def test_share_zero_changes_nothing_and_counts_real_pairs(loaded):
     assert lowering.stats.lowered_pairs == 0
 
 
+def test_the_policy_and_forward_come_back_after_the_block(loaded):
+    model = loaded[0]
+    experts = next(m for m in model.modules() if isinstance(m, RealbExperts))
+    model.realb.reconfigure(policy="all_low")
+    try:
+        with RowLowering(model, "text", 0.1, "fp8"):
+            assert model.realb.settings.config.policy == "off" and "forward" in vars(experts)
+        assert model.realb.settings.config.policy == "all_low" and "forward" not in vars(experts)
+    finally:
+        model.realb.reconfigure(policy="off")
+
+
 @pytest.mark.parametrize("strategy", ["vision", "text", "random"])
 def test_rows_come_from_the_pool_and_the_split_is_exact(loaded, strategy):
     model, processor, examples, _ = loaded
