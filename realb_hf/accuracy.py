@@ -32,8 +32,11 @@ import torch
 
 from .accuracy_report import MODALITIES, model_label, to_markdown
 from .apply import apply_realb, get_runtime, get_telemetry
+from .bootstrap import intervals
 from .bundled import bundled_model_dir, demo_module
 from .config import RealbConfig
+from .formats import LOW_PRECISIONS
+from .premise import run_premise
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class AccuracyResult:
     answers: list[str] = field(default_factory=list)
     seconds: float = 0.0
     answer_nll: dict[str, float] = field(default_factory=dict)  # mean NLL (nats) of the right answer's first token
+    question_nll: list[float] = field(default_factory=list)  # that NLL per question, in `examples` order
+    vs_bf16: dict[str, Any] = field(default_factory=dict)  # bootstrap intervals against the stock row (`intervals`)
 
 
 # ---- tasks -----------------------------------------------------------------------------------------------
@@ -211,6 +216,7 @@ def evaluate(model, processor, examples: list, config: EvalConfig, batch_size: i
         answers=answers,
         seconds=seconds,
         answer_nll=answer_nll,
+        question_nll=nlls,
     )
     if telemetry is not None:
         summary = telemetry.summary()
@@ -247,11 +253,17 @@ def run(
     configs: list[EvalConfig] | None = None,
     progress: bool = True,
     batchings: tuple[str, ...] = BATCHINGS,
+    n_resamples: int = 2000,
+    bootstrap_seed: int = 0,
+    premise_shares: tuple[float, ...] = (),
+    premise_low: tuple[str, ...] = ("nvfp4",),
 ) -> dict[str, Any]:
     """Load `model_dir` once and score every configuration under every batching; returns the report (JSON values).
 
     The stock rows (`realb=None`) of every batching run first, on the untouched model; then `apply_realb` converts
-    it once and every other row is a `reconfigure(...)`.
+    it once and every other row is a `reconfigure(...)`. Every row gets paired-bootstrap intervals against the
+    first stock row of its batching (`n_resamples` draws, `bootstrap_seed`). With `premise_shares`, the premise
+    test (`realb_hf.premise`) runs last, on mixed batches, once per format in `premise_low`.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -279,6 +291,31 @@ def run(
                 f"lowered {result.prefill_lowered_token_fraction * 100:5.1f}% ({result.seconds:.0f} s)",
                 flush=True,
             )
+    for batching in batchings:
+        base = next((results[(batching, i)] for i, c in enumerate(configs) if c.realb is None), None)
+        for i in range(len(configs)):
+            if base is not None:
+                results[(batching, i)].vs_bf16 = intervals(
+                    results[(batching, i)], base, ordered[batching], n_resamples, bootstrap_seed
+                )
+    premise_report = None
+    if premise_shares:
+        # vision and text tokens share every forward only when questions are mixed
+        mixed = ordered.get("mixed") or order_for_batching(heldout, "mixed")
+        if getattr(model, "realb", None) is None:
+            apply_realb(model, RealbConfig(ep_size=ep_size, batch_threshold=batch_threshold))
+        base = evaluate(model, processor, mixed, EvalConfig("bf16 (policy=off)", None), batch_size=batch_size)
+
+        def score(name: str) -> AccuracyResult:
+            return evaluate(model, processor, mixed, EvalConfig(name, None), batch_size=batch_size)
+
+        premise_report = [
+            run_premise(model, score, mixed, base, premise_shares, low, seed, n_resamples, bootstrap_seed)
+            for low in premise_low
+        ]
+        if progress:
+            for row in (row for part in premise_report for row in part["rows"]):
+                print(f"[premise] {row['name']:<36} overall {row['accuracy']['overall'] * 100:5.1f}", flush=True)
     counts = {m: sum(1 for ex in heldout if ex.modality == m) for m in MODALITIES}
     return {
         "model": model_label(model_dir),
@@ -288,12 +325,14 @@ def run(
         "batch_size": batch_size,
         "ep_size": ep_size,
         "batch_threshold": batch_threshold,
+        "bootstrap": {"n_resamples": n_resamples, "seed": bootstrap_seed, "confidence": 0.95},
         "num_experts": model.config.text_config.num_experts,
         "top_k": model.config.text_config.num_experts_per_tok,
         "moe_layers": model.config.text_config.num_hidden_layers,
         "machine": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}; "
         "fp8/nvfp4/mxfp4 emulated (quantize-dequantize, bf16 matmul)",
         "runs": [{"batching": b, "results": [asdict(results[(b, i)]) for i in range(len(configs))]} for b in batchings],
+        "premise": premise_report,
     }
 
 
@@ -317,6 +356,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tasks", help="task generator (.py path or module name; default: the bundled demo's tasks.py)"
     )
+    parser.add_argument(
+        "--bootstrap", type=int, default=2000, help="paired-bootstrap resamples for the 95%% intervals"
+    )
+    parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap's resampling")
+    parser.add_argument(
+        "--premise",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="SHARE",
+        help="also run the premise test (vision rows vs text rows vs random rows lowered) at these shares of "
+        "token-expert pairs, in (0, 1]",
+    )
+    parser.add_argument(
+        "--premise-low", nargs="+", default=["nvfp4"], help="the low formats of the premise test (one test each)"
+    )
     parser.add_argument("--out", help="write the Markdown report here and the JSON next to it")
     parser.add_argument("--date", default=_dt.date.today().isoformat(), help="date printed in the report")
     parser.add_argument("--notes", help="Markdown file appended to the report (hand-written notes)")
@@ -324,6 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = Path(args.model) if args.model else bundled_model_dir()
     if not (model_dir / "config.json").is_file():
         parser.error(f"--model {model_dir}: not a model folder (no config.json)")
+    bad = [s for s in args.premise if not 0.0 < s <= 1.0]
+    if bad:
+        parser.error(f"--premise: shares must lie in (0, 1], got {bad}")
+    unknown = [f for f in args.premise_low if f not in LOW_PRECISIONS]
+    if unknown:
+        parser.error(f"--premise-low {unknown[0]!r}: choose one of {list(LOW_PRECISIONS)}")
+    if args.bootstrap < 1:
+        parser.error(f"--bootstrap must be >= 1 resample, got {args.bootstrap}")
     try:
         tasks = load_tasks(args.tasks)  # fail before loading the model
     except (ImportError, OSError) as err:
@@ -338,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         tasks=tasks,
         batchings=tuple(args.batching),
+        n_resamples=args.bootstrap,
+        bootstrap_seed=args.bootstrap_seed,
+        premise_shares=tuple(args.premise),
+        premise_low=tuple(args.premise_low),
     )
     report["date"] = args.date
     command = "python -m realb_hf.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .bootstrap import describe
 from .bundled import bundled_model_dir
+from .premise import findings as premise_findings
+from .premise import to_markdown as premise_markdown
 
 MODALITIES = ("image", "text")
 
@@ -43,16 +46,21 @@ def _run_section(report: dict[str, Any], run: dict[str, Any]) -> list[str]:
         f"{report['batch_size']} questions per `generate` call, left padding; {_BATCHING_TEXT.get(run['batching'], '')}. "
         f"Prefill forwards hold {', '.join(map(str, tokens))} tokens.",
         "",
-        "| configuration | image | text | overall | Δ overall vs bf16 | answer NLL image / text | "
-        "lowered pairs, prefill | prefill layers lowered | predicted MoE speedup |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| configuration | image | text | overall | Δ overall vs bf16 [95% CI] | answer NLL image / text | "
+        "Δ answer NLL [95% CI] | lowered pairs, prefill | prefill layers lowered | predicted MoE speedup |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         acc = r["accuracy"]
-        delta = (acc["overall"] - base["accuracy"]["overall"]) * 100
-        cells = [r["name"], _pct(acc.get("image", 0)), _pct(acc.get("text", 0)), _pct(acc["overall"]), f"{delta:+.1f}"]
+        overall = r.get("vs_bf16", {}).get("overall")
+        if overall is None:  # a report written before intervals existed
+            em_cell, nll_cell = f"{(acc['overall'] - base['accuracy']['overall']) * 100:+.1f}", "-"
+        else:
+            em_cell = describe(overall["exact_match"], scale=100)
+            nll_cell = describe(overall["answer_nll"], digits=4)
+        cells = [r["name"], _pct(acc.get("image", 0)), _pct(acc.get("text", 0)), _pct(acc["overall"]), em_cell]
         nll = r.get("answer_nll", {})
-        cells.append(f"{nll.get('image', 0):.4f} / {nll.get('text', 0):.4f}")
+        cells += [f"{nll.get('image', 0):.4f} / {nll.get('text', 0):.4f}", nll_cell]
         if r["realb"] is None:
             cells += ["-", "-", "-"]
         else:
@@ -106,9 +114,12 @@ def to_markdown(report: dict[str, Any], command: str, date: str) -> str:
         "rank or expert. *predicted MoE speedup*: mean over prefill layers of slowest-rank time before / after from "
         "ReaLB's cost model of the target GPU (fp8 0.78, fp4 0.6 of bf16 time), not a CPU measurement.",
         "",
+        *_bootstrap_text(report),
     ]
     for run in report["runs"]:
         lines += _run_section(report, run)
+    if report.get("premise"):
+        lines += _premise_section(report["premise"])
     lines += ["## Caveats", ""]
     lines += [
         "- CPU run: fp8 (e4m3, rowwise scales), nvfp4 and mxfp4 are emulated (quantize, dequantize, bf16 grouped "
@@ -132,6 +143,36 @@ def to_markdown(report: dict[str, Any], command: str, date: str) -> str:
     return "\n".join(lines)
 
 
+def _premise_section(premises: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## Premise test: vision rows vs text rows",
+        "",
+        "`realb_hf.premise.RowLowering` forces rows to a low format outside ReaLB's policy: in every prefill MoE "
+        "layer call it lowers the given share of the real (non-padding) tokens' rows, all drawn from vision tokens, "
+        f"all from text tokens, or at random from both (seed {premises[0]['seed']}), on mixed batches; decode steps "
+        "stay bf16. Intervals against bf16 on the same batches, as above; the findings compare vision rows with "
+        "text rows directly (paired bootstrap of the two runs).",
+        "",
+    ]
+    for premise in premises:
+        lines += [*premise_markdown(premise), "", *premise_findings(premise), ""]
+    return lines
+
+
+def _bootstrap_text(report: dict[str, Any]) -> list[str]:
+    boot = report.get("bootstrap")
+    if not boot:
+        return []
+    return [
+        "Intervals: paired bootstrap over questions (`realb_hf.bootstrap`): the per-question differences from the "
+        f"stock bf16 row of the same batching are resampled with replacement {boot['n_resamples']} times (seed "
+        f"{boot['seed']}) and the 2.5th / 97.5th percentiles of their mean bound the 95% interval. Δ exact match in "
+        "points, Δ NLL in nats. An interval that contains 0 is *no measurable difference*; a row marked **worse** or "
+        "better is one whose interval excludes 0.",
+        "",
+    ]
+
+
 def _find(rows: list[dict], name: str) -> dict | None:
     return next((r for r in rows if r["name"] == name), None)
 
@@ -143,6 +184,14 @@ def _findings(rows: list[dict], base: dict) -> list[str]:
 
     def delta(r: dict) -> float:
         return (r["accuracy"]["overall"] - b) * 100
+
+    def points(r: dict) -> str:
+        """Δ overall exact match, with its interval and verdict when the row has them."""
+        overall = r.get("vs_bf16", {}).get("overall")
+        if overall is None:
+            return f"{delta(r):+.1f} points"
+        em = overall["exact_match"]
+        return f"{describe(em, scale=100)} points, {em['verdict']}"
 
     off = _find(rows, "ReaLB policy=off (plumbing check)")
     if off is not None:
@@ -159,7 +208,7 @@ def _findings(rows: list[dict], base: dict) -> list[str]:
             verdict = "within" if abs(delta(r)) <= 1.0 else "NOT within"
             out.append(
                 f"- ReaLB {gran} granularity, M_d=0.7, {low}: {r['accuracy']['overall'] * 100:.1f}% vs bf16 {b * 100:.1f}% "
-                f"({delta(r):+.1f} points, {verdict} the 1-point target), with "
+                f"({points(r)}; {verdict} the 1-point target), with "
                 f"{r['prefill_lowered_token_fraction'] * 100:.1f}% of prefill token-expert pairs in {low} and "
                 f"{r['prefill_layers_lowered'] * 100:.0f}% of prefill MoE layers lowering something."
             )
@@ -169,8 +218,8 @@ def _findings(rows: list[dict], base: dict) -> list[str]:
         if r0 is not None and r9 is not None:
             out.append(
                 f"- Modality threshold, rank granularity, {low}: M_d=0.0 lowers "
-                f"{r0['prefill_lowered_token_fraction'] * 100:.1f}% of prefill pairs ({delta(r0):+.1f} points), "
-                f"M_d=0.9 lowers {r9['prefill_lowered_token_fraction'] * 100:.1f}% ({delta(r9):+.1f} points)."
+                f"{r0['prefill_lowered_token_fraction'] * 100:.1f}% of prefill pairs ({points(r0)}), "
+                f"M_d=0.9 lowers {r9['prefill_lowered_token_fraction'] * 100:.1f}% ({points(r9)})."
             )
     picks = [("bf16", base)] + [
         (label, _find(rows, name))
@@ -193,7 +242,7 @@ def _findings(rows: list[dict], base: dict) -> list[str]:
     if everywhere:
         out.append(
             "- Everything low (the FP4/FP8-everywhere baselines): "
-            + ", ".join(f"{r['name'].split()[0]} {delta(r):+.1f} points" for r in everywhere)
+            + "; ".join(f"{r['name'].split()[0]} {points(r)}" for r in everywhere)
             + "."
         )
     return out

@@ -4,7 +4,8 @@
 batch through it with ReaLB under virtual EP, and prints what every MoE layer saw and decided.
 `realb-hf demo` serves the Gradio demo (realb_hf/bundled.py finds it); `realb-hf save` / `realb-hf push` load a
 model with ReaLB and save or upload it with a model card (realb_hf/hub.py). `realb-hf serve` serves a model with
-ReaLB through transformers' OpenAI-compatible server (realb_hf/serve.py).
+ReaLB through transformers' OpenAI-compatible server (realb_hf/serve.py). `realb-hf calibrate` reports each MoE
+layer's sensitivity to each low format on the user's data (realb_hf/calibrate.py).
 
 Every argument is checked before anything is loaded or written; a mistake ends with one line naming the flag.
 """
@@ -18,6 +19,7 @@ import re
 import sys
 from pathlib import Path
 
+from .calibrate import add_calibrate_parser
 from .card_inputs import CardInputError
 from .config import GRANULARITIES, LOW_PRECISION_CHOICES, POLICIES, WEIGHT_CACHES
 
@@ -410,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(func=cmd_push)
 
     _add_serve_parser(sub)
+    add_calibrate_parser(sub)
 
     # Forwarded whole to `python -m realb_hf.bench` (see main), listed here for --help.
     sub.add_parser(
