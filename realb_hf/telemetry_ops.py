@@ -7,8 +7,8 @@ the same `Telemetry` methods eager code calls, so compiled and eager forwards le
 
 Invariants:
 - the operators mutate `TALLY` (a CPU scalar counting hand-offs), so no graph pass drops them as dead code;
-- they are tagged cudagraph-unsafe: a CUDA graph replays kernels, not Python, so torch.compile does not capture a
-  graph that holds them (compile with telemetry off for `mode="reduce-overhead"`);
+- they are tagged cudagraph-unsafe: a CUDA graph replays kernels, not Python, so inductor keeps them out of the
+  CUDA graphs it records (a manual `torch.cuda.graph` capture needs telemetry off);
 - the settings a layer call decided with are read again when the operator runs: the compiled graph's guards
   hold them equal to those it was traced with.
 """
