@@ -75,12 +75,13 @@ RESPONSE_TEMPLATE = {
 # ---- tokenizer, processor, config ---------------------------------------------------------------------
 
 
-def build_tokenizer():
-    """A word-level `tokenizers` tokenizer (lower-cased, split on whitespace and punctuation) in transformers form."""
+def build_tokenizer(words: list[str] | None = None):
+    """A word-level `tokenizers` tokenizer (lower-cased, split on whitespace and punctuation) in transformers form,
+    over `words` (default: the demo tasks' vocabulary) plus the special tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + vocabulary())}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + (vocabulary() if words is None else list(words)))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -102,8 +103,8 @@ def build_tokenizer():
     )
 
 
-def build_processor(tokenizer):
-    """Qwen2-VL image processor + tokenizer + chat template.
+def build_processor(tokenizer, image_size: int = IMAGE_SIZE):
+    """Qwen2-VL image processor + tokenizer + chat template, for square `image_size` images.
 
     The processor class is `PaddleOCRVLProcessor`: it expands `<|image_pad|>` to `grid_t*grid_h*grid_w / merge^2`
     copies and returns `mm_token_type_ids`, exactly like `Qwen3VLProcessor` does for images, but it needs no video
@@ -113,12 +114,12 @@ def build_processor(tokenizer):
     from transformers.models.paddleocr_vl.processing_paddleocr_vl import PaddleOCRVLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    pixels = IMAGE_SIZE * IMAGE_SIZE
+    pixels = image_size * image_size
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=PATCH_SIZE,
         merge_size=MERGE_SIZE,
         temporal_patch_size=TEMPORAL_PATCH,
-        size={"shortest_edge": pixels, "longest_edge": pixels},  # every image becomes ~96x96 -> 36 tokens
+        size={"shortest_edge": pixels, "longest_edge": pixels},  # 96x96 -> 36 tokens
         image_mean=list(IMAGE_MEAN),
         image_std=list(IMAGE_STD),
     )
@@ -189,14 +190,15 @@ class FastCollator:
     inference will see.
     """
 
-    def __init__(self, processor):
+    def __init__(self, processor, image_size: int = IMAGE_SIZE):
         self.processor = processor
+        self.image_size = image_size
         tok = processor.tokenizer
         self.tok = tok
         self.ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         self.user = tok.convert_tokens_to_ids("user")
         self.assistant = tok.convert_tokens_to_ids("assistant")
-        grid = IMAGE_SIZE // PATCH_SIZE
+        grid = image_size // PATCH_SIZE
         self.grid = grid
         self.image_tokens = grid * grid // (MERGE_SIZE * MERGE_SIZE)
         self._word_cache: dict[str, list[int]] = {}
@@ -208,8 +210,8 @@ class FastCollator:
 
     def patches(self, image) -> np.ndarray:
         """(grid*grid, 3*T*P*P) flattened patches in the Qwen2-VL image processor's order and normalisation."""
-        if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-            raise ValueError("the fast collator only takes IMAGE_SIZE x IMAGE_SIZE images")
+        if image.size != (self.image_size, self.image_size):
+            raise ValueError(f"the fast collator takes {self.image_size}x{self.image_size} images, got {image.size}")
         x = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
         x = (x - np.array(IMAGE_MEAN, np.float32)[:, None, None]) / np.array(IMAGE_STD, np.float32)[:, None, None]
         g, m, p = self.grid, MERGE_SIZE, PATCH_SIZE
@@ -302,6 +304,36 @@ def accuracy(model, processor, examples: list[Example]) -> dict[str, float]:
 # ---- training -----------------------------------------------------------------------------------------
 
 
+def make_optimizer(model, lr: float, steps: int):
+    """AdamW (no decay on embeddings, norms and biases) with a 5% linear warm-up, then a cosine down to 5% of `lr`."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
+    warmup = max(1, steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor]):
+    """Cross-entropy on the answer token and the closing <|im_end|> (the last two tokens of every row), plus the
+    router's load-balancing loss. Returns (loss, loss + aux, their logits (batch, 2, vocab), targets (batch, 2))."""
+    out = model(**batch, logits_to_keep=3, output_router_logits=True)
+    logits = out.logits[:, :2].float()
+    targets = batch["input_ids"][:, -2:]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return loss, loss + model.config.text_config.router_aux_loss_coef * out.aux_loss, logits, targets
+
+
 def train(args) -> None:
     from tqdm import tqdm
     from transformers import GenerationConfig, Qwen3VLMoeForConditionalGeneration
@@ -321,33 +353,14 @@ def train(args) -> None:
     collate = FastCollator(processor)
     collate.check([train_example(i) for i in range(16)])
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.98),
-    )
-    warmup = max(1, args.steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, args.steps - warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    opt, sched = make_optimizer(model, args.lr, args.steps)
     start = time.perf_counter()
     bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True, mininterval=2.0)
     ema = None
     for step in bar:
         examples = [train_example(step * args.batch + j) for j in range(args.batch)]
         batch = collate(examples)
-        out = model(**batch, logits_to_keep=3, output_router_logits=True)
-        logits = out.logits[:, :2].float()  # predictions of the answer token and of the closing <|im_end|>
-        targets = batch["input_ids"][:, -2:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        total = loss + config.text_config.router_aux_loss_coef * out.aux_loss
+        loss, total, logits, targets = answer_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

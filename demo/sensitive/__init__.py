@@ -1,0 +1,1 @@
+"""The precision-sensitive model: harder tasks (tasks.py), its trainer (train.py) and, once trained, model/."""
