@@ -6,30 +6,13 @@ import types
 
 import pytest
 import torch
+from task_fixtures import write_other_tasks
 
 from realb_hf import accuracy, bundled, get_runtime, get_telemetry
 from realb_hf.accuracy_report import to_markdown
 from realb_hf.accuracy_setup import default_configs, describe_machine, parse_device
 
 N = 4
-
-# A task module that is not the demo's: its own kinds ("hue", "plus"), built from demo questions so the bundled
-# model's word-level tokenizer knows every word.
-OTHER_TASKS = """
-import dataclasses
-from realb_hf.bundled import demo_module
-
-_demo = demo_module("tasks")
-IMAGE_KINDS = ("hue",)
-TEXT_KINDS = ("plus",)
-KINDS = IMAGE_KINDS + TEXT_KINDS
-_RENAME = {"colour": "hue", "add": "plus"}
-
-
-def heldout_set(n, seed=0):
-    return [dataclasses.replace(ex, kind=_RENAME[ex.kind]) for ex in _demo.heldout_set(n, seed, kinds=("colour", "add"))]
-"""
-
 
 # ---- devices -----------------------------------------------------------------------------------------------
 
@@ -112,9 +95,7 @@ def test_an_unpinned_row_is_refused():
 
 @pytest.fixture(scope="module")
 def other_tasks(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tasks") / "my_tasks.py"
-    path.write_text(OTHER_TASKS)
-    return path
+    return write_other_tasks(tmp_path_factory.mktemp("tasks"))
 
 
 @pytest.fixture(scope="module")
