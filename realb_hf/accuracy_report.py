@@ -96,7 +96,8 @@ def _model_sentence(report: dict[str, Any]) -> str:
     )
     shape = f"{layers}, {report['num_experts']} experts, top-{report['top_k']}"
     tasks = report.get("tasks") or {"module": "demo.tasks", "path": "demo/tasks.py", "bundled_demo": True}
-    where = f"`{tasks['module']}` ({tasks['path']})" if tasks.get("module") else f"`{tasks['path']}`"
+    module, path = tasks.get("module"), tasks.get("path")
+    where = f"`{module}` ({path})" if module and path else f"`{module or path}`"
     if tasks.get("bundled_demo") and report["model"] == "demo/model":
         where += ", which `demo/train.py` trained it on"
     return (

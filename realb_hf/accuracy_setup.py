@@ -104,6 +104,9 @@ def model_facts(config: Any) -> dict[str, Any]:
 def tasks_facts(module: ModuleType) -> dict[str, Any]:
     """How the report names the task module: its import name (when it has one), its path, and whether it is the
     bundled demo's (whose caveats are the demo's own)."""
+    name = None if module.__name__ == FILE_MODULE_NAME else module.__name__
+    if getattr(module, "__file__", None) is None:  # built in memory by a library user
+        return {"module": name, "path": None, "bundled_demo": False}
     path = Path(module.__file__).resolve()
     try:
         bundled = path == (demo_dir() / "tasks.py").resolve()
@@ -113,7 +116,6 @@ def tasks_facts(module: ModuleType) -> dict[str, Any]:
         shown = str(path.relative_to(CHECKOUT_DIR))
     except ValueError:
         shown = str(path)
-    name = None if module.__name__ == FILE_MODULE_NAME else module.__name__
     return {"module": name, "path": shown, "bundled_demo": bundled}
 
 
