@@ -1,12 +1,13 @@
 """Held-out accuracy of a ReaLB model under many precision configurations, on one loaded model.
 
     python -m realb_hf.accuracy --model demo/model --n 300 --out docs/accuracy.md
+    python -m realb_hf.accuracy --model M --tasks my.tasks --device cuda --ep-size 4 8 --out report.md
 
-loads the model once in bf16, scores the stock model, converts it with `apply_realb` under virtual EP
-(`--ep-size`, default 4) and switches configurations with `get_runtime(model).reconfigure(...)`. Every row
-answers the same held-out questions (`heldout_set` of demo/tasks.py, or of `--tasks`) with greedy `generate`, many
-questions per forward (left padding), so the prefill forward carries `batch_size x prompt length` tokens and crosses
-the batch threshold. Exact match is scored per modality, and each row reports from telemetry how much ReaLB lowered.
+loads the model once in bf16 on `--device` (default cpu), scores the stock model, converts it with `apply_realb`
+under virtual EP and switches configurations with `get_runtime(model).reconfigure(...)`; every ReaLB row pins its EP
+size (`--ep-size`, one or more; default 4) and runs once per size. Every row answers the same held-out questions
+(`heldout_set` of demo/tasks.py, or of `--tasks`) with greedy `generate`, many questions per forward (left padding),
+so the prefill forward carries `batch_size x prompt length` tokens and crosses the batch threshold. Exact match is scored per modality, and each row reports from telemetry how much ReaLB lowered.
 Writes a Markdown report to `--out` and the full numbers as JSON next to it (same name, `.json`).
 
 Library use: `evaluate(model, processor, examples, ...)` -> `AccuracyResult`, `run(model_dir, ...)` -> report dict,
@@ -20,9 +21,9 @@ import datetime as _dt
 import importlib
 import importlib.util
 import json
-import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +32,18 @@ from typing import Any
 import torch
 
 from .accuracy_report import MODALITIES, model_label, to_markdown
+from .accuracy_setup import (
+    FILE_MODULE_NAME,
+    EvalConfig,
+    default_configs,
+    describe_machine,
+    ep_sizes_of,
+    format_support,
+    model_facts,
+    parse_device,
+    pin,
+    tasks_facts,
+)
 from .apply import apply_realb, get_runtime, get_telemetry
 from .bootstrap import intervals
 from .bundled import bundled_model_dir, demo_module
@@ -38,37 +51,7 @@ from .config import RealbConfig
 from .formats import LOW_PRECISIONS
 from .premise import run_premise
 
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """One row of the table: `realb` None means the stock model (no ReaLB); otherwise RealbConfig runtime fields."""
-
-    name: str
-    realb: dict[str, Any] | None
-
-
-def default_configs(batch_threshold: int = 2048) -> list[EvalConfig]:
-    """bf16, ReaLB default, ReaLB rank/expert granularity at M_d 0/0.7/0.9 (fp8 and nvfp4), X-everywhere baselines."""
-    rows = [
-        EvalConfig("bf16 (stock, no ReaLB)", None),
-        EvalConfig("ReaLB policy=off (plumbing check)", {"policy": "off"}),
-        EvalConfig("ReaLB default config (auto = fp8 on CPU)", {"batch_threshold": RealbConfig().batch_threshold}),
-    ]
-    for low in ("fp8", "nvfp4"):
-        for granularity in ("rank", "expert"):
-            for md in (0.0, 0.7, 0.9):
-                rows.append(
-                    EvalConfig(
-                        f"ReaLB {granularity}, M_d={md}, low={low}",
-                        {"low_precision": low, "granularity": granularity, "modality_threshold": md},
-                    )
-                )
-    for low in ("fp8", "nvfp4", "mxfp4"):
-        rows.append(EvalConfig(f"{low} everywhere", {"policy": "all_low", "low_precision": low}))
-    for row in rows:
-        if row.realb is not None:
-            row.realb.setdefault("batch_threshold", batch_threshold)
-    return rows
+PINNED = ("ep_size", "batch_threshold")  # a ReaLB row must set these: `reconfigure` would keep the last row's
 
 
 @dataclass
@@ -108,7 +91,7 @@ def load_tasks(tasks: str | Path | None = None) -> ModuleType:
 def _module_from_file(path: Path) -> ModuleType:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    spec = importlib.util.spec_from_file_location("realb_demo_tasks", path)
+    spec = importlib.util.spec_from_file_location(FILE_MODULE_NAME, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -126,7 +109,8 @@ def _batches(examples: list, batch_size: int) -> list[list]:
 def generate_answers(
     model, processor, examples: list, batch_size: int = 64, max_new_tokens: int = 4, on_prefill=None, nlls=None
 ) -> list[str]:
-    """Greedy answers: chat template -> processor (left padding) -> `generate` -> decode, `batch_size` per forward.
+    """Greedy answers: chat template -> processor (left padding) -> `generate` -> decode, `batch_size` per forward,
+    the inputs moved to the model's device.
 
     `on_prefill(input_ids)` is called before each batch (e.g. to note where its prefill forward starts). When `nlls`
     is a list, the negative log-likelihood (nats) of each right answer's first token under the prefill logits is
@@ -142,7 +126,7 @@ def generate_answers(
             return_dict=True,
             return_tensors="pt",
             processor_kwargs={"padding": True, "padding_side": "left"},
-        )
+        ).to(model.device)
         if on_prefill is not None:
             on_prefill(inputs["input_ids"])
         out = model.generate(
@@ -151,7 +135,7 @@ def generate_answers(
         texts = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         answers += [t.strip() for t in texts]
         if nlls is not None:
-            logp = torch.log_softmax(out.logits[0].float(), dim=-1)
+            logp = torch.log_softmax(out.logits[0].float(), dim=-1).cpu()
             right = [tokenizer(ex.answer, add_special_tokens=False)["input_ids"][0] for ex in chunk]
             nlls += (-logp[torch.arange(len(chunk)), torch.tensor(right)]).tolist()
     return answers
@@ -171,7 +155,10 @@ def score(examples: list, answers: list[str]) -> tuple[dict[str, float], dict[st
 
 
 def evaluate(model, processor, examples: list, config: EvalConfig, batch_size: int = 64) -> AccuracyResult:
-    """Score `examples` under `config` on `model` (converted with `apply_realb` unless `config.realb` is None)."""
+    """Score `examples` under `config` on `model` (converted with `apply_realb` unless `config.realb` is None).
+
+    A ReaLB row starts from the default config and must set `ep_size` and `batch_threshold` itself (ValueError
+    otherwise): `reconfigure` keeps what it is not given, so they would silently come from the previous row."""
     has_realb = getattr(model, "realb", None) is not None
     if config.realb is None and has_realb:
         get_runtime(model).reconfigure(policy="off")  # same computation as stock; measured on its own below
@@ -180,8 +167,14 @@ def evaluate(model, processor, examples: list, config: EvalConfig, batch_size: i
     if config.realb is not None:
         if not has_realb:
             raise ValueError("call apply_realb(model, ...) before evaluating a ReaLB configuration")
+        missing = [k for k in PINNED if k not in config.realb]
+        if missing:
+            raise ValueError(
+                f"row {config.name!r} does not set {missing}: every ReaLB row must, or it would run with the previous "
+                "row's values (accuracy.pin(configs, ep_size, batch_threshold) sets them)"
+            )
         defaults = RealbConfig().to_dict()  # every row starts from the defaults, not from the previous row
-        reset = {k: defaults[k] for k in RealbConfig.get_runtime_fields() if k not in ("ep_size", "batch_threshold")}
+        reset = {k: defaults[k] for k in RealbConfig.get_runtime_fields() if k not in PINNED}
         get_runtime(model).reconfigure(**{**reset, **config.realb})
         telemetry = get_telemetry(model)
         telemetry.reset()
@@ -246,7 +239,7 @@ def run(
     model_dir: str | Path,
     n: int = 300,
     batch_size: int = 64,
-    ep_size: int = 4,
+    ep_size: int | Sequence[int] = 4,
     batch_threshold: int = 2048,
     seed: int = 0,
     tasks: str | Path | ModuleType | None = None,
@@ -257,9 +250,13 @@ def run(
     bootstrap_seed: int = 0,
     premise_shares: tuple[float, ...] = (),
     premise_low: tuple[str, ...] = ("nvfp4",),
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Load `model_dir` once and score every configuration under every batching; returns the report (JSON values).
+    """Load `model_dir` once on `device` and score every configuration under every batching; returns the report
+    (JSON values).
 
+    `ep_size`: one virtual EP size or several; the default rows run every ReaLB configuration once per size, and
+    a given `configs` row that sets no `ep_size` (or `batch_threshold`) gets the first size (and `batch_threshold`).
     The stock rows (`realb=None`) of every batching run first, on the untouched model; then `apply_realb` converts
     it once and every other row is a `reconfigure(...)`. Every row gets paired-bootstrap intervals against the
     first stock row of its batching (`n_resamples` draws, `bootstrap_seed`). With `premise_shares`, the premise
@@ -267,12 +264,20 @@ def run(
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    sizes = ep_sizes_of(ep_size)
+    device = parse_device(str(device))
     task_module = tasks if isinstance(tasks, ModuleType) else load_tasks(tasks)
     heldout = task_module.heldout_set(n, seed=seed)
     ordered = {b: order_for_batching(heldout, b) for b in batchings}
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-    configs = configs if configs is not None else default_configs(batch_threshold)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    facts = model_facts(model.config)
+    uneven = [ep for ep in sizes if facts["num_experts"] and facts["num_experts"] % ep]
+    if uneven:
+        raise ValueError(f"ep_size {uneven}: {facts['num_experts']} experts do not split evenly over that many ranks")
+    if configs is None:
+        configs = default_configs(batch_threshold, sizes, device)
+    configs = pin(configs, sizes[0], batch_threshold)
 
     results: dict[tuple[str, int], AccuracyResult] = {}
     jobs = [(b, i) for b in batchings for i, c in enumerate(configs) if c.realb is None]
@@ -280,7 +285,7 @@ def run(
     for batching, i in jobs:
         config = configs[i]
         if config.realb is not None and getattr(model, "realb", None) is None:
-            apply_realb(model, RealbConfig(ep_size=ep_size, batch_threshold=batch_threshold))
+            apply_realb(model, RealbConfig(ep_size=sizes[0], batch_threshold=batch_threshold))
         result = evaluate(model, processor, ordered[batching], config, batch_size=batch_size)
         results[(batching, i)] = result
         if progress:
@@ -303,7 +308,7 @@ def run(
         # vision and text tokens share every forward only when questions are mixed
         mixed = ordered.get("mixed") or order_for_batching(heldout, "mixed")
         if getattr(model, "realb", None) is None:
-            apply_realb(model, RealbConfig(ep_size=ep_size, batch_threshold=batch_threshold))
+            apply_realb(model, RealbConfig(ep_size=sizes[0], batch_threshold=batch_threshold))
         base = evaluate(model, processor, mixed, EvalConfig("bf16 (policy=off)", None), batch_size=batch_size)
 
         def score(name: str) -> AccuracyResult:
@@ -319,18 +324,18 @@ def run(
     counts = {m: sum(1 for ex in heldout if ex.modality == m) for m in MODALITIES}
     return {
         "model": model_label(model_dir),
+        **facts,
+        "tasks": tasks_facts(task_module),
         "n": n,
         "held_out_seed": seed,
         "counts": counts,
         "batch_size": batch_size,
-        "ep_size": ep_size,
+        "ep_sizes": list(sizes),
         "batch_threshold": batch_threshold,
         "bootstrap": {"n_resamples": n_resamples, "seed": bootstrap_seed, "confidence": 0.95},
-        "num_experts": model.config.text_config.num_experts,
-        "top_k": model.config.text_config.num_experts_per_tok,
-        "moe_layers": model.config.text_config.num_hidden_layers,
-        "machine": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}; "
-        "fp8/nvfp4/mxfp4 emulated (quantize-dequantize, bf16 matmul)",
+        "device": str(device),
+        "formats": format_support(device),
+        "machine": describe_machine(device),
         "runs": [{"batching": b, "results": [asdict(results[(b, i)]) for i in range(len(configs))]} for b in batchings],
         "premise": premise_report,
     }
@@ -341,7 +346,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="model directory (default: the bundled demo model, demo/model)")
     parser.add_argument("--n", type=int, default=300, help="held-out questions")
     parser.add_argument("--batch-size", type=int, default=64, help="questions per forward")
-    parser.add_argument("--ep-size", type=int, default=4, help="virtual expert-parallel size")
+    parser.add_argument(
+        "--ep-size",
+        type=int,
+        nargs="+",
+        default=[4],
+        metavar="EP",
+        help="virtual expert-parallel size(s): every ReaLB row runs once per size (default 4)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:N, or auto (cuda if any)"
+    )
     parser.add_argument(
         "--batch-threshold", type=int, default=2048, help="tokens per forward below which ReaLB does nothing"
     )
@@ -388,6 +403,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.bootstrap < 1:
         parser.error(f"--bootstrap must be >= 1 resample, got {args.bootstrap}")
     try:
+        ep_sizes = ep_sizes_of(args.ep_size)
+    except ValueError as err:
+        parser.error(f"--ep-size: {err}")
+    try:
+        device = parse_device(args.device)
+    except ValueError as err:
+        parser.error(f"--{err}")
+    try:
         tasks = load_tasks(args.tasks)  # fail before loading the model
     except (ImportError, OSError) as err:
         parser.error(f"--tasks: {err}" if args.tasks else f"no task generator: {err}; pass --tasks PATH/TO/tasks.py")
@@ -396,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir,
         n=args.n,
         batch_size=args.batch_size,
-        ep_size=args.ep_size,
+        ep_size=ep_sizes,
         batch_threshold=args.batch_threshold,
         seed=args.seed,
         tasks=tasks,
@@ -405,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         bootstrap_seed=args.bootstrap_seed,
         premise_shares=tuple(args.premise),
         premise_low=tuple(args.premise_low),
+        device=device,
     )
     report["date"] = args.date
     command = "python -m realb_hf.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -23,7 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `demo` and `integrations` are not installed packages
     sys.path.insert(0, str(ROOT))
 
+from task_fixtures import write_other_tasks  # noqa: E402
+
 import realb_hf  # noqa: E402
+import realb_hf.accuracy  # noqa: E402
 from integrations.lmms_eval import require_lmms_eval  # noqa: E402
 from integrations.lmms_eval._args import REALB_FIELDS, realb_config_from_args, split_realb_args  # noqa: E402
 from integrations.lmms_eval.report import Aggregate, EvalReport  # noqa: E402
@@ -401,3 +404,112 @@ def test_loglikelihood_multiple_choice_matches_a_direct_forward(model_dir, task_
         assert got == pytest.approx(want, abs=1e-2), (ex.kind, got, want)  # equal on CPU; padding may round elsewhere
     if HAS_BUNDLED:  # its greedy answers are right, and every choice is one token: the answer has the lowest loss
         assert acc == 1.0
+
+
+# ---- another task module, and the compare tool beside realb_hf.accuracy ------------------------------------------
+
+
+def test_task_data_from_another_task_module(tmp_path):
+    pytest.importorskip("datasets")
+    import pandas
+
+    from integrations.lmms_eval.tasks.realb_synthetic import make_data
+
+    module = write_other_tasks(tmp_path)
+    folder = make_data.build(tmp_path / "rs", n=4, seed=2, tasks=str(module))
+    table = pandas.read_parquet(folder / make_data.DATA_FILE)
+    expected = realb_hf.accuracy.load_tasks(module).heldout_set(4, seed=2)
+    assert list(table["kind"]) == ["hue", "plus", "hue", "plus"] == [ex.kind for ex in expected]
+    assert list(table["answer"]) == [ex.answer for ex in expected]
+    assert list(table["modality"]) == ["image", "text", "image", "text"]
+    assert (folder / "realb_synthetic.yaml").is_file()
+    from integrations.lmms_eval.tasks.realb_synthetic import utils
+
+    with pytest.raises(ValueError, match="choices for the demo's kinds .* not 'hue'"):
+        utils.doc_to_choice({"kind": "hue"})
+
+
+def _accuracy_row(name, realb, image, text):
+    return {"name": name, "realb": realb, "accuracy": {"image": image, "text": text, "overall": (image + text) / 2}}
+
+
+def _results_file(folder: Path, stamp: str, model_args: str, exact: float, batch_size: int = 8) -> None:
+    summary = {"batch_size": batch_size, "overall": {"requests": 16, "prefill": {}, "seconds": 1.0}}
+    results = {"results": {"realb_synthetic": {"exact_match,none": exact}}, "config": {"model_args": model_args}}
+    (folder / f"{stamp}_results.json").write_text(json.dumps({**results, "realb": {"summary": summary}}))
+
+
+def test_compare_puts_the_accuracy_tools_rows_beside_the_runs(tmp_path, capsys):
+    from integrations.lmms_eval import compare
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    _results_file(logs, "20260101_000001", "pretrained=m,realb=false", 0.75)
+    _results_file(logs, "20260101_000002", "pretrained=m,policy=realb,low_precision=nvfp4,granularity=rank,"
+                  "modality_threshold=0.7,ep_size=8", 0.70)  # fmt: skip
+    _results_file(logs, "20260101_000003", "pretrained=m,policy=all_low,low_precision=mxfp4,ep_size=4", 0.5, 4)
+    _results_file(logs, "20260101_000004", "pretrained=m,policy=realb,low_precision=fp8,ep_size=2", 0.75)
+    rank = {"granularity": "rank", "modality_threshold": 0.7, "low_precision": "nvfp4", "batch_threshold": 2048}
+    rows = [
+        _accuracy_row("bf16 (stock, no ReaLB)", None, 0.75, 0.75),
+        _accuracy_row("ReaLB EP=4 rank, M_d=0.7, low=nvfp4", {**rank, "ep_size": 4}, 0.5, 0.75),
+        _accuracy_row("ReaLB EP=8 rank, M_d=0.7, low=nvfp4", {**rank, "ep_size": 8}, 0.625, 0.75),
+        _accuracy_row("mxfp4 everywhere", {"policy": "all_low", "low_precision": "mxfp4", "ep_size": 4}, 0.5, 0.5),
+    ]
+    report = {"batch_size": 8, "n": 16, "runs": [{"batching": "mixed", "results": rows}]}
+    (tmp_path / "acc.json").write_text(json.dumps(report))
+    assert compare.main([str(logs), "--accuracy", str(tmp_path / "acc.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "| realb_hf.accuracy row | its image / text / overall % | same batches |" in lines[0]
+    assert lines[2].endswith("| bf16 (stock, no ReaLB) | 75.0 / 75.0 / 75.0 | yes |")
+    assert lines[3].endswith("| ReaLB EP=8 rank, M_d=0.7, low=nvfp4 | 62.5 / 75.0 / 68.8 | yes |")  # by config
+    assert lines[4].endswith("| mxfp4 everywhere | 50.0 / 50.0 / 50.0 | no (batch size 8) |")
+    assert lines[5].endswith("| (no row of this configuration) | - | - |")
+    report["runs"][0]["batching"] = "by-modality"
+    (tmp_path / "acc.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit):
+        compare.main([str(logs), "--accuracy", str(tmp_path / "acc.json")])
+    assert "has no 'mixed' batching" in capsys.readouterr().err
+
+
+@needs_lmms_eval
+def test_runs_on_another_task_module_reproduce_the_accuracy_tools_rows(model_dir, tmp_path, offline):
+    """The realb_synthetic data of a non-demo task module through lmms-eval (stock, nvfp4 everywhere, ReaLB) gives
+    the exact matches `realb_hf.accuracy` gives on the same questions and batches (its "mixed" batching)."""
+    from integrations.lmms_eval import compare
+    from integrations.lmms_eval.models.realb import RealbChat
+    from integrations.lmms_eval.tasks.realb_synthetic import make_data
+
+    module = write_other_tasks(tmp_path)
+    n, batch = 8, 4
+    folder = make_data.build(tmp_path / "rs", n=n, seed=0, tasks=str(module))
+    realb = {"policy": "realb", "low_precision": "fp8", "modality_threshold": 0.0, "ep_size": 4, "batch_threshold": 0}
+    runs = {"realb=false": {"realb": False}, "all_low": {"policy": "all_low", "low_precision": "nvfp4", "ep_size": 4}}
+    runs["realb"] = realb
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for i, knobs in enumerate(runs.values()):
+        lm = RealbChat(pretrained=str(model_dir), batch_size=batch, telemetry_path=str(tmp_path / "t"), **knobs)
+        results = _evaluate(lm, folder, "realb_synthetic")
+        model_args = ",".join([f"pretrained={model_dir}", *(f"{k}={v}" for k, v in knobs.items())]).replace("False", "false")
+        summary = lm.realb_report.summary()
+        payload = {"results": results["results"], "config": {"model_args": model_args}, "realb": {"summary": summary}}
+        (logs / f"2026010{i}_000000_results.json").write_text(json.dumps(payload))
+    configs = [
+        realb_hf.accuracy.EvalConfig("bf16", None),
+        realb_hf.accuracy.EvalConfig("nvfp4 everywhere", runs["all_low"]),
+        realb_hf.accuracy.EvalConfig("ReaLB", realb),
+    ]
+    report = realb_hf.accuracy.run(
+        model_dir, n=n, batch_size=batch, tasks=str(module), configs=configs, progress=False, batchings=("mixed",),
+        n_resamples=20,
+    )  # fmt: skip
+    rows = compare.attach_accuracy(compare.collect([logs]), report)
+    assert [r["accuracy"]["name"] for r in rows] == ["bf16", "nvfp4 everywhere", "ReaLB"]
+    for row in rows:
+        scores, acc = row["scores"], row["accuracy"]
+        assert acc["same_batches"]
+        assert scores["realb_synthetic/exact_match"] == pytest.approx(acc["overall"])
+        assert scores["realb_synthetic/image_exact_match"] == pytest.approx(acc["image"])
+        assert scores["realb_synthetic/text_exact_match"] == pytest.approx(acc["text"])
+    assert rows[2]["lowered_token_fraction"] == report["runs"][0]["results"][2]["prefill_lowered_token_fraction"] > 0

@@ -3,9 +3,12 @@
     python -m integrations.lmms_eval.tasks.realb_synthetic.make_data                   # data/ next to the YAMLs
     python -m integrations.lmms_eval.tasks.realb_synthetic.make_data --out /tmp/rs --n 64
         # /tmp/rs: a self-contained task folder (YAMLs + utils.py + data/) for lmms-eval's --include_path
+    python -m integrations.lmms_eval.tasks.realb_synthetic.make_data --tasks demo.sensitive.tasks --out /tmp/rs
+        # another task module's questions (a module name or a .py path, with demo/tasks.py's API)
 
 Columns: id, kind, modality ("image"/"text"), question, answer, image (None for text questions). The defaults
-(300 questions of held-out set 0) are the questions `python -m realb_hf.accuracy` scores, in the same order.
+(300 questions of held-out set 0) are the questions `python -m realb_hf.accuracy` scores, in the same order; with
+`--tasks`, `--n` and `--seed` they are those of `python -m realb_hf.accuracy` given the same three.
 """
 
 from __future__ import annotations
@@ -73,9 +76,9 @@ def build(out: str | Path | None = None, n: int = 300, seed: int = 0, tasks: str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="task folder to write (default: this one, data/ only)")
-    parser.add_argument("--n", type=int, default=300, help="questions, balanced over the 8 kinds (300)")
+    parser.add_argument("--n", type=int, default=300, help="questions, balanced over the module's kinds (300)")
     parser.add_argument("--seed", type=int, default=0, help="held-out set (0)")
-    parser.add_argument("--tasks", default=None, help="task generator .py or module (default: demo/tasks.py)")
+    parser.add_argument("--tasks", default=None, help="task module: a .py path or a module name such as demo.sensitive.tasks (default: demo/tasks.py)")
     args = parser.parse_args(argv)
     folder = build(args.out, args.n, args.seed, args.tasks)
     print(f"wrote {folder / DATA_FILE} ({args.n} questions); use it with --include_path {folder}")

@@ -28,6 +28,12 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def doc_to_choice(doc):
+    """The demo's kinds have fixed answer sets; other task modules' questions are for realb_synthetic only."""
+    if doc["kind"] not in CHOICES:
+        raise ValueError(
+            f"realb_synthetic_mc has answer choices for the demo's kinds {sorted(CHOICES)} only, not {doc['kind']!r}: "
+            "score data written from another task module with the generative task realb_synthetic"
+        )
     return CHOICES[doc["kind"]]
 
 
