@@ -43,13 +43,16 @@ class Sample:
 # ---- data ------------------------------------------------------------------------------------------------
 
 
-def load_samples(data: str | None, limit: int, seed: int = 0) -> list[Sample]:
-    """`limit` samples from `data`: None or "bundled" (the bundled demo's held-out tasks, image and text questions
-    mixed), or a folder of `NAME.txt` prompts, each with an optional image `NAME.png` (.jpg, .jpeg, .webp, .bmp)."""
+def load_samples(data: str | None, limit: int, seed: int = 0, tasks: str | None = None) -> list[Sample]:
+    """`limit` samples from `data`: None or "bundled" (held-out questions of the task module `tasks`, a module
+    name or .py path, default the bundled demo's; image and text questions mixed), or a folder of `NAME.txt`
+    prompts, each with an optional image `NAME.png` (.jpg, .jpeg, .webp, .bmp)."""
     if data is None or data == BUNDLED:
-        from .bundled import demo_module
+        from .accuracy import load_tasks
 
-        return [Sample(ex.messages(), ex.answer) for ex in demo_module("tasks").heldout_set(limit, seed=seed)]
+        return [Sample(ex.messages(), ex.answer) for ex in load_tasks(tasks).heldout_set(limit, seed=seed)]
+    if tasks is not None:
+        raise ValueError(f"--tasks {tasks} chooses held-out questions; it cannot go with --data {data} (a folder)")
     folder = Path(data)
     if not folder.is_dir():
         raise FileNotFoundError(f"--data {data}: no such folder (pass a folder of NAME.txt prompts, or 'bundled')")
@@ -343,13 +346,15 @@ def _positive(text: str) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).is_dir():
         raise ValueError(f"--out {args.out}: is a folder, not a file")
-    samples = load_samples(args.data, args.batches * args.batch_size, seed=args.seed)  # checked before loading
+    samples = load_samples(args.data, args.batches * args.batch_size, args.seed, args.tasks)  # before loading
     model, processor = load_model(args.model)
     report = calibrate(
         model, processor, samples, tuple(args.formats), args.batch_size, not args.no_progress, seed=args.seed
     )
     report["model"] = str(args.model)
     report["data"] = args.data or BUNDLED
+    if args.tasks:
+        report["tasks"] = args.tasks
     print(table(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
@@ -369,6 +374,11 @@ def add_calibrate_parser(sub) -> None:
         "--data",
         help="folder of NAME.txt prompts, each with an optional image NAME.png; 'bundled' or omitted: the bundled "
         "demo's held-out tasks",
+    )
+    p.add_argument(
+        "--tasks",
+        help="with no --data: held-out questions of this task module (module name or .py path, e.g. "
+        "demo.sensitive.tasks) instead of the bundled demo's",
     )
     p.add_argument("--formats", nargs="+", choices=LOW_PRECISIONS, default=list(LOW_PRECISIONS))
     p.add_argument("--batches", type=_positive, default=4, help="batches to run")

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from PIL import Image
+from task_fixtures import write_other_tasks
 
 from realb_hf import accuracy, bundled, cli
 from realb_hf.calibrate import calibrate, experts_modules, load_model, load_samples, table
@@ -95,6 +96,23 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, make, argv, message):
     assert cli.main(["calibrate", *argv(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("realb-hf calibrate: error: ") and message in err
+
+
+def test_tasks_choose_the_held_out_questions(tmp_path, capsys):
+    """--tasks: another task module's questions (here only colour and sum questions), never with a folder."""
+    tasks = write_other_tasks(tmp_path)
+    out = tmp_path / "cal.json"
+    argv = ["calibrate", MODEL, "--tasks", str(tasks), "--batches", "1", "--batch-size", "4", "--formats", "nvfp4"]
+    assert cli.main([*argv, "--out", str(out), "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    assert report["tasks"] == str(tasks) and report["samples"] == 4
+    samples = load_samples(None, 4, tasks=str(tasks))
+    assert [s.answer for s in samples] == [ex.answer for ex in accuracy.load_tasks(str(tasks)).heldout_set(4)]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("what colour is the shape ?")
+    capsys.readouterr()
+    assert cli.main(["calibrate", MODEL, "--data", str(tmp_path / "d"), "--tasks", str(tasks), "--no-progress"]) == 2
+    assert "it cannot go with --data" in capsys.readouterr().err
 
 
 def test_unknown_format_and_counts_are_refused_by_the_parser(capsys):
