@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib
-import importlib.util
 import json
 import sys
 import time
@@ -33,12 +31,12 @@ import torch
 
 from .accuracy_report import MODALITIES, model_label, to_markdown
 from .accuracy_setup import (
-    FILE_MODULE_NAME,
     EvalConfig,
     default_configs,
     describe_machine,
     ep_sizes_of,
     format_support,
+    load_tasks,
     model_facts,
     parse_device,
     pin,
@@ -46,10 +44,10 @@ from .accuracy_setup import (
 )
 from .apply import apply_realb, get_runtime, get_telemetry
 from .bootstrap import intervals
-from .bundled import bundled_model_dir, demo_module
+from .bundled import bundled_model_dir
 from .config import RealbConfig
 from .formats import LOW_PRECISIONS
-from .premise import run_premise
+from .premise import check_shares, run_premise
 
 PINNED = ("ep_size", "batch_threshold")  # a ReaLB row must set these: `reconfigure` would keep the last row's
 
@@ -73,36 +71,23 @@ class AccuracyResult:
     vs_bf16: dict[str, Any] = field(default_factory=dict)  # bootstrap intervals against the stock row (`intervals`)
 
 
-# ---- tasks -----------------------------------------------------------------------------------------------
-
-
-def load_tasks(tasks: str | Path | None = None) -> ModuleType:
-    """The task generator: `tasks` (a .py file or a module name) when given, else the bundled demo's tasks.
-
-    Only code the caller named, or realb_hf's own demo, is ever imported: nothing is looked up next to a model.
-    """
-    if tasks is None:
-        return demo_module("tasks")
-    if str(tasks).endswith(".py"):
-        return _module_from_file(Path(tasks))
-    return importlib.import_module(str(tasks))
-
-
-def _module_from_file(path: Path) -> ModuleType:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    spec = importlib.util.spec_from_file_location(FILE_MODULE_NAME, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 # ---- evaluation ------------------------------------------------------------------------------------------
 
 
 def _batches(examples: list, batch_size: int) -> list[list]:
     return [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+
+
+def batch_inputs(processor, chunk: list) -> dict:
+    """One forward's inputs for `chunk`: chat template -> processor, left padding (what `generate` takes)."""
+    return processor.apply_chat_template(
+        [ex.messages() for ex in chunk],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"padding": True, "padding_side": "left"},
+    )
 
 
 @torch.no_grad()
@@ -119,14 +104,7 @@ def generate_answers(
     answers: list[str] = []
     tokenizer = processor.tokenizer
     for chunk in _batches(examples, batch_size):
-        inputs = processor.apply_chat_template(
-            [ex.messages() for ex in chunk],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            processor_kwargs={"padding": True, "padding_side": "left"},
-        ).to(model.device)
+        inputs = batch_inputs(processor, chunk).to(model.device)
         if on_prefill is not None:
             on_prefill(inputs["input_ids"])
         out = model.generate(
@@ -279,6 +257,9 @@ def run(
         configs = default_configs(batch_threshold, sizes, device)
     configs = pin(configs, sizes[0], batch_threshold)
 
+    if premise_shares:  # a share no forward can give fails now, not after the table
+        mixed = order_for_batching(heldout, "mixed")
+        check_shares(model, [batch_inputs(processor, chunk) for chunk in _batches(mixed, batch_size)], premise_shares)
     results: dict[tuple[str, int], AccuracyResult] = {}
     jobs = [(b, i) for b in batchings for i, c in enumerate(configs) if c.realb is None]
     jobs += [(b, i) for b in batchings for i, c in enumerate(configs) if c.realb is not None]
@@ -363,14 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="held-out set number")
     parser.add_argument(
         "--batching",
-        nargs="+",
+        nargs="*",
         choices=BATCHINGS,
         default=list(BATCHINGS),
-        help="what shares a forward (one table each)",
+        help="what shares a forward (one table each; none: only the premise test)",
     )
-    parser.add_argument(
-        "--tasks", help="task generator (.py path or module name; default: the bundled demo's tasks.py)"
-    )
+    parser.add_argument("--tasks", help="task generator (.py path or module name; default: the bundled demo's tasks.py)")
     parser.add_argument(
         "--bootstrap", type=int, default=2000, help="paired-bootstrap resamples for the 95%% intervals"
     )
@@ -400,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [f for f in args.premise_low if f not in LOW_PRECISIONS]
     if unknown:
         parser.error(f"--premise-low {unknown[0]!r}: choose one of {list(LOW_PRECISIONS)}")
+    if not args.batching and not args.premise:
+        parser.error("--batching: give at least one of " + ", ".join(BATCHINGS) + " (none only with --premise)")
     if args.bootstrap < 1:
         parser.error(f"--bootstrap must be >= 1 resample, got {args.bootstrap}")
     try:

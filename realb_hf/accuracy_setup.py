@@ -3,7 +3,10 @@ report states, the task module's label, and the configuration rows (one per EP s
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import platform
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .bundled import CHECKOUT_DIR, demo_dir
+from .bundled import CHECKOUT_DIR, demo_dir, demo_module
 from .config import RealbConfig
 from .formats import FORMATS, LOW_PRECISIONS, resolve_low_precision
 
@@ -26,6 +29,31 @@ class EvalConfig:
 
     name: str
     realb: dict[str, Any] | None
+
+
+# ---- tasks -----------------------------------------------------------------------------------------------
+
+
+def load_tasks(tasks: str | Path | None = None) -> ModuleType:
+    """The task generator: `tasks` (a .py file or a module name) when given, else the bundled demo's tasks.
+
+    Only code the caller named, or realb_hf's own demo, is ever imported: nothing is looked up next to a model.
+    """
+    if tasks is None:
+        return demo_module("tasks")
+    if str(tasks).endswith(".py"):
+        return _module_from_file(Path(tasks))
+    return importlib.import_module(str(tasks))
+
+
+def _module_from_file(path: Path) -> ModuleType:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    spec = importlib.util.spec_from_file_location(FILE_MODULE_NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---- device and machine -----------------------------------------------------------------------------------

@@ -71,6 +71,45 @@ def pool(strategy: str, codes: torch.Tensor, real: torch.Tensor) -> torch.Tensor
     return keep.nonzero().flatten()
 
 
+def forward_rows(input_ids: torch.Tensor | None, kwargs: dict, image_id: int | None, video_id: int | None) -> _Rows:
+    """The modality code and real-token flag of every row of a forward called with `input_ids` and `kwargs`."""
+    codes, _ = modality_from_inputs(input_ids, kwargs.get("mm_token_type_ids"), image_id, video_id)
+    mask = kwargs.get("attention_mask")
+    rows = _Rows()
+    if codes is not None:
+        rows.codes = codes.reshape(-1)
+        real = torch.ones_like(rows.codes, dtype=torch.bool)
+        if mask is not None and mask.shape == codes.shape:  # left padding: the mask lines up with the rows
+            real = mask.reshape(-1).bool()
+        rows.real = real
+        rows.prefill = codes.shape[-1] > 1
+    return rows
+
+
+def _shortfall(strategy: str, share: float, rows: _Rows, where: str) -> str:
+    real = int(rows.real.sum())
+    held = pool(strategy, rows.codes.cpu(), rows.real.cpu()).numel()
+    return (
+        f"share {share} needs {round(share * real)} of {real} real tokens from the {strategy!r} pool, which holds "
+        f"{held} in {where} (at most {held / real:.3f} fits): lower the share or batch image and text questions "
+        "together"
+    )
+
+
+def check_shares(model: torch.nn.Module, forwards: list[dict], shares: tuple[float, ...]) -> None:
+    """Raise before anything is scored when a share cannot be drawn from every strategy's pool in every prefill
+    forward (`forwards`: each forward's inputs, as the processor returns them)."""
+    image_id, video_id = placeholder_ids(model.config)
+    for i, inputs in enumerate(forwards):
+        rows = forward_rows(inputs["input_ids"], inputs, image_id, video_id)
+        if rows.codes is None or not rows.prefill:
+            continue
+        for share in shares:
+            for strategy in STRATEGIES:
+                if pool(strategy, rows.codes, rows.real).numel() < round(share * int(rows.real.sum())):
+                    raise ValueError("premise test: " + _shortfall(strategy, share, rows, f"forward {i}"))
+
+
 @dataclass
 class RowLowering:
     """`with RowLowering(model, "vision", 0.2, "nvfp4"):` runs the model's prefill forwards with that share of real
@@ -115,31 +154,17 @@ class RowLowering:
 
     def _capture(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        codes, _ = modality_from_inputs(input_ids, kwargs.get("mm_token_type_ids"), self._image_id, self._video_id)
-        mask = kwargs.get("attention_mask")
-        rows = _Rows()
-        if codes is not None:
-            rows.codes = codes.reshape(-1)
-            real = torch.ones_like(rows.codes, dtype=torch.bool)
-            if mask is not None and mask.shape == codes.shape:  # left padding: the mask lines up with the rows
-                real = mask.reshape(-1).bool()
-            rows.real = real
-            rows.prefill = codes.shape[-1] > 1
-        self._rows = rows
+        self._rows = forward_rows(input_ids, kwargs, self._image_id, self._video_id)
 
     def select(self, num_rows: int) -> torch.Tensor | None:
         """Bool (num_rows,) of the rows to lower in this layer call; None in decode steps."""
         rows = self._rows
         if not rows.prefill or rows.codes is None or rows.codes.numel() != num_rows:
             return None
-        real = int(rows.real.sum())
-        k = round(self.share * real)
+        k = round(self.share * int(rows.real.sum()))
         candidates = pool(self.strategy, rows.codes.cpu(), rows.real.cpu())
         if candidates.numel() < k:
-            raise ValueError(
-                f"share {self.share} needs {k} of {real} real tokens from the {self.strategy!r} pool, which holds "
-                f"{candidates.numel()} in this forward: lower the share or batch image and text questions together"
-            )
+            raise ValueError(_shortfall(self.strategy, self.share, rows, "this forward"))
         chosen = candidates[torch.randperm(candidates.numel(), generator=self._generator)[:k]]
         lowered = torch.zeros(num_rows, dtype=torch.bool)
         lowered[chosen] = True
@@ -262,4 +287,14 @@ def to_markdown(premise: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["STRATEGIES", "LoweringStats", "RowLowering", "findings", "pool", "run_premise", "to_markdown"]
+__all__ = [
+    "STRATEGIES",
+    "LoweringStats",
+    "RowLowering",
+    "check_shares",
+    "findings",
+    "forward_rows",
+    "pool",
+    "run_premise",
+    "to_markdown",
+]

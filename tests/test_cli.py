@@ -86,7 +86,7 @@ def test_save_and_push_refuse_bad_inputs_before_writing_anything(qwen_dir, tmp_p
         (["save", str(weights), str(out)], "is a file, not a model folder"),
         (["save", str(qwen_dir), str(qwen_dir)], "is the source folder"),
         (["save", str(qwen_dir), str(weights)], f"OUT {weights} is a file"),
-        (["save", str(qwen_dir), str(out), "--accuracy-table", str(ROOT / "docs" / "accuracy.json")], "not a table"),
+        (["save", str(qwen_dir), str(out), "--accuracy-table", str(ROOT / "docs" / "accuracy_bundled.json")], "not a table"),
         (["save", str(qwen_dir), str(out), "--accuracy-table", str(weights)], "must be a .json or .md file"),
         (["save", str(qwen_dir), str(out), "--base-model", "./local/folder"], "--base-model: './local/folder' is not"),
         (["save", str(qwen_dir), str(out), "--ep-size", "3"], "--ep-size 3: ep_size=3 must divide"),

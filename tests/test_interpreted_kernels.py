@@ -22,6 +22,41 @@ def test_routing_kernels_equal_their_references_in_the_interpreter():
     assert "checked" in done.stdout
 
 
+def _on_gpu(fn):
+    """`fn` with its tensor arguments moved to the GPU and its results brought back."""
+    import torch
+
+    def move(x, device):
+        if isinstance(x, torch.Tensor):
+            return x.to(device)
+        if isinstance(x, tuple):
+            items = [move(v, device) for v in x]
+            return type(x)(*items) if hasattr(x, "_fields") else tuple(items)
+        return x
+
+    def run(*args, **kwargs):
+        out = fn(*(move(a, "cuda") for a in args), **{k: move(v, "cuda") for k, v in kwargs.items()})
+        return move(out, "cpu")
+
+    return run
+
+
+def test_routing_kernels_equal_their_references_compiled_on_the_gpu(monkeypatch):
+    """The same checks with the kernels compiled for the GPU (the interpreter emulates what a compile can differ on)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from realb_hf.kernels import counts, exchange, sort
+
+    for module, name in ((counts, "counts_triton"), (counts, "lowered_flags_triton"),
+                         (exchange, "exchange_counts_triton"), (sort, "sort_rows_triton")):  # fmt: skip
+        monkeypatch.setattr(module, name, _on_gpu(getattr(module, name)))
+    assert (_check_sort_rows(), _check_decisions(), _check_counts_and_flags(), _check_exchange_counts()) == (
+        5, 120, 12, 64
+    )
+
+
 def _allow_scalar_loop_bounds() -> None:
     """Triton 3.6's interpreter passes scalar arguments as one-element arrays, which `range` cannot take as a
     bound; compiled kernels take them. Make `__index__` read the element."""

@@ -1,5 +1,7 @@
 """The premise test's plumbing: which rows `RowLowering` lowers, that the split output is exact, and the report."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -8,7 +10,7 @@ from realb_hf import RealbConfig, accuracy, apply_realb, bundled
 from realb_hf.accuracy_report import to_markdown
 from realb_hf.bootstrap import describe
 from realb_hf.experts import RealbExperts, host_path
-from realb_hf.premise import RowLowering, pool, run_premise
+from realb_hf.premise import STRATEGIES, RowLowering, pool, run_premise
 
 N = 8
 
@@ -172,3 +174,29 @@ def test_accuracy_run_gives_every_row_intervals_and_runs_the_premise():
     assert "Δ overall vs bf16 [95% CI]" in text and "+0.0 [+0.0, +0.0]" in text and "(mxfp4)" in text
     verdict = low["vs_bf16"]["overall"]["exact_match"]["verdict"]
     assert f"baselines): fp8 {describe(low['vs_bf16']['overall']['exact_match'], scale=100)} points, {verdict}." in text
+
+
+def test_cli_runs_the_premise_test_alone(tmp_path, capsys):
+    """`--batching` with no value and `--premise`: no accuracy table, only the premise test, written as usual."""
+    out = tmp_path / "premise.md"
+    argv = ["--n", "8", "--batch-size", "8", "--bootstrap", "20", "--batching", "--premise", "0.1"]
+    assert accuracy.main([*argv, "--premise-low", "mxfp4", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["runs"] == [] and [row["strategy"] for row in report["premise"][0]["rows"]] == list(STRATEGIES)
+    assert "| vision (mxfp4) | 10% |" in out.read_text()
+    with pytest.raises(SystemExit):
+        accuracy.main(["--batching"])
+    assert "none only with --premise" in capsys.readouterr().err
+
+
+def test_a_share_no_forward_can_give_fails_before_the_table(monkeypatch):
+    """Mixed batches hold fewer vision than real tokens, so share 1.0 cannot come from vision rows alone: refused
+    with the share that fits, before a single row is scored."""
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("a row was scored before the premise shares were checked")
+
+    monkeypatch.setattr(accuracy, "evaluate", no_scoring)
+    with pytest.raises(ValueError, match=r"premise test: share 1.0 needs \d+ of \d+ real tokens from the 'vision' "
+                       r"pool, which holds \d+ in forward 0 \(at most 0\.\d+ fits\)"):  # fmt: skip
+        accuracy.run(bundled.bundled_model_dir(), n=N, batch_size=N, progress=False, premise_shares=(1.0,))
