@@ -20,6 +20,7 @@ training questions; held-out *images* are new drawings (other seeds, continuous 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,15 +188,6 @@ _MAKERS = {
 }
 
 
-def make_example(rng: random.Random, kind: str | None = None) -> Example:
-    """One example of `kind` (one of KINDS; None draws a kind uniformly from `rng`)."""
-    if kind is None:
-        kind = rng.choice(KINDS)
-    if kind not in _MAKERS:
-        raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
-    return _MAKERS[kind](rng)
-
-
 def train_seed(i: int) -> int:
     if not 0 <= i < len(TRAIN_SEEDS):
         raise ValueError(f"training example index {i} out of range")
@@ -208,17 +200,33 @@ def heldout_seed(i: int, seed: int = 0) -> int:
     return HELDOUT_SEEDS[seed * _HELDOUT_SET_STRIDE + i]
 
 
-def train_example(i: int, kind: str | None = None) -> Example:
-    """Training example number `i` (deterministic); its kind is drawn with `TRAIN_KIND_WEIGHTS` unless given."""
-    rng = random.Random(train_seed(i))
-    if kind is None:
-        kind = rng.choices(KINDS, weights=[TRAIN_KIND_WEIGHTS[k] for k in KINDS])[0]
-    return make_example(rng, kind)
+def task_functions(makers: dict[str, Callable[[random.Random], Example]], kinds: tuple[str, ...], weights: dict):
+    """`make_example`, `train_example` and `heldout_set` over `makers` (kind -> maker): the API every task module
+    of the demo offers, so the accuracy tool, calibrate and lmms-eval take any of them."""
+
+    def make_example(rng: random.Random, kind: str | None = None) -> Example:
+        """One example of `kind` (one of the kinds; None draws a kind uniformly from `rng`)."""
+        if kind is None:
+            kind = rng.choice(kinds)
+        if kind not in makers:
+            raise ValueError(f"unknown kind {kind!r}; choose one of {kinds}")
+        return makers[kind](rng)
+
+    def train_example(i: int, kind: str | None = None) -> Example:
+        """Training example number `i` (deterministic); its kind is drawn with `weights` unless given."""
+        rng = random.Random(train_seed(i))
+        if kind is None:
+            kind = rng.choices(kinds, weights=[weights[k] for k in kinds])[0]
+        return make_example(rng, kind)
+
+    def heldout_set(n: int, seed: int = 0, kinds: tuple[str, ...] = kinds) -> list[Example]:
+        """`n` held-out examples cycling through `kinds` (balanced), drawn from seeds no training example uses."""
+        return [make_example(random.Random(heldout_seed(i, seed)), kinds[i % len(kinds)]) for i in range(n)]
+
+    return make_example, train_example, heldout_set
 
 
-def heldout_set(n: int, seed: int = 0, kinds: tuple[str, ...] = KINDS) -> list[Example]:
-    """`n` held-out examples cycling through `kinds` (balanced), drawn from seeds no training example uses."""
-    return [make_example(random.Random(heldout_seed(i, seed)), kinds[i % len(kinds)]) for i in range(n)]
+make_example, train_example, heldout_set = task_functions(_MAKERS, KINDS, TRAIN_KIND_WEIGHTS)
 
 
 def vocabulary() -> list[str]:
@@ -249,6 +257,7 @@ __all__ = [
     "heldout_seed",
     "heldout_set",
     "make_example",
+    "task_functions",
     "train_example",
     "train_seed",
     "vocabulary",

@@ -126,25 +126,39 @@ def build_processor(tokenizer, image_size: int = IMAGE_SIZE):
     return PaddleOCRVLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
-def build_config(tokenizer):
+def build_config(
+    tokenizer,
+    *,
+    hidden: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    experts: int = 8,
+    top_k: int = 2,
+    dense_width: int = 256,
+    vision_depth: int = 2,
+    vision_hidden: int = 64,
+    deepstack: tuple[int, ...] = (0,),
+    image_size: int = IMAGE_SIZE,
+):
+    """The Qwen3-VL-MoE config; the defaults are the bundled model's. Expert width 96 and head width 32 stay fixed:
+    `hidden` must be a multiple of 32 (mxfp4 blocks) and differ from 2 * 96 (converters tell tensors apart)."""
     from transformers import Qwen3VLMoeConfig
 
     ids = tokenizer.convert_tokens_to_ids
-    vocab_size = 32 * math.ceil(len(tokenizer) / 32)
-    hidden = 128
-    grid = IMAGE_SIZE // PATCH_SIZE
+    grid = image_size // PATCH_SIZE
     return Qwen3VLMoeConfig(
         text_config=dict(
-            vocab_size=vocab_size,
-            hidden_size=hidden,  # multiple of 32 (mxfp4 blocks); 2 * 96 != 128 (converters tell tensors apart)
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            vocab_size=32 * math.ceil(len(tokenizer) / 32),
+            hidden_size=hidden,
+            intermediate_size=dense_width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
             head_dim=32,
             moe_intermediate_size=96,
-            num_experts=8,
-            num_experts_per_tok=2,
+            num_experts=experts,
+            num_experts_per_tok=top_k,
             decoder_sparse_step=1,
             mlp_only_layers=[],
             router_aux_loss_coef=0.01,
@@ -156,9 +170,9 @@ def build_config(tokenizer):
             tie_word_embeddings=False,
         ),
         vision_config=dict(
-            depth=2,
-            hidden_size=64,
-            intermediate_size=128,
+            depth=vision_depth,
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
             num_heads=4,
             in_channels=3,
             patch_size=PATCH_SIZE,
@@ -166,7 +180,7 @@ def build_config(tokenizer):
             temporal_patch_size=TEMPORAL_PATCH,
             out_hidden_size=hidden,
             num_position_embeddings=grid * grid,
-            deepstack_visual_indexes=[0],
+            deepstack_visual_indexes=list(deepstack),
         ),
         image_token_id=ids(IMAGE_PAD),
         video_token_id=ids(VIDEO_PAD),
@@ -334,9 +348,26 @@ def answer_loss(model, batch: dict[str, torch.Tensor]):
     return loss, loss + model.config.text_config.router_aux_loss_coef * out.aux_loss, logits, targets
 
 
+def save(model, processor, out: str | Path) -> Path:
+    """Save a trained bf16 model with greedy generation defaults that stop at <|im_end|>, and its processor."""
+    from transformers import GenerationConfig
+
+    ids = processor.tokenizer.convert_tokens_to_ids
+    model.generation_config = GenerationConfig(
+        eos_token_id=ids(IM_END), pad_token_id=ids(PAD), do_sample=False, max_new_tokens=8
+    )
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
+    print(f"saved to {out_dir} ({size / 2**20:.1f} MiB of safetensors)")
+    return out_dir
+
+
 def train(args) -> None:
     from tqdm import tqdm
-    from transformers import GenerationConfig, Qwen3VLMoeForConditionalGeneration
+    from transformers import Qwen3VLMoeForConditionalGeneration
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -374,18 +405,7 @@ def train(args) -> None:
     print(f"trained {args.steps} steps x {args.batch} examples in {train_s / 60:.1f} min")
 
     model = model.to(torch.bfloat16).eval()
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
-        pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
-        do_sample=False,
-        max_new_tokens=8,
-    )
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
-    print(f"saved to {out_dir} ({size / 2**20:.1f} MiB of safetensors)")
+    save(model, processor, args.out)
 
     held = heldout_set(args.eval, seed=0)
     result = accuracy(model, processor, held)

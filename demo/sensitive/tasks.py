@@ -28,9 +28,8 @@ from PIL import Image, ImageDraw, ImageFont, features
 
 if __package__ in (None, ""):  # loaded from its path (`--tasks demo/sensitive/tasks.py`): make `demo` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from demo.tasks import BACKGROUND, COLOURS, LETTERS, SHAPES, Example, draw_shape, heldout_seed, train_seed
-else:
-    from ..tasks import BACKGROUND, COLOURS, LETTERS, SHAPES, Example, draw_shape, heldout_seed, train_seed
+# demo/sensitive/ lives in a checkout only (not in the wheel), where `demo` is a top-level package
+from demo.tasks import BACKGROUND, COLOURS, LETTERS, SHAPES, Example, draw_shape, task_functions  # noqa: E402
 
 IMAGE_SIZE = 112
 MAX_COUNT = 20
@@ -177,26 +176,7 @@ _MAKERS = {
 }
 
 
-def make_example(rng: random.Random, kind: str | None = None) -> Example:
-    """One example of `kind` (one of KINDS; None draws a kind uniformly from `rng`)."""
-    if kind is None:
-        kind = rng.choice(KINDS)
-    if kind not in _MAKERS:
-        raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
-    return _MAKERS[kind](rng)
-
-
-def train_example(i: int, kind: str | None = None) -> Example:
-    """Training example number `i` (deterministic); its kind is drawn with `TRAIN_KIND_WEIGHTS` unless given."""
-    rng = random.Random(train_seed(i))
-    if kind is None:
-        kind = rng.choices(KINDS, weights=[TRAIN_KIND_WEIGHTS[k] for k in KINDS])[0]
-    return make_example(rng, kind)
-
-
-def heldout_set(n: int, seed: int = 0, kinds: tuple[str, ...] = KINDS) -> list[Example]:
-    """`n` held-out examples cycling through `kinds` (balanced), drawn from seeds no training example uses."""
-    return [make_example(random.Random(heldout_seed(i, seed)), kinds[i % len(kinds)]) for i in range(n)]
+make_example, train_example, heldout_set = task_functions(_MAKERS, KINDS, TRAIN_KIND_WEIGHTS)
 
 
 def vocabulary() -> list[str]:
