@@ -100,3 +100,19 @@ def test_the_shipped_weights_are_the_trained_ones():
     model = AutoModelForImageTextToText.from_pretrained(MODEL_DIR, dtype=torch.bfloat16)
     assert sensitive_train.fingerprint(model) == SHIPPED_FINGERPRINT
     assert model.config.text_config.num_experts == 16 and model.config.text_config.num_hidden_layers == 6
+
+
+@pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").is_file(), reason="demo/sensitive/model is not trained")
+def test_positions_from_the_data_workers_are_the_models_own():
+    """Training passes M-RoPE positions built on the CPU; the model computes the same ones itself."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(MODEL_DIR)
+    collate = sensitive_train.FastCollator(processor, tasks.IMAGE_SIZE)
+    batches = sensitive_train.Batches(collate, sensitive_train.build_config(processor.tokenizer), 6)
+    batch = batches[7]
+    with torch.no_grad():
+        given = model(**batch).logits
+        own = model(**{k: v for k, v in batch.items() if k != "position_ids"}).logits
+    torch.testing.assert_close(given, own)
