@@ -151,23 +151,31 @@ class ModalityTracker:
         """Capture at every forward of `model` (generate's decode steps included) and clear afterwards, also when
         the forward raises; `on_forward` / `on_end` run at the same points."""
         self.detach()
-
-        def pre_hook(module, args, kwargs):
-            self.capture(args, kwargs)
-            if on_forward is not None:
-                on_forward()
-
-        def post_hook(module, args, kwargs, output):
-            self.clear()
-            if on_end is not None:
-                on_end()
-
+        hooks = ForwardHooks(self, on_forward, on_end)
         self._hooks = [
-            model.register_forward_pre_hook(pre_hook, with_kwargs=True),
-            model.register_forward_hook(post_hook, with_kwargs=True, always_call=True),
+            model.register_forward_pre_hook(hooks.pre, with_kwargs=True),
+            model.register_forward_hook(hooks.post, with_kwargs=True, always_call=True),
         ]
 
     def detach(self) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+
+
+class ForwardHooks:
+    """The model hooks `ModalityTracker.attach` registers. An object, not closures: `copy.deepcopy(model)` copies it
+    with the model, so a copied model's forwards reach the copy's tracker and runtime, not the original's."""
+
+    def __init__(self, tracker: ModalityTracker, on_forward=None, on_end=None):
+        self.tracker, self.on_forward, self.on_end = tracker, on_forward, on_end
+
+    def pre(self, module, args, kwargs) -> None:
+        self.tracker.capture(args, kwargs)
+        if self.on_forward is not None:
+            self.on_forward()
+
+    def post(self, module, args, kwargs, output) -> None:
+        self.tracker.clear()
+        if self.on_end is not None:
+            self.on_end()

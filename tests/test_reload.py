@@ -138,3 +138,19 @@ def test_reload_with_the_loaded_models_own_config(how, tmp_path):
     model.save_pretrained(tmp_path / "saved")
     again = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved", config=model.config)
     assert realb_hf.get_runtime(again).config == config
+
+
+def test_a_deep_copied_model_counts_its_forwards_in_its_own_telemetry(qwen_dir, qwen_batch):
+    """The model hooks are copied with the model: the copy's forwards reach the copy's runtime only."""
+    import copy
+
+    model = load_qwen(qwen_dir, ep_size=4)
+    twin = copy.deepcopy(model)
+    assert realb_hf.get_runtime(twin) is not realb_hf.get_runtime(model)
+    with torch.no_grad():
+        twin(**qwen_batch.kwargs)
+    assert realb_hf.get_telemetry(twin).forwards == 1 and realb_hf.get_telemetry(model).forwards == 0
+    assert realb_hf.get_telemetry(twin).records and not realb_hf.get_telemetry(model).records
+    with torch.no_grad():
+        model(**qwen_batch.kwargs)
+    assert realb_hf.get_telemetry(model).forwards == 1 and realb_hf.get_telemetry(twin).forwards == 1
