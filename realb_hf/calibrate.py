@@ -48,7 +48,7 @@ def load_samples(data: str | None, limit: int, seed: int = 0, tasks: str | None 
     name or .py path, default the bundled demo's; image and text questions mixed), or a folder of `NAME.txt`
     prompts, each with an optional image `NAME.png` (.jpg, .jpeg, .webp, .bmp)."""
     if data is None or data == BUNDLED:
-        from .accuracy import load_tasks
+        from .accuracy_setup import load_tasks
 
         return [Sample(ex.messages(), ex.answer) for ex in load_tasks(tasks).heldout_set(limit, seed=seed)]
     if tasks is not None:
