@@ -1,13 +1,14 @@
 """Held-out accuracy of a ReaLB model under many precision configurations, on one loaded model.
 
-    python -m realb_hf.accuracy --model demo/model --n 300 --out docs/accuracy.md
-    python -m realb_hf.accuracy --model M --tasks my.tasks --device cuda --ep-size 4 8 --out report.md
+    python -m realb_hf.accuracy --model demo/model --n 300 --out docs/accuracy_bundled.md
+    python -m realb_hf.accuracy --model demo/sensitive/model --tasks demo.sensitive.tasks --device cuda --ep-size 4 8
 
 loads the model once in bf16 on `--device` (default cpu), scores the stock model, converts it with `apply_realb`
 under virtual EP and switches configurations with `get_runtime(model).reconfigure(...)`; every ReaLB row pins its EP
 size (`--ep-size`, one or more; default 4) and runs once per size. Every row answers the same held-out questions
 (`heldout_set` of demo/tasks.py, or of `--tasks`) with greedy `generate`, many questions per forward (left padding),
-so the prefill forward carries `batch_size x prompt length` tokens and crosses the batch threshold. Exact match is scored per modality, and each row reports from telemetry how much ReaLB lowered.
+so the prefill forward carries `batch_size x prompt length` tokens and crosses the batch threshold. Exact match is
+scored per modality, and each row reports from telemetry how much ReaLB lowered.
 Writes a Markdown report to `--out` and the full numbers as JSON next to it (same name, `.json`).
 
 Library use: `evaluate(model, processor, examples, ...)` -> `AccuracyResult`, `run(model_dir, ...)` -> report dict,
