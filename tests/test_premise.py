@@ -26,15 +26,7 @@ def loaded():
     return model, processor, examples, base
 
 
-def batch(processor, examples):
-    return processor.apply_chat_template(
-        [ex.messages() for ex in examples],
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"padding": True, "padding_side": "left"},
-    )
+batch = accuracy.batch_inputs  # one forward's inputs, as the accuracy table builds them
 
 
 def test_pools():
