@@ -50,7 +50,11 @@ def load_samples(data: str | None, limit: int, seed: int = 0, tasks: str | None 
     if data is None or data == BUNDLED:
         from .accuracy_setup import load_tasks
 
-        return [Sample(ex.messages(), ex.answer) for ex in load_tasks(tasks).heldout_set(limit, seed=seed)]
+        try:
+            module = load_tasks(tasks)
+        except ImportError as err:
+            raise ValueError(f"--tasks {tasks}: {err} (give a module name on the path or a .py file)") from err
+        return [Sample(ex.messages(), ex.answer) for ex in module.heldout_set(limit, seed=seed)]
     if tasks is not None:
         raise ValueError(f"--tasks {tasks} chooses held-out questions; it cannot go with --data {data} (a folder)")
     folder = Path(data)

@@ -113,6 +113,8 @@ def test_tasks_choose_the_held_out_questions(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["calibrate", MODEL, "--data", str(tmp_path / "d"), "--tasks", str(tasks), "--no-progress"]) == 2
     assert "it cannot go with --data" in capsys.readouterr().err
+    assert cli.main(["calibrate", MODEL, "--tasks", "no_such_tasks_module", "--no-progress"]) == 2
+    assert "--tasks no_such_tasks_module: No module named 'no_such_tasks_module'" in capsys.readouterr().err
 
 
 def test_unknown_format_and_counts_are_refused_by_the_parser(capsys):
