@@ -56,10 +56,10 @@ def modality_from_inputs(
         return codes, SOURCE_TYPE_IDS
     if input_ids is not None:
         codes = torch.zeros(input_ids.shape, dtype=torch.int8, device=input_ids.device)
-        if image_token_id is not None:
-            codes[input_ids == image_token_id] = IMAGE
+        if image_token_id is not None:  # masked_fill_: a boolean-mask assignment goes through index_put_ first
+            codes.masked_fill_(input_ids == image_token_id, IMAGE)
         if video_token_id is not None:
-            codes[input_ids == video_token_id] = VIDEO
+            codes.masked_fill_(input_ids == video_token_id, VIDEO)
         return codes, SOURCE_TOKEN_IDS
     return None, SOURCE_NONE
 

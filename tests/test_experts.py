@@ -281,6 +281,19 @@ def test_modality_falls_back_to_placeholder_ids(qwen_dir, qwen_batch):
     assert record.modality_source == "input_ids"
 
 
+def test_modality_from_token_ids_reads_nothing_back():
+    """Codes from placeholder ids; the capture runs at every forward's start, so none of its ops reads a value back
+    to the host."""
+    from realb_hf.modality import IMAGE, TEXT, VIDEO, modality_from_inputs
+
+    ids = torch.tensor([[1, 5, 5, 7, 2]])
+    with torch.profiler.profile() as prof:
+        codes, source = modality_from_inputs(ids, None, image_token_id=5, video_token_id=7)
+    assert codes.tolist() == [[TEXT, IMAGE, IMAGE, VIDEO, TEXT]] and source == "input_ids"
+    ops = {e.key for e in prof.key_averages()}
+    assert not ops & {"aten::item", "aten::nonzero", "aten::_local_scalar_dense"}, ops
+
+
 def test_no_experts_model_is_refused():
     from transformers import LlamaConfig, LlamaForCausalLM
 
