@@ -483,6 +483,11 @@ def test_profile_summary_splits_gpu_time_into_compute_communication_and_idle():
         summarize(events, calls=3)
     cpu_only = summarize([e for e in events if e.device_type.name == "CPU"], calls=2)
     assert cpu_only["gpu_idle_ms"] is None and cpu_only["gpu_compute_ms"] is None
+    # closed ranges (a sync at each end): a kernel the caller launched between them belongs to no call
+    between = _event("argmax", 1500, 1600, device="cuda")
+    assert summarize([*events, between], calls=2)["gpu_busy_ms"] == pytest.approx((0.6 + 0.1 + 0.8) / 2)
+    closed = summarize([*events, between], calls=2, closed=True)
+    assert closed["gpu_busy_ms"] == pytest.approx((0.6 + 0.8) / 2)
 
 
 def test_profile_calls_reads_the_sections_of_a_real_run(tmp_path):
@@ -527,9 +532,21 @@ def test_generate_bench_decomposes_decode_steps_on_cpu(tmp_path, capsys):
         assert r["extra_decode_step_ms"] == pytest.approx(r["decode_step_ms"] - stock["decode_step_ms"])
         assert r["gpu_busy_step_ms"] is None and r["host_step_ms"] is None  # CPU: no GPU time to split off
     assert "| static | realb default config |" in capsys.readouterr().out
+    for r in rows.values():  # transformers compiles no decode step on a CPU: nothing to time alone
+        assert r["decode_compiled"] is False and r["step_alone_wall_ms"] is None and r["step_alone_extra_share"] is None
     for bad in (["--new-tokens", "1"], ["--requests", "0"]):
         with pytest.raises(SystemExit):
             generation.main(["--preset", "tiny", *bad])
+    # the eager backend compiles the decode step on a CPU: each step is also timed alone
+    assert generation.main([*argv, "--caches", "static", "--compile-backend", "eager", "--repeats", "2",
+                            "--out", str(out)]) == 0  # fmt: skip
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    for r in rows.values():
+        assert r["decode_compiled"] and r["step_alone_wall_ms"] > 0
+        assert r["step_alone_gpu_ms"] is None and r["step_alone_host_ms"] is None  # CPU: no GPU time to split off
+    stock, realb = rows["stock"], rows["realb default config"]
+    assert realb["extra_step_alone_wall_ms"] == pytest.approx(realb["step_alone_wall_ms"] - stock["step_alone_wall_ms"])
+    assert realb["step_alone_extra_share"] == pytest.approx(realb["extra_step_alone_wall_ms"] / stock["decode_step_ms"])
     stop = generation.StopAfter(4)
     assert stop(torch.zeros(2, 3, dtype=torch.long), None).tolist() == [False, False]
     assert stop(torch.zeros(2, 4, dtype=torch.long), None).tolist() == [True, True]

@@ -14,6 +14,12 @@ measured):
 - host: wall - GPU busy per step, the time the GPU waits for the host (launches, Python, the per-step sync).
 A ReaLB row whose GPU time equals stock's and whose wall time is higher loses that difference on the host.
 
+generate's own loop moves the wall time of a step by more between runs than a few percent, so a compiled decode
+step is also timed alone ("step alone"): in `--repeats` more generate runs, every call of the compiled step that
+transformers hands its loop runs between two device syncs (wall: median over the steps; GPU busy: from
+torch.profiler over one run; host = wall - GPU busy). That is what the model itself costs per step, without the
+loop around it. `--compile-backend eager` or `aot_eager` (smoke tests) also compile the step on a CPU.
+
     python -m realb_hf.bench.generation --layers 4 --requests 16 --prompt-tokens 32 --new-tokens 32 --out gen.json
 """
 
@@ -31,7 +37,7 @@ from transformers import CompileConfig, StoppingCriteria, StoppingCriteriaList
 from .compiled import COMPILE_BACKENDS, dynamo_counts, failure, ratio
 from .hot_rank import finish
 from .model import MODEL_PRESETS, build_model, model_config
-from .profiling import profile_calls
+from .profiling import CALL_LABEL, profile_calls, profile_marked
 
 CACHES = ("static", "dynamic")
 VARIANTS: dict[str, dict | None] = {
@@ -61,7 +67,9 @@ def generate_call(model, input_ids: torch.Tensor, new_tokens: int, cache: str, s
     if cache == "static":
         # transformers' default mode (reduce-overhead) is an inductor mode; other backends take none
         mode = {} if backend == "inductor" else {"mode": None}
-        kwargs = dict(cache_implementation="static", compile_config=CompileConfig(backend=backend, **mode))
+        config = CompileConfig(backend=backend, **mode)
+        config._compile_all_devices = backend != "inductor"  # the smoke-test backends compile on a CPU too
+        kwargs = dict(cache_implementation="static", compile_config=config)
     return model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
@@ -85,6 +93,40 @@ def wall_ms(fn: Callable[[], object], repeats: int) -> float:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+class StepAlone:
+    """While active, every call of the compiled decode step that `get_compiled_call` hands generate's loop runs
+    between two device syncs and is marked for torch.profiler: the step's own time, without the loop around it."""
+
+    def __init__(self, model):
+        self.model = model
+        self.walls: list[float] = []  # ms, one per step
+
+    def __enter__(self) -> StepAlone:
+        original = self.model.get_compiled_call
+
+        def get_compiled_call(compile_config):
+            compiled = original(compile_config)
+            return lambda *args, **kwargs: self._call(compiled, args, kwargs)
+
+        self.model.get_compiled_call = get_compiled_call
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.model.get_compiled_call  # the class's method again
+
+    def _call(self, compiled: Callable, args: tuple, kwargs: dict):
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if cuda:
+            torch.cuda.synchronize()
+        with torch.profiler.record_function(CALL_LABEL):
+            start = time.perf_counter()
+            out = compiled(*args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+            self.walls.append((time.perf_counter() - start) * 1e3)
+        return out
 
 
 def measure(model, input_ids, new_tokens: int, cache: str, repeats: int, backend: str) -> dict:
@@ -115,6 +157,18 @@ def measure(model, input_ids, new_tokens: int, cache: str, repeats: int, backend
     else:
         row["gpu_busy_step_ms"] = (busy[0] - busy[1]) / steps
         row["host_step_ms"] = row["decode_step_ms"] - row["gpu_busy_step_ms"]
+    row["step_alone_wall_ms"] = row["step_alone_gpu_ms"] = row["step_alone_host_ms"] = None  # not compiled
+    if row["decode_compiled"]:
+        with StepAlone(model) as alone, torch.no_grad():
+            for _ in range(repeats):
+                full()
+            row["step_alone_wall_ms"] = statistics.median(alone.walls)
+            try:
+                row["step_alone_gpu_ms"] = profile_marked(full, lambda: len(alone.walls))["gpu_busy_ms"]
+            except Exception as err:
+                row["profile_error"] = failure(err)
+        if row["step_alone_gpu_ms"] is not None:
+            row["step_alone_host_ms"] = row["step_alone_wall_ms"] - row["step_alone_gpu_ms"]
     return row
 
 
@@ -165,9 +219,12 @@ def run(
     for row in rows:
         stock = next((r for r in rows if r["variant"] == "stock" and r["cache"] == row["cache"]), None)
         row["vs_stock"] = ratio(stock and stock["decode_step_ms"], row["decode_step_ms"])
-        for key in ("decode_step_ms", "gpu_busy_step_ms", "host_step_ms"):
+        for key in ("decode_step_ms", "gpu_busy_step_ms", "host_step_ms", *STEP_ALONE_KEYS):
             theirs = stock and stock[key]
             row[f"extra_{key}"] = None if theirs is None or row[key] is None else row[key] - theirs
+        # what the model adds to a step, timed alone, against stock's whole decode step in generate
+        extra, step = row["extra_step_alone_wall_ms"], stock and stock["decode_step_ms"]
+        row["step_alone_extra_share"] = None if extra is None or not step or step <= 0 else extra / step
     return dict(
         preset=preset,
         layers=layers,
@@ -182,7 +239,8 @@ def run(
     )
 
 
-MEDIAN_KEYS = ("decode_step_ms", "gpu_busy_step_ms", "host_step_ms", "first_token_ms", "full_ms")
+STEP_ALONE_KEYS = ("step_alone_wall_ms", "step_alone_gpu_ms", "step_alone_host_ms")
+MEDIAN_KEYS = ("decode_step_ms", "gpu_busy_step_ms", "host_step_ms", "first_token_ms", "full_ms", *STEP_ALONE_KEYS)
 
 
 def median_rows(rows: list[dict]) -> list[dict]:
@@ -214,16 +272,25 @@ def _compiled(row: dict) -> str:
     return f"yes, {skips} graph(s) without CUDA graphs" if skips else "yes"
 
 
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.1f}%"
+
+
 def table(rows: list[dict]) -> tuple[str, list[str]]:
     header = (
         "| cache | variant | decode compiled | decode step ms | vs stock | GPU busy ms/step | host ms/step "
-        "| extra ms/step vs stock: wall / GPU / host | first token ms |\n|---|---|---|---|---|---|---|---|---|"
+        "| extra ms/step vs stock: wall / GPU / host | step alone ms: wall / GPU / host "
+        "| step alone, extra vs stock: wall / host (share of stock's step) | first token ms |"
+        "\n|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [
         f"| {r['cache']} | {r['variant']} | {_compiled(r)} | {r['decode_step_ms']:.3f} | "
         f"{_x(r['vs_stock'])} | {_ms(r['gpu_busy_step_ms'])} | "
         f"{_ms(r['host_step_ms'])} | {_ms(r['extra_decode_step_ms'], True)} / {_ms(r['extra_gpu_busy_step_ms'], True)}"
-        f" / {_ms(r['extra_host_step_ms'], True)} | {r['first_token_ms']:.2f} |"
+        f" / {_ms(r['extra_host_step_ms'], True)} | {_ms(r['step_alone_wall_ms'])} / {_ms(r['step_alone_gpu_ms'])} / "
+        f"{_ms(r['step_alone_host_ms'])} | {_ms(r['extra_step_alone_wall_ms'], True)} / "
+        f"{_ms(r['extra_step_alone_host_ms'], True)} ({_share(r['step_alone_extra_share'])}) | "
+        f"{r['first_token_ms']:.2f} |"
         for r in rows
     ]
     return header, lines
@@ -261,8 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         "",
         "decode step = (full generate - generate stopped after its first new token) / (new tokens - 1); GPU busy "
-        "from torch.profiler the same way; host = wall - GPU busy. Ratios and extras are against stock with the "
-        "same cache.",
+        "from torch.profiler the same way; host = wall - GPU busy. Step alone: each compiled decode step between "
+        "two device syncs inside generate (median over the steps of --repeats runs). Ratios and extras are "
+        "against stock with the same cache.",
     ]
     finish(result, device, "realb_hf.bench.generation", argv, header, lines, args.out)
     return 0

@@ -35,8 +35,10 @@ def _top(durations: dict[str, float], calls: int, n: int) -> list[list]:
     return [[name, round(us / calls / 1e3, 4)] for name, us in sorted(durations.items(), key=lambda kv: -kv[1])[:n]]
 
 
-def summarize(events, calls: int, top: int = 6) -> dict[str, Any]:
-    """Per-call means (ms) from profiler events of `calls` calls, each marked with `CALL_LABEL`."""
+def summarize(events, calls: int, top: int = 6, closed: bool = False) -> dict[str, Any]:
+    """Per-call means (ms) from profiler events of `calls` calls, each marked with `CALL_LABEL`. `closed`: each
+    marked range starts and ends with a device sync, so a call's kernels are those that start inside it (work
+    between the ranges, such as the caller's loop, is left out)."""
     host = [e for e in events if e.device_type == DeviceType.CPU]
     windows = sorted((e.time_range.start, e.time_range.end) for e in host if e.name == CALL_LABEL)
     if len(windows) != calls:
@@ -52,7 +54,7 @@ def summarize(events, calls: int, top: int = 6) -> dict[str, Any]:
     host_ops = [e for e in host if e.name != CALL_LABEL]
     compute, comm, wall, kernel_time, host_self, sections = [], [], 0.0, defaultdict(float), defaultdict(float), {}
     for i, (start, host_end) in enumerate(windows):
-        limit = windows[i + 1][0] if i + 1 < len(windows) else float("inf")
+        limit = host_end if closed else windows[i + 1][0] if i + 1 < len(windows) else float("inf")
         mine = [k for k in kernels if start <= k.time_range.start < limit]
         end = max([host_end] + [k.time_range.end for k in mine])
         wall += (end - start) / 1e3
@@ -90,11 +92,10 @@ def profile_calls(
 ) -> dict[str, Any]:
     """Run `fn` `calls` times under torch.profiler (a device sync after each, then `before`, e.g. a barrier that
     starts every rank's call together) and summarize them; `trace_path` also writes the Chrome trace."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import profile, record_function
 
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=_activities()) as prof:
         for _ in range(calls):
             if before is not None:
                 before()
@@ -105,3 +106,21 @@ def profile_calls(
     if trace_path:
         prof.export_chrome_trace(trace_path)
     return summarize(prof.events(), calls)
+
+
+def _activities() -> list:
+    from torch.profiler import ProfilerActivity
+
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+
+def profile_marked(fn: Callable[[], object], count: Callable[[], int]) -> dict[str, Any]:
+    """Run `fn` once under torch.profiler, where `fn` marks calls itself (`CALL_LABEL`, each range closed by device
+    syncs; `count()` says how many it has marked so far), and summarize the calls it marked."""
+    from torch.profiler import profile
+
+    before = count()
+    with profile(activities=_activities()) as prof:
+        fn()
+    return summarize(prof.events(), count() - before, closed=True)
