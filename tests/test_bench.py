@@ -392,8 +392,9 @@ def test_hot_rank_compiled_rows_on_cpu(tmp_path, monkeypatch, capsys):
             assert r["speedup"] == pytest.approx(group[hot_rank.STOCK]["ms"] / r["ms"])
             assert r["vs_nothing_lowered"] == pytest.approx(group[hot_rank.NOTHING_LOWERED_VARIANT]["ms"] / r["ms"])
     for name, r in compiled.items():
-        assert r["compile_s"] > 0 and r["graphs"] >= 1
+        assert r["compile_s"] > 0 and r["graphs"] + r["graph_breaks"] >= 1  # each row counts its own compile
         assert r["rel_err"] == pytest.approx(eager[name]["rel_err"], abs=1e-3)  # compiled computes the same
+    assert compiled[hot_rank.STOCK]["graphs"] == 1 and compiled[hot_rank.STOCK]["graph_breaks"] == 0
     assert compiled["realb fp8 persistent (fused kernels)"]["rel_err"] > 0.01  # fp8 really ran compiled
     table = capsys.readouterr().out
     assert "| 16 | compiled | realb fp8 persistent (fused kernels) |" in table
@@ -404,6 +405,21 @@ def test_hot_rank_compiled_rows_on_cpu(tmp_path, monkeypatch, capsys):
     assert hot_rank.main([*argv, *some]) == 0
     compiled = [r["variant"] for r in json.loads(out.read_text())["results"] if r["compiled"]]
     assert compiled == [hot_rank.STOCK, hot_rank.NOTHING_LOWERED_VARIANT]  # stock always, first
+
+
+def test_reset_clears_what_dynamo_counted_so_rows_do_not_inherit_it():
+    from realb_hf.bench.compiled import dynamo_counts, reset
+
+    def broken(x):
+        x = x + 1
+        torch._dynamo.graph_break()
+        return x * 2
+
+    torch.compile(broken, backend="eager")(torch.ones(2))
+    torch._dynamo.reset()
+    assert dynamo_counts()["graph_breaks"] >= 1 and dynamo_counts()["graphs"] >= 2  # torch's reset keeps them
+    reset()
+    assert dynamo_counts() == {"graph_breaks": 0, "graphs": 0, "cudagraph_skips": 0}
 
 
 def test_hot_rank_and_decode_overhead_clis_on_cpu(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """Compiled rows for the benchmarks: `torch.compile` applied the way a user applies it, timed next to eager.
 
 Stock and ReaLB are compiled separately (`torch.compile(module_or_model, dynamic=False)`: the benchmarks use fixed
-shapes), each after `torch._dynamo.reset()`, so no variant runs on another's cached graphs or hits the recompile
+shapes), each after a dynamo reset (`reset`), so no variant runs on another's cached graphs or hits the recompile
 limit that the variants of one process would share. The first calls compile (and, with "reduce-overhead",
 record the CUDA graphs); they are warm-up, never timed. Ratios compare like with like: a compiled row against
 compiled stock of the same mode, an eager row against eager stock.
@@ -93,10 +93,19 @@ def compiled_subset(
     return tuple(v for v in dict.fromkeys((stock, *requested)) if v in (*timed, stock))
 
 
+def reset() -> None:
+    """`torch._dynamo.reset()`, and dynamo's counters with it (the reset keeps them), so `dynamo_counts` counts what
+    compiles from here on, not what earlier rows compiled."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+
 def compile_callable(fn: Callable, mode: str, backend: str) -> Callable:
     """`torch.compile(fn, dynamic=False)` after a dynamo reset; with "reduce-overhead" each call first marks a new
     step, as a serving loop does, so a replay may overwrite the previous call's outputs."""
-    torch._dynamo.reset()
+    reset()
     compiled = torch.compile(fn, backend=backend, mode=None if mode == "default" else mode, dynamic=False)
     if mode != "reduce-overhead":
         return compiled
@@ -109,7 +118,7 @@ def compile_callable(fn: Callable, mode: str, backend: str) -> Callable:
 
 
 def dynamo_counts() -> dict[str, int]:
-    """Graph breaks, graphs compiled and graphs CUDA graphs skipped since the last dynamo reset (torch's counters)."""
+    """Graph breaks, graphs compiled and graphs CUDA graphs skipped since the last `reset` (torch's counters)."""
     from torch._dynamo.utils import counters
 
     return {
@@ -160,6 +169,7 @@ __all__ = [
     "failure",
     "mode_label",
     "ratio",
+    "reset",
     "settings_from_args",
     "warm_up",
 ]

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 from transformers import CompileConfig, StoppingCriteria, StoppingCriteriaList
 
-from .compiled import COMPILE_BACKENDS, dynamo_counts, failure, ratio
+from .compiled import COMPILE_BACKENDS, dynamo_counts, failure, ratio, reset
 from .hot_rank import finish
 from .model import MODEL_PRESETS, build_model, model_config
 from .profiling import CALL_LABEL, profile_calls, profile_marked
@@ -158,17 +158,17 @@ def measure(model, input_ids, new_tokens: int, cache: str, repeats: int, backend
         row["gpu_busy_step_ms"] = (busy[0] - busy[1]) / steps
         row["host_step_ms"] = row["decode_step_ms"] - row["gpu_busy_step_ms"]
     row["step_alone_wall_ms"] = row["step_alone_gpu_ms"] = row["step_alone_host_ms"] = None  # not compiled
-    if row["decode_compiled"]:
-        with StepAlone(model) as alone, torch.no_grad():
-            for _ in range(repeats):
-                full()
+    with StepAlone(model) as alone, torch.no_grad():
+        for _ in range(repeats):
+            full()
+        if alone.walls:  # generate ran a compiled decode step
             row["step_alone_wall_ms"] = statistics.median(alone.walls)
             try:
                 row["step_alone_gpu_ms"] = profile_marked(full, lambda: len(alone.walls))["gpu_busy_ms"]
             except Exception as err:
                 row["profile_error"] = failure(err)
-        if row["step_alone_gpu_ms"] is not None:
-            row["step_alone_host_ms"] = row["step_alone_wall_ms"] - row["step_alone_gpu_ms"]
+    if row["step_alone_gpu_ms"] is not None:
+        row["step_alone_host_ms"] = row["step_alone_wall_ms"] - row["step_alone_gpu_ms"]
     return row
 
 
@@ -195,7 +195,7 @@ def run(
     input_ids = torch.randint(10, vocab, (requests, prompt_tokens), generator=gen).to(device)
     rows = []
     for name in [v for _ in range(rounds) for v in variants]:  # rounds alternate the variants: drift hits all
-        torch._dynamo.reset()
+        reset()
         model = build_model(config, device, torch.bfloat16 if device.type == "cuda" else torch.float32, seed)
         model.generation_config.eos_token_id = None  # every run generates exactly new_tokens
         model.generation_config.pad_token_id = 0
@@ -203,7 +203,7 @@ def run(
             apply_realb(model, RealbConfig(ep_size=ep, **VARIANTS[name]))
             get_telemetry(model).enabled = name not in TELEMETRY_OFF
         for cache in caches:
-            torch._dynamo.reset()
+            reset()
             row = dict(variant=name, round=sum(r["variant"] == name and r["cache"] == cache for r in rows) + 1)
             row.update(measure(model, input_ids, new_tokens, cache, repeats, backend))
             rows.append(row)

@@ -32,6 +32,7 @@ from .compiled import (
     failure,
     mode_label,
     ratio,
+    reset,
     settings_from_args,
     warm_up,
 )
@@ -239,7 +240,7 @@ def run(
                         else f"{row['ms']:8.3f} ms  err {row['rel_err']:.4f}  compile {row['compile_s']:.1f} s"
                     )
                     print(f"{tokens:>6} tok  {row['mode']:<9} {name:<48} {note}", flush=True)
-            torch._dynamo.reset()
+            reset()
     _add_ratios(rows)
     return dict(preset=preset, dims=dims, compile_backend=compile_settings.backend, results=rows)
 

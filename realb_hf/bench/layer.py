@@ -59,6 +59,7 @@ from .compiled import (
     failure,
     mode_label,
     ratio,
+    reset,
     warm_up,
 )
 from .workload import Workload, uniform_pairs
@@ -813,7 +814,7 @@ def _bench_rank(
             graph_breaks=graph_breaks,
         )
     if len(rows) > 1:
-        torch._dynamo.reset()  # frees the compiled rank's graphs (and CUDA-graph pools) before the next rank
+        reset()  # frees the compiled rank's graphs (and CUDA-graph pools) before the next rank
     del module, call
     return out
 

@@ -38,6 +38,7 @@ from .compiled import (
     failure,
     mode_label,
     ratio,
+    reset,
     warm_up,
 )
 from .layer import DTYPES, VARIANTS, resolve_device, row_key, time_calls
@@ -408,7 +409,7 @@ def _time_prefill(model, batch: PrefillBatch, mode: str, settings: ModelBenchSet
         return entry
     finally:
         if mode != EAGER:
-            torch._dynamo.reset()  # the next configuration compiles afresh; frees this one's graphs
+            reset()  # the next configuration compiles afresh; frees this one's graphs
     entry.update(
         ms=t.median_ms,
         min_ms=t.min_ms,
