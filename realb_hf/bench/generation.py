@@ -158,15 +158,16 @@ def measure(model, input_ids, new_tokens: int, cache: str, repeats: int, backend
         row["gpu_busy_step_ms"] = (busy[0] - busy[1]) / steps
         row["host_step_ms"] = row["decode_step_ms"] - row["gpu_busy_step_ms"]
     row["step_alone_wall_ms"] = row["step_alone_gpu_ms"] = row["step_alone_host_ms"] = None  # not compiled
-    with StepAlone(model) as alone, torch.no_grad():
-        for _ in range(repeats):
-            full()
-        if alone.walls:  # generate ran a compiled decode step
-            row["step_alone_wall_ms"] = statistics.median(alone.walls)
-            try:
-                row["step_alone_gpu_ms"] = profile_marked(full, lambda: len(alone.walls))["gpu_busy_ms"]
-            except Exception as err:
-                row["profile_error"] = failure(err)
+    if row["decode_compiled"]:
+        with StepAlone(model) as alone, torch.no_grad():
+            for _ in range(repeats):
+                full()
+            if alone.walls:  # generate ran its compiled decode step
+                row["step_alone_wall_ms"] = statistics.median(alone.walls)
+                try:
+                    row["step_alone_gpu_ms"] = profile_marked(full, lambda: len(alone.walls))["gpu_busy_ms"]
+                except Exception as err:
+                    row["profile_error"] = failure(err)
     if row["step_alone_gpu_ms"] is not None:
         row["step_alone_host_ms"] = row["step_alone_wall_ms"] - row["step_alone_gpu_ms"]
     return row
