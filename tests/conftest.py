@@ -1,7 +1,33 @@
+import socket
+
 import pytest
 import torch
 
 from realb_hf.tiny import build_tiny_model, qwen3_vl_image_batch, tiny_qwen3_vl_moe_config
+
+LOOPBACK = {None, "", "localhost", "127.0.0.1", "::1", "0.0.0.0"}
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Tests never use the network: a test that looks up any host but this machine fails, naming the host, even
+    when the code under test catches the lookup's error. Names under `.invalid` never resolve (RFC 2606), so tests
+    of bad host names use them and are answered here without asking a resolver."""
+    lookups = []
+    lookup = socket.getaddrinfo
+
+    def local_only(host, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name not in LOOPBACK:
+            if not name.endswith(".invalid"):
+                lookups.append(name)
+            raise socket.gaierror(socket.EAI_NONAME, f"tests do not use the network (lookup of {name!r})")
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_only)
+    yield
+    if lookups:
+        pytest.fail(f"the test tried to reach the network: {sorted(set(lookups))}")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -225,9 +225,15 @@ def task_dir(tmp_path_factory):
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
+    import datasets.config
+    import huggingface_hub.constants
+
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "LMMS_EVAL_DATASETS_CACHE": str(tmp_path / "datasets")}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    # both libraries read the variables once, at import, which came before this test
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return env
 
 
