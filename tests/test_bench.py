@@ -7,20 +7,11 @@ import pytest
 import torch
 
 import realb_hf
-from realb_hf.bench.layer import (
-    MODALITY_SOURCE,
-    VARIANTS,
-    LayerBenchSettings,
-    build_experts,
-    get_preset,
-    oracle_inputs,
-    rank_inputs,
-    rank_module,
-    realb_rank_call,
-    routing_stats,
-    run_layer_bench,
-)
+from realb_hf.bench.layer import LayerBenchSettings, run_layer_bench
+from realb_hf.bench.layer_presets import build_experts, get_preset, rank_module
+from realb_hf.bench.rank_inputs import MODALITY_SOURCE, oracle_inputs, rank_inputs, realb_rank_call, routing_stats
 from realb_hf.bench.trace import Trace, record_trace, replay_routing
+from realb_hf.bench.variants import VARIANTS
 from realb_hf.bench.workload import WorkloadSpec, generate, rank_load, workload_for_skew
 from realb_hf.experts import DEVICE, HOST, host_path
 from realb_hf.policy import RoutingStats, decide, rank_loads

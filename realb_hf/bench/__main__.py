@@ -43,8 +43,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .compiled import add_compile_arguments
-    from .layer import ALIASES, DEFAULT_COMPILE_VARIANTS, DEFAULT_VARIANTS, EP_FORMS, PRESETS, VARIANTS
+    from .layer import EP_FORMS
+    from .layer_presets import ALIASES, PRESETS
     from .model import MODEL_DEFAULT_COMPILE_VARIANTS, MODEL_DEFAULT_VARIANTS, MODEL_PRESETS, MODEL_VARIANTS
+    from .variants import DEFAULT_COMPILE_VARIANTS, DEFAULT_VARIANTS, VARIANTS
     from .workload import HOT_LAYOUTS
 
     parser = argparse.ArgumentParser(prog="python -m realb_hf.bench", description=__doc__.splitlines()[0])
@@ -187,7 +189,8 @@ def _layer_workloads(args: argparse.Namespace, preset) -> list[tuple[str, object
 
 
 def cmd_layer(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from .layer import LayerBenchSettings, get_preset, run_layer_bench
+    from .layer import LayerBenchSettings, run_layer_bench
+    from .layer_presets import get_preset
 
     preset = get_preset(args.preset)
     settings = LayerBenchSettings(

@@ -32,26 +32,21 @@ hidden-state tensors. CPU: time.perf_counter with the same structure (a smoke te
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
 
-from ..apply import apply_realb_to_experts
 from ..config import RealbConfig
-from ..experts import Placement, RealbExperts
-from ..experts.plan import routing_stats as count_routing
+from ..experts import RealbExperts
 from ..experts.weights import convert
-from ..policy import Decision, PolicyParams, RoutingStats, decide, expert_ranges
+from ..policy import Decision, PolicyParams, decide, expert_ranges
 from ..runtime import RealbRuntime
 from ..telemetry import make_record
 from .compiled import (
     EAGER,
-    NOTHING_LOWERED,
     CompileSettings,
     compile_callable,
     compiled_subset,
@@ -62,7 +57,11 @@ from .compiled import (
     reset,
     warm_up,
 )
-from .workload import Workload, uniform_pairs
+from .layer_presets import build_experts, get_preset, rank_module
+from .rank_inputs import MODALITY_SOURCE, RANK_CALL, oracle_inputs, rank_inputs, realb_rank_call, routing_stats
+from .timing import PeakMemory, time_calls
+from .variants import DEFAULT_COMPILE_VARIANTS, DEFAULT_VARIANTS, VARIANTS, Variant
+from .workload import Workload
 
 LATENCY_MODEL = (
     "Virtual EP on one device: the experts are split into `ep` contiguous blocks (as transformers' EP shards "
@@ -73,224 +72,6 @@ LATENCY_MODEL = (
     "experts in bf16 (the best any load balancer could do without lowering precision)."
 )
 EP_FORMS = ("all_to_all", "all_reduce")
-MODALITY_SOURCE = "bench"  # telemetry's name for where the modality codes of a rank call came from
-
-
-# ---- presets -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerPreset:
-    name: str
-    family: str  # "qwen3_vl_moe" | "deepseek_v2": which transformers experts class
-    hidden: int
-    intermediate: int  # moe_intermediate_size
-    num_experts: int
-    top_k: int
-    source: str
-
-    def config(self):
-        if self.family == "qwen3_vl_moe":
-            from transformers import Qwen3VLMoeTextConfig
-
-            config = Qwen3VLMoeTextConfig(
-                hidden_size=self.hidden,
-                moe_intermediate_size=self.intermediate,
-                num_experts=self.num_experts,
-                num_experts_per_tok=self.top_k,
-                hidden_act="silu",
-                experts_implementation="grouped_mm",  # transformers' default inside a model
-            )
-        elif self.family == "deepseek_v2":
-            from transformers import DeepseekV2Config
-
-            config = DeepseekV2Config(
-                hidden_size=self.hidden,
-                moe_intermediate_size=self.intermediate,
-                n_routed_experts=self.num_experts,
-                num_experts_per_tok=self.top_k,
-                hidden_act="silu",
-                experts_implementation="grouped_mm",
-            )
-        else:
-            raise ValueError(f"unknown family {self.family!r}")
-        return config
-
-    def experts_class(self) -> type:
-        if self.family == "qwen3_vl_moe":
-            from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
-
-            return Qwen3VLMoeTextExperts
-        from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
-
-        return DeepseekV2Experts
-
-
-PRESETS: dict[str, LayerPreset] = {
-    "qwen3-vl-30b-a3b": LayerPreset(
-        "qwen3-vl-30b-a3b",
-        "qwen3_vl_moe",
-        2048,
-        768,
-        128,
-        8,
-        "Qwen/Qwen3-VL-30B-A3B-Instruct text_config (Qwen3VLMoeTextExperts)",
-    ),
-    "deepseek-vl2-small": LayerPreset(
-        "deepseek-vl2-small",
-        "deepseek_v2",
-        2048,
-        1408,
-        64,
-        6,
-        "deepseek-ai/deepseek-vl2-small language_config = DeepSeekMoE-16B: hidden 2048, moe_intermediate 1408, "
-        "64 routed experts (+2 shared, not benchmarked), top-6 (DeepseekV2Experts)",
-    ),
-    "deepseek-vl2": LayerPreset(
-        "deepseek-vl2",
-        "deepseek_v2",
-        2560,
-        1536,
-        72,
-        6,
-        "deepseek-ai/deepseek-vl2 language_config = DeepSeekMoE-27B: hidden 2560, moe_intermediate 1536, "
-        "72 routed experts (+2 shared, not benchmarked), top-6 (DeepseekV2Experts)",
-    ),
-    "tiny": LayerPreset("tiny", "qwen3_vl_moe", 64, 96, 16, 4, "CPU test size"),
-}
-ALIASES = {"deepseek-v2-vl": "deepseek-vl2-small"}
-
-
-def get_preset(name: str) -> LayerPreset:
-    name = ALIASES.get(name, name)
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS) + sorted(ALIASES)}")
-    return PRESETS[name]
-
-
-def build_experts(
-    preset: LayerPreset, device: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0
-) -> torch.nn.Module:
-    """The stock transformers experts module of `preset`, random weights allocated directly on `device`."""
-    config = preset.config()
-    with torch.device("meta"):
-        module = preset.experts_class()(config)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for name in ("gate_up_proj", "down_proj"):
-        shape = getattr(module, name).shape
-        fan_in = shape[-1]
-        weight = torch.randn(shape, device=device, dtype=dtype, generator=gen) * fan_in**-0.5
-        setattr(module, name, torch.nn.Parameter(weight, requires_grad=False))
-    return module.eval()
-
-
-def rank_module(
-    full: torch.nn.Module, lo: int, hi: int, expert_parallel: bool, config: RealbConfig | None = None
-) -> torch.nn.Module:
-    """An experts module holding experts [lo, hi) of `full` (weight views, no copy), as one EP rank holds them.
-
-    With `config`, a ReaLB module converted as real EP converts it: the layer's module first (the conversion's
-    layout checks see the layer's experts), then it keeps its experts and `realb_placement` places them in the layer.
-    """
-    with torch.device("meta"):
-        module = type(full)(full.config)
-    if config is not None:
-        apply_realb_to_experts(module, config, name=f"experts[{lo}:{hi}]")
-    module.num_experts = hi - lo
-    for name in ("gate_up_proj", "down_proj"):
-        setattr(module, name, torch.nn.Parameter(getattr(full, name)[lo:hi], requires_grad=False))
-    # transformers' EP sharding sets this private flag on every rank (no public setter exists): with it the stock
-    # forward skips the sentinel ids that stand for other ranks' experts (the all_reduce form)
-    module._is_expert_parallel = expert_parallel
-    if config is not None:
-        module.realb_placement = Placement(lo, hi - lo, full.num_experts)
-    return module.eval()
-
-
-# ---- variants ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    kind: str  # "stock" | "realb" | "oracle"
-    policy: str = "off"
-    granularity: str = "rank"
-    weight_cache: str = "on_the_fly"
-    description: str = ""
-    imbalance_threshold: float | None = None  # None: the benchmark's setting
-
-
-VARIANTS: dict[str, Variant] = {
-    v.name: v
-    for v in (
-        Variant("stock_bf16", "stock", description="transformers' own experts forward (grouped_mm) in bf16"),
-        Variant(
-            "realb_nothing_lowered",
-            "realb",
-            NOTHING_LOWERED["policy"],
-            "rank",
-            "on_the_fly",
-            "ReaLB's own bf16 pipeline: the dynamic policy (decided on the device where it runs) lowering nothing",
-            imbalance_threshold=NOTHING_LOWERED["imbalance_threshold"],
-        ),
-        Variant(
-            "realb_rank_otf",
-            "realb",
-            "realb",
-            "rank",
-            "on_the_fly",
-            "ReaLB, whole overloaded vision ranks lowered, weights converted every call",
-        ),
-        Variant(
-            "realb_rank_persistent",
-            "realb",
-            "realb",
-            "rank",
-            "persistent",
-            "ReaLB, whole ranks, low-precision weight copies kept (extra memory)",
-        ),
-        Variant(
-            "realb_expert_otf",
-            "realb",
-            "realb",
-            "expert",
-            "on_the_fly",
-            "ReaLB, hottest vision experts of overloaded ranks lowered, converted every call",
-        ),
-        Variant(
-            "realb_expert_persistent",
-            "realb",
-            "realb",
-            "expert",
-            "persistent",
-            "ReaLB, expert granularity, weight copies kept",
-        ),
-        Variant(
-            "all_low",
-            "realb",
-            "all_low",
-            "rank",
-            "persistent",
-            "every expert low (fp8 everywhere on Hopper), weights converted once: a pre-quantized model",
-        ),
-        Variant(
-            "all_low_otf", "realb", "all_low", "rank", "on_the_fly", "every expert low, weights converted every call"
-        ),
-        Variant("oracle_bf16", "oracle", description="same total work spread perfectly evenly over ranks, bf16"),
-    )
-}
-DEFAULT_VARIANTS = (
-    "stock_bf16",
-    "realb_nothing_lowered",
-    "realb_rank_otf",
-    "realb_rank_persistent",
-    "realb_expert_otf",
-    "realb_expert_persistent",
-    "all_low",
-    "oracle_bf16",
-)
-DEFAULT_COMPILE_VARIANTS = ("stock_bf16", "realb_nothing_lowered", "realb_rank_otf", "realb_rank_persistent")
 
 
 @dataclass
@@ -362,187 +143,6 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-# ---- timing --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Timing:
-    median_ms: float
-    min_ms: float
-    max_ms: float
-    first_ms: float  # first warmup call (persistent caches are built there)
-    samples: int
-
-
-def time_calls(fn: Callable, inputs: Sequence[tuple], warmup: int, repeats: int, device: torch.device) -> Timing:
-    """Median over `repeats` calls of `fn(*inputs[i % len(inputs)])`, after `warmup` calls."""
-    cuda = device.type == "cuda"
-    n = len(inputs)
-    first = None
-    if cuda:
-        torch.cuda.synchronize(device)
-    for i in range(max(warmup, 1)):
-        t0 = time.perf_counter()
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn(*inputs[i % n])
-            e.record()
-            if first is None:
-                torch.cuda.synchronize(device)
-                first = s.elapsed_time(e)
-        else:
-            fn(*inputs[i % n])
-            if first is None:
-                first = (time.perf_counter() - t0) * 1e3
-    if cuda:
-        torch.cuda.synchronize(device)
-        events = []
-        for i in range(repeats):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn(*inputs[i % n])
-            e.record()
-            events.append((s, e))
-        torch.cuda.synchronize(device)
-        times = [s.elapsed_time(e) for s, e in events]
-    else:
-        times = []
-        for i in range(repeats):
-            t0 = time.perf_counter()
-            fn(*inputs[i % n])
-            times.append((time.perf_counter() - t0) * 1e3)
-    return Timing(statistics.median(times), min(times), max(times), float(first), len(times))
-
-
-class _Memory:
-    """Peak bytes allocated above the level at entry (CUDA only; zeros elsewhere)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak = 0
-
-    def __enter__(self) -> _Memory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
-
-
-# ---- rank inputs ---------------------------------------------------------------------------------
-
-
-@dataclass
-class RankInputs:
-    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (rows, local ids, weights), one per input set
-    hidden: list[torch.Tensor]  # the layer's (T, H) rows of each input set: what a ReaLB rank plans from
-    pairs: int
-    vision_pairs: int
-    expert_rows: torch.Tensor  # (local experts,) pairs per local expert (CPU)
-
-    def realb_calls(self) -> list[tuple[torch.Tensor, ...]]:
-        """The arguments of `realb_rank_call` for every input set."""
-        return [(h, *c) for h, c in zip(self.hidden, self.calls)]
-
-
-def rank_inputs(
-    workload: Workload, hidden_sets: Sequence[torch.Tensor], rank: int, ep_size: int, form: str
-) -> RankInputs:
-    """The experts call of `rank` for every hidden-state set (see the module docstring for the forms)."""
-    e_local = workload.num_experts // ep_size
-    lo = rank * e_local
-    index, weights, modality = workload.top_k_index, workload.top_k_weights, workload.modality
-    top_k = index.shape[1]
-    flat = index.reshape(-1)
-    on_rank = (flat >= lo) & (flat < lo + e_local)
-    vision_slots = (modality != 0).repeat_interleave(top_k)
-    pairs = int(on_rank.sum())
-    vision_pairs = int((on_rank & vision_slots).sum())
-    expert_rows = torch.bincount((flat[on_rank] - lo).cpu(), minlength=e_local)
-    dtype = hidden_sets[0].dtype
-    hidden = list(hidden_sets)
-    if ep_size == 1:
-        calls = [(h, index, weights.to(dtype)) for h in hidden_sets]
-        return RankInputs(calls, hidden, pairs, vision_pairs, expert_rows)
-    if form == "all_reduce":
-        local = torch.where(on_rank, flat - lo, torch.full_like(flat, e_local)).view_as(index)
-        masked = weights.to(dtype).masked_fill(~on_rank.view_as(index), 0.0)
-        calls = [(h, local, masked) for h in hidden_sets]
-        return RankInputs(calls, hidden, pairs, vision_pairs, expert_rows)
-    slots = on_rank.nonzero().squeeze(1)
-    local_ids = flat[slots] - lo
-    order = torch.sort(local_ids, stable=True).indices
-    slots, local_ids = slots[order], local_ids[order]
-    tokens = slots // top_k
-    ids = local_ids.unsqueeze(1)
-    ones = torch.ones(ids.shape, dtype=dtype, device=ids.device)
-    calls = [(h[tokens], ids, ones) for h in hidden_sets]
-    return RankInputs(calls, hidden, pairs, vision_pairs, expert_rows)
-
-
-def oracle_inputs(
-    workload: Workload, hidden_sets: Sequence[torch.Tensor], ep_size: int, form: str
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """One rank's call when the layer's pairs are spread perfectly evenly over ranks and experts."""
-    e_local = workload.num_experts // ep_size
-    tokens, top_k = workload.top_k_index.shape
-    total = tokens * top_k
-    device = workload.top_k_index.device
-    dtype = hidden_sets[0].dtype
-    if ep_size > 1 and form == "all_reduce":
-        slot = torch.arange(total, device=device)
-        local = slot % ep_size == 0
-        ids = uniform_pairs(int(local.sum()), e_local).to(device)
-        index = torch.full((total,), e_local, dtype=torch.int64, device=device)
-        index[local] = ids
-        weights = torch.where(local, 1.0 / top_k, 0.0).to(dtype).view(tokens, top_k)
-        return [(h, index.view(tokens, top_k), weights) for h in hidden_sets]
-    if ep_size == 1:
-        index = uniform_pairs(total, e_local).to(device)
-        perm = torch.randperm(total, generator=torch.Generator().manual_seed(0)).to(device)
-        index = index[perm].view(tokens, top_k)  # distinct ids per row are not needed for timing
-        weights = torch.full((tokens, top_k), 1.0 / top_k, dtype=dtype, device=device)
-        return [(h, index, weights) for h in hidden_sets]
-    pairs = -(-total // ep_size)
-    ids = uniform_pairs(pairs, e_local).to(device).unsqueeze(1)
-    rows = torch.arange(pairs, device=device) % tokens
-    ones = torch.ones(ids.shape, dtype=dtype, device=device)
-    return [(h[rows], ids, ones) for h in hidden_sets]
-
-
-# ---- decisions and the rank call ----------------------------------------------------------------
-
-
-def routing_stats(workload: Workload) -> RoutingStats:
-    """Pairs and vision pairs per global expert: what every rank's ReaLB policy sees."""
-    return count_routing(workload.top_k_index, workload.modality, workload.num_experts)
-
-
-RANK_CALL = (
-    "as the all-reduce EP runs a layer on each rank: RealbExperts.realb_plan from the layer's global routing "
-    "(config-only decisions without the routing; the dynamic policy on the device where the device executor runs, "
-    "else from counts read back once), then RealbExperts.realb_run of the planned executor on the rank's rows"
-)
-
-
-def realb_rank_call(module: RealbExperts, workload: Workload) -> Callable[..., torch.Tensor]:
-    """One EP rank's ReaLB layer call, `call(hidden, x, local_ids, weights)`: plan from the layer's `hidden` rows
-    and global routing (the same plan on every rank), then run this rank's experts on its rows `x`."""
-    index, modality = workload.top_k_index, (workload.modality, MODALITY_SOURCE)
-
-    def call(hidden: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        plan = module.realb_plan(hidden, index, modality)
-        return module.realb_run(plan, x, ids, weights)
-
-    return call
 
 
 # ---- the benchmark -------------------------------------------------------------------------------
@@ -739,7 +339,7 @@ def _add_ratios(results: dict[str, VariantResult | dict[str, Any]]) -> None:
 def _oracle(experts, wl, hidden_sets, v: Variant, ep: int, e_local: int, settings, device) -> VariantResult:
     module = rank_module(experts, 0, e_local, ep > 1)
     calls = oracle_inputs(wl, hidden_sets, ep, settings.ep_form)
-    with _Memory(device) as mem:
+    with PeakMemory(device) as mem:
         t = time_calls(module, calls, settings.warmup, settings.repeats, device)
     pairs = -(-wl.tokens * wl.top_k // ep)
     ranks = [
@@ -787,7 +387,7 @@ def _bench_rank(
             fn = call if mode == EAGER else compile_callable(call, mode, settings.compile.backend)
             if mode != EAGER:
                 compile_s = warm_up(partial(fn, *calls[0]))
-            with _Memory(device) as mem:
+            with PeakMemory(device) as mem:
                 t = time_calls(fn, calls, settings.warmup, settings.repeats, device)
             if mode != EAGER:
                 graph_breaks = dynamo_counts()["graph_breaks"]
@@ -820,24 +420,13 @@ def _bench_rank(
 
 
 __all__ = [
-    "ALIASES",
-    "DEFAULT_COMPILE_VARIANTS",
-    "DEFAULT_VARIANTS",
+    "DTYPES",
     "EP_FORMS",
     "LATENCY_MODEL",
-    "PRESETS",
-    "VARIANTS",
     "LayerBenchSettings",
-    "LayerPreset",
-    "Variant",
-    "build_experts",
-    "get_preset",
-    "oracle_inputs",
-    "rank_inputs",
-    "rank_module",
-    "realb_rank_call",
-    "routing_stats",
+    "RankResult",
+    "VariantResult",
+    "resolve_device",
     "row_key",
     "run_layer_bench",
-    "time_calls",
 ]

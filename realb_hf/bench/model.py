@@ -41,7 +41,9 @@ from .compiled import (
     reset,
     warm_up,
 )
-from .layer import DTYPES, VARIANTS, resolve_device, row_key, time_calls
+from .layer import DTYPES, resolve_device, row_key
+from .timing import time_calls
+from .variants import VARIANTS
 from .workload import rank_load
 
 MEASURES = (
