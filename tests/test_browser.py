@@ -73,11 +73,14 @@ def served(tmp_path_factory):
     pytest.importorskip("playwright.sync_api", reason="Playwright not installed (pip install playwright)")
     pytest.importorskip("gradio", reason="gradio not installed (pip install 'gradio>=6,<7')")
     from demo import app as demo_app
+    from demo import models as demo_models
+    from demo.request import run_request
+    from demo.settings import DemoSettings
     from demo.tasks import IMAGE_KINDS, TEXT_KINDS, heldout_set
 
-    trained = (demo_app.BUNDLED_MODEL_DIR / "config.json").is_file()
-    model = demo_app.BUNDLED_MODEL if trained else str(random_bundled_like(tmp_path_factory.mktemp("random_model")))
-    store = demo_app.ModelStore(device="cpu")
+    trained = (demo_models.BUNDLED_MODEL_DIR / "config.json").is_file()
+    model = demo_models.BUNDLED_MODEL if trained else str(random_bundled_like(tmp_path_factory.mktemp("random_model")))
+    store = demo_models.ModelStore(device="cpu")
     loaded = store.get(model)
 
     def pick(kinds):
@@ -85,7 +88,7 @@ def served(tmp_path_factory):
         default settings (48 copies, ReaLB on); for the trained model, one whose answer is right."""
         for ex in heldout_set(24, seed=0, kinds=kinds):
             images = [ex.image] if ex.image is not None else []
-            *_, result = demo_app.run_request(loaded, ex.question, images, demo_app.DemoSettings(), store.run_lock)
+            *_, result = run_request(loaded, ex.question, images, DemoSettings(), store.run_lock)
             if not trained or result.answer == ex.answer:
                 return ex, result.answer
         pytest.fail(f"the bundled model answered none of 24 held-out {kinds} questions right")
@@ -319,10 +322,11 @@ def test_a_new_tab_shows_the_model_loaded_since_the_server_started(served):
     from playwright.sync_api import expect, sync_playwright
 
     from demo import app as demo_app
+    from demo.models import ModelStore
 
     text_example, text_expected = served.text_case
     port = free_port()
-    lazy = demo_app.launch(port=port, model=served.model, block=False, quiet=True, store=demo_app.ModelStore("cpu"))
+    lazy = demo_app.launch(port=port, model=served.model, block=False, quiet=True, store=ModelStore("cpu"))
     outside: list[str] = []
     try:
         with sync_playwright() as pw:
@@ -346,7 +350,8 @@ def test_a_new_tab_shows_the_model_loaded_since_the_server_started(served):
 
 def test_server_binds_loopback_only_and_caps_uploads(served):
     from demo import app as demo_app
+    from demo import inputs as demo_inputs
 
     assert served.app.server_name == "127.0.0.1" and served.url.startswith("http://127.0.0.1:")
     assert demo_app.build_parser().parse_args([]).host == "127.0.0.1"
-    assert served.app.max_file_size == demo_app.MAX_UPLOAD_BYTES == 10 * 2**20
+    assert served.app.max_file_size == demo_inputs.MAX_UPLOAD_BYTES == 10 * 2**20

@@ -18,26 +18,23 @@ if str(ROOT) not in sys.path:
 
 import realb_hf  # noqa: E402
 from demo import app as demo_app  # noqa: E402
-from demo.app import (  # noqa: E402
-    DemoSettings,
-    InputRefused,
-    ModelAllowlist,
-    ModelLoadError,
-    ModelStore,
+from demo import inputs as demo_inputs  # noqa: E402
+from demo import models as demo_models  # noqa: E402
+from demo import request as demo_request  # noqa: E402
+from demo.inputs import InputRefused, UploadError, parse_message, replicate_batch, validate_upload  # noqa: E402
+from demo.models import ModelAllowlist, ModelLoadError, ModelStore, resolve_model  # noqa: E402
+from demo.panels import (  # noqa: E402
+    PRECISION_COLOURS,
     RequestResult,
-    UploadError,
     balance_html,
     balance_rows,
     heatmap_html,
     layer_label,
-    parse_message,
     precision_html,
     prefill_records,
     render_panels,
-    replicate_batch,
-    resolve_model,
-    validate_upload,
 )
+from demo.settings import DemoSettings  # noqa: E402
 from realb_hf.tiny import build_tiny_model, qwen3_vl_image_batch, tiny_qwen3_vl_moe_config  # noqa: E402
 
 
@@ -110,7 +107,7 @@ def test_panels_show_mixed_ranks_one_reason_spelling_and_one_balancedness_before
     prec = precision_html(mixed)
     assert 'data-precision="mixed"' in prec and 'data-legend="mixed"' in prec
     assert "some of the rank&#x27;s experts low" in prec
-    bg, _ = demo_app.PRECISION_COLOURS["mixed"]
+    bg, _ = PRECISION_COLOURS["mixed"]
     assert f"background:{bg}" in prec.split('data-precision="mixed"')[1].split("</td>")[0]
     for panel in (precision_html(small), balance_html(small)):
         assert REASON_SMALL_BATCH in panel and REASON_SMALL_BATCH.replace("_", " ") not in panel
@@ -172,9 +169,9 @@ def test_upload_rejects_oversize_files_and_images(tmp_path):
     path.write_bytes(png_bytes(size=(64, 64)))
     with pytest.raises(UploadError, match=r"limited to 0 MB|attachments are limited"):
         validate_upload(str(path), max_bytes=100)
-    assert demo_app.MAX_UPLOAD_BYTES == 10 * 2**20
+    assert demo_inputs.MAX_UPLOAD_BYTES == 10 * 2**20
     padded = tmp_path / "padded.png"
-    padded.write_bytes(png_bytes() + b"\0" * (demo_app.MAX_UPLOAD_BYTES + 1))
+    padded.write_bytes(png_bytes() + b"\0" * (demo_inputs.MAX_UPLOAD_BYTES + 1))
     with pytest.raises(UploadError, match="10 MB"):
         validate_upload(str(padded))
     with pytest.raises(UploadError, match="64x64 pixels"):
@@ -270,7 +267,7 @@ def test_runtime_changes_apply_through_reconfigure():
 
 
 def test_resolve_model(tmp_path):
-    assert resolve_model("") == resolve_model("demo/model") == str(demo_app.BUNDLED_MODEL_DIR)
+    assert resolve_model("") == resolve_model("demo/model") == str(demo_models.BUNDLED_MODEL_DIR)
     assert resolve_model("Qwen/Qwen3-VL-30B-A3B-Instruct") == "Qwen/Qwen3-VL-30B-A3B-Instruct"
     (tmp_path / "config.json").write_text("{}")
     assert resolve_model(str(tmp_path)) == str(tmp_path.resolve())
@@ -281,7 +278,7 @@ def test_resolve_model(tmp_path):
     with pytest.raises(ModelLoadError, match="neither a local model folder nor a Hub repo id"):
         resolve_model("a/b/c d")
     with pytest.raises(ModelLoadError, match="could not load"):
-        demo_app.load_model(str(tmp_path))  # an empty config.json is not a model
+        demo_models.load_model(str(tmp_path))  # an empty config.json is not a model
 
 
 def recording_loader(calls, failing=()):
@@ -291,7 +288,7 @@ def recording_loader(calls, failing=()):
         calls.append(source)
         if source in failing:
             raise ModelLoadError(f"could not load {source!r} with ReaLB: OSError at {source}", public="it did not load")
-        return demo_app.LoadedModel(source, object(), object(), 8, 2, True, device)
+        return demo_models.LoadedModel(source, object(), object(), 8, 2, True, device)
 
     return loader
 
@@ -310,7 +307,7 @@ def test_clients_get_only_the_bundled_model_by_default(tmp_path):
     """Without --allow-model no client spec reaches the disk or the Hub, and every refusal reads the same."""
     calls = []
     store = ModelStore(device="cpu", loader=recording_loader(calls))
-    assert store.get("").source == store.get("demo/model").source == str(demo_app.BUNDLED_MODEL_DIR)
+    assert store.get("").source == store.get("demo/model").source == str(demo_models.BUNDLED_MODEL_DIR)
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     (tmp_path / "plain").mkdir()
@@ -323,7 +320,7 @@ def test_clients_get_only_the_bundled_model_by_default(tmp_path):
         messages.append(str(err.value).replace(repr(spec), "SPEC"))
     assert len(set(messages)) == 1, messages  # a model folder, a plain folder, nothing, a Hub id: one message
     assert "--allow-model" in messages[0]
-    assert calls == [str(demo_app.BUNDLED_MODEL_DIR)]
+    assert calls == [str(demo_models.BUNDLED_MODEL_DIR)]
 
 
 def test_allowlist_admits_hub_ids_exactly_and_model_folders_inside_allowed_folders(tmp_path):
@@ -356,14 +353,14 @@ def test_a_failed_load_keeps_the_current_model_and_hides_the_reason_from_clients
     good = store.get("demo/model")
     with pytest.raises(ModelLoadError) as err:
         store.get("org/bad")
-    assert store.current is good and calls == [str(demo_app.BUNDLED_MODEL_DIR), "org/bad"]
+    assert store.current is good and calls == [str(demo_models.BUNDLED_MODEL_DIR), "org/bad"]
     assert err.value.public == "could not load 'org/bad': it did not load" and "OSError" in str(err.value)
     assert store.get("demo/model") is good and len(calls) == 2  # still loaded, not reloaded
 
     # The real loader: the operator's message names the folder, the client's does not.
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError) as err:
-        demo_app.load_model(str(tmp_path))
+        demo_models.load_model(str(tmp_path))
     assert str(tmp_path) in str(err.value) and str(tmp_path) not in err.value.public
     assert "server's log" in err.value.public
 
@@ -377,7 +374,7 @@ def test_demo_options_reach_launch_through_the_cli(capsys):
     shown = capsys.readouterr().out
     assert "--allow-model" in shown and "--max-prompt-tokens" in shown
     args = demo_app.build_parser().parse_args(["--allow-model", "org/a", "--allow-model", "./models"])
-    assert args.allow_model == ["org/a", "./models"] and args.max_prompt_tokens == demo_app.MAX_PROMPT_TOKENS
+    assert args.allow_model == ["org/a", "./models"] and args.max_prompt_tokens == demo_request.MAX_PROMPT_TOKENS
     assert demo_app.build_parser().parse_args([]).allow_model == []
     assert demo_app.main(["--max-prompt-tokens", "0"]) == 2
     assert "--max-prompt-tokens must be >= 1" in capsys.readouterr().err
@@ -386,18 +383,18 @@ def test_demo_options_reach_launch_through_the_cli(capsys):
 
 
 def test_long_questions_and_prompts_are_refused_with_the_limit(random_bundled_like):
-    with pytest.raises(InputRefused, match=f"at most {demo_app.MAX_QUESTION_CHARS}"):
+    with pytest.raises(InputRefused, match=f"at most {demo_inputs.MAX_QUESTION_CHARS}"):
         parse_message("1 + " * 2000)
-    loaded = demo_app.load_model(str(random_bundled_like), device="cpu")
+    loaded = demo_models.load_model(str(random_bundled_like), device="cpu")
     settings = DemoSettings(copies=2, max_new_tokens=8)
-    run = demo_app.run_request(loaded, "a " * 40, [], settings, max_prompt_tokens=20)
+    run = demo_request.run_request(loaded, "a " * 40, [], settings, max_prompt_tokens=20)
     server_cap = r"is 4\d tokens .* at most 20 per copy \(the server's --max-prompt-tokens\)"
     with pytest.raises(InputRefused, match=server_cap):
         next(run)
-    run = demo_app.run_request(loaded, "a " * 300, [], settings)  # the bundled model has 256 positions
+    run = demo_request.run_request(loaded, "a " * 300, [], settings)  # the bundled model has 256 positions
     with pytest.raises(InputRefused, match="at most 248 per copy .the model's context of 256 positions minus 8 new"):
         next(run)
-    *_, result = demo_app.run_request(loaded, "3 + 4 =", [], settings, max_prompt_tokens=20)
+    *_, result = demo_request.run_request(loaded, "3 + 4 =", [], settings, max_prompt_tokens=20)
     assert result.prompt_tokens <= 20
 
 
@@ -425,11 +422,11 @@ def random_bundled_like(tmp_path_factory):
 def test_run_request_streams_row_0_and_records_the_prefill(random_bundled_like):
     from demo.tasks import heldout_set
 
-    loaded = demo_app.load_model(str(random_bundled_like), device="cpu")
+    loaded = demo_models.load_model(str(random_bundled_like), device="cpu")
     assert loaded.num_experts == 8 and loaded.is_vlm
     ex = heldout_set(1)[0]
     settings = DemoSettings(batch_threshold=64, copies=4, max_new_tokens=3, ep_size=4)
-    items = list(demo_app.run_request(loaded, ex.question, [ex.image], settings, lock=threading.Lock()))
+    items = list(demo_request.run_request(loaded, ex.question, [ex.image], settings, lock=threading.Lock()))
     *partials, result = items
     assert isinstance(result, RequestResult) and all(isinstance(p, str) for p in partials)
     assert partials == [] or partials[-1].strip() == result.answer
@@ -452,7 +449,7 @@ def test_the_page_examples_and_question_forms_are_answered_right_by_the_bundled_
     default settings (48 copies, ReaLB on) and with one copy."""
     from demo.examples import QUESTION_FORMS, example_messages, examples
 
-    if not (demo_app.BUNDLED_MODEL_DIR / "config.json").is_file():
+    if not (demo_models.BUNDLED_MODEL_DIR / "config.json").is_file():
         pytest.skip("demo/model/ is not built (python -m demo.train)")
     loaded = ModelStore(device="cpu").get("demo/model")
     shown = example_messages(tmp_path)
@@ -466,9 +463,9 @@ def test_the_page_examples_and_question_forms_are_answered_right_by_the_bundled_
     cases += [(QUESTION_FORMS[kind][0], [], answer) for kind, answer in literal.items()]
     for text, images, answer in cases:
         for settings in (DemoSettings(), DemoSettings(copies=1)):
-            *_, result = demo_app.run_request(loaded, text, images, settings)
+            *_, result = demo_request.run_request(loaded, text, images, settings)
             assert result.answer == answer, (text, settings.copies, result.answer)
-    *_, result = demo_app.run_request(loaded, "What is 3 + 4?", [], DemoSettings())
+    *_, result = demo_request.run_request(loaded, "What is 3 + 4?", [], DemoSettings())
     assert result.answer != "7"  # what the docs say about other phrasings
     for doc in ("README.md", "docs/demo.md"):
         text = (ROOT / doc).read_text()
