@@ -87,7 +87,7 @@ def load(path: str, mode: str, realb: dict | None, batch_threshold: int = 2048):
 def time_prefill(model, batch, warmup: int, repeats: int, device: torch.device) -> dict:
     """Slowest rank's median ms of one prefill forward ("ms"), and back to back ("back_to_back_ms")."""
     from .ep_layer import Timer
-    from .model import prefill_forward
+    from .prefill_batch import prefill_forward
 
     with torch.no_grad():
         return Timer(device)(lambda: prefill_forward(model, batch), repeats, warmup)
@@ -96,7 +96,9 @@ def time_prefill(model, batch, warmup: int, repeats: int, device: torch.device) 
 def run(args) -> dict:
     from .. import get_runtime, get_telemetry
     from ..ep import init_distributed
-    from .model import VisionRouterBias, calibrate_bias, image_text_batch, measure_skew, model_config
+    from .model import model_config
+    from .prefill_batch import image_text_batch
+    from .router_bias import VisionRouterBias, calibrate_bias, measure_skew
 
     rank, world, device = init_distributed(timeout_s=1800)
     workdir = args.workdir or os.path.join(tempfile.gettempdir(), "realb_ep_prefill")

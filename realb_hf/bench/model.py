@@ -10,9 +10,9 @@ here is only the lowered work running faster, minus its bookkeeping. The EP late
 the layer benchmark (max over ranks) or under real EP (`realb_hf.bench.ep_prefill` under torchrun).
 
 Vision-skewed routing, two ways:
-1. `VisionRouterBias` (BENCHMARK-ONLY, changes the model's routing): a forward hook on every router adds
-   `bias` to the router logits of a hot expert subset for vision rows, then redoes the router's own
-   softmax -> top-k -> renormalisation. Random-weight routers route almost uniformly; this makes vision
+1. `VisionRouterBias` (`realb_hf.bench.router_bias`; BENCHMARK-ONLY, changes the model's routing): a forward
+   hook on every router adds `bias` to the router logits of a hot expert subset for vision rows, then redoes the
+   router's own softmax -> top-k -> renormalisation. Random-weight routers route almost uniformly; this makes vision
    tokens crowd onto the hot experts' EP rank as the paper observes in trained models. The bias is
    calibrated so that the mean over layers of the max/mean rank load at EP=`ep` hits `--skew`.
 2. Replaying a recorded trace (`--trace`, see `realb_hf.bench.trace`): the recorded routing of a real model
@@ -22,7 +22,6 @@ Vision-skewed routing, two ways:
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,9 +41,10 @@ from .compiled import (
     warm_up,
 )
 from .layer import DTYPES, resolve_device, row_key
+from .prefill_batch import PrefillBatch, image_text_batch, prefill_forward, trace_batch
+from .router_bias import VisionRouterBias, calibrate_bias, measure_skew
 from .timing import time_calls
 from .variants import VARIANTS
-from .workload import rank_load
 
 MEASURES = (
     "Wall time of one prefill forward of the whole model (vision tower, attention, routers, experts; "
@@ -144,199 +144,6 @@ def build_model(config, device: torch.device, dtype: torch.dtype = torch.bfloat1
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     return model.eval()
-
-
-# ---- batches -------------------------------------------------------------------------------------
-
-
-@dataclass
-class PrefillBatch:
-    kwargs: dict[str, Any]
-    codes: torch.Tensor  # (batch * seq,) int8 modality of every row the MoE layers see
-    requests: int
-    request_tokens: int
-    image_tokens_per_request: int
-
-    @property
-    def tokens(self) -> int:
-        return self.requests * self.request_tokens
-
-    @property
-    def vision_share(self) -> float:
-        return float((self.codes != 0).float().mean())
-
-
-def image_text_batch(
-    config,
-    requests: int,
-    request_tokens: int,
-    vision_share: float,
-    device: torch.device,
-    dtype: torch.dtype,
-    seed: int = 0,
-) -> PrefillBatch:
-    """`requests` rows of `request_tokens`: <vision_start> image <vision_end> text; one square image per row
-    with as close to `vision_share * request_tokens` image tokens as a square grid allows."""
-    vision = config.vision_config
-    merge = vision.spatial_merge_size
-    side = max(1, round(math.sqrt(request_tokens * vision_share)))
-    while side > 1 and side * side > request_tokens - 3:
-        side -= 1
-    image_tokens = side * side
-    text_tokens = request_tokens - image_tokens - 2
-    if text_tokens < 1:
-        raise ValueError(f"request_tokens={request_tokens} is too small for an image and text")
-    h = w = side * merge
-    gen = torch.Generator().manual_seed(seed)
-    vocab = config.text_config.vocab_size
-    rows, types = [], []
-    for _ in range(requests):
-        text = torch.randint(10, min(vocab, 150000), (text_tokens,), generator=gen).tolist()
-        rows.append(
-            [config.vision_start_token_id]
-            + [config.image_token_id] * image_tokens
-            + [config.vision_end_token_id]
-            + text
-        )
-        types.append([0] + [1] * image_tokens + [0] * (text_tokens + 1))
-    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-    input_ids = torch.tensor(rows, device=device)
-    mm = torch.tensor(types, dtype=torch.int32, device=device)
-    kwargs = dict(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        pixel_values=torch.randn(requests * h * w, patch_dim, generator=gen).to(device, dtype),
-        image_grid_thw=torch.tensor([[1, h, w]] * requests, device=device),
-        mm_token_type_ids=mm,
-    )
-    return PrefillBatch(kwargs, mm.reshape(-1).to(torch.int8), requests, request_tokens, image_tokens)
-
-
-def trace_batch(config, trace, device: torch.device, seed: int = 0) -> PrefillBatch:
-    """Text tokens of the trace's recorded (batch, seq) with its recorded modality as mm_token_type_ids."""
-    first = trace.forwards[0]
-    shape = first.input_shape
-    routing = first.routing[trace.layers[0]]
-    rows = routing.top_k_index.shape[0]
-    if shape is None or shape[0] * shape[1] != rows:
-        shape = [1, rows]
-    codes = routing.modality if routing.modality is not None else torch.zeros(rows, dtype=torch.int8)
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(10, min(config.text_config.vocab_size, 150000), tuple(shape), generator=gen).to(device)
-    mm = codes.to(torch.int32).view(*shape).to(device)
-    kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=mm)
-    return PrefillBatch(kwargs, codes.to(device), shape[0], shape[1], 0)
-
-
-# ---- benchmark-only routing skew -----------------------------------------------------------------
-
-
-class VisionRouterBias:
-    """BENCHMARK-ONLY: makes vision tokens crowd onto a hot expert subset by biasing the routers' logits.
-
-    NEVER use this for anything but timing: it changes which experts every vision token runs, so model outputs
-    are meaningless while attached. A forward hook on each Qwen3-VL-MoE router adds `bias` to the logits of
-    `hot_experts` for the rows whose modality code is vision, then recomputes exactly what
-    `Qwen3VLMoeTextTopKRouter.forward` returns (softmax in fp32, top-k, renormalise, cast to the logits' dtype).
-    With `record=True` it also keeps every router call's top-k ids (for calibration and reporting).
-    """
-
-    ROUTER_CLASSES = ("Qwen3VLMoeTextTopKRouter",)
-
-    def __init__(self, model: torch.nn.Module, hot_experts: list[int], bias: float = 0.0):
-        self.routers = [m for m in model.modules() if type(m).__name__ in self.ROUTER_CLASSES]
-        if not self.routers:
-            raise ValueError(
-                f"VisionRouterBias supports {self.ROUTER_CLASSES} routers only; use --trace to replay recorded routing"
-            )
-        self.num_experts = self.routers[0].num_experts
-        self.hot = torch.zeros(self.num_experts, dtype=torch.bool)
-        self.hot[hot_experts] = True
-        self.hot_experts = list(hot_experts)
-        self.bias = bias
-        self.codes: torch.Tensor | None = None
-        self.record = False
-        self.recorded: list[torch.Tensor] = []
-        self._handles = [r.register_forward_hook(self._hook) for r in self.routers]
-
-    def _hook(self, module, args, output):
-        logits, scores, index = output
-        vision = None if self.codes is None or self.codes.numel() != logits.shape[0] else self.codes != 0
-        if vision is not None and self.bias != 0.0:
-            if self.hot.device != logits.device:
-                self.hot = self.hot.to(logits.device)
-            hot = self.hot
-            logits = logits + (vision[:, None] & hot[None, :]).to(logits.dtype) * self.bias
-            probs = torch.nn.functional.softmax(logits, dtype=torch.float, dim=-1)
-            top_v, index = torch.topk(probs, module.top_k, dim=-1)
-            top_v = top_v / top_v.sum(dim=-1, keepdim=True)
-            scores = top_v.to(logits.dtype)
-        if self.record:
-            self.recorded.append(index.detach())
-        return logits, scores, index
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def layer_skew(self, ep_size: int) -> list[float]:
-        """max/mean rank load at `ep_size` of every recorded router call."""
-        return [rank_load(idx, self.num_experts, ep_size).max_over_mean for idx in self.recorded]
-
-
-def prefill_forward(model, batch: PrefillBatch):
-    """One prefill forward as the benchmarks time it: no KV cache, logits of the last position only."""
-    return model(**batch.kwargs, use_cache=False, logits_to_keep=1)
-
-
-def measure_skew(model, batch: PrefillBatch, biaser: VisionRouterBias, bias: float, ep_size: int) -> list[float]:
-    biaser.bias = bias
-    biaser.record, biaser.recorded = True, []
-    with torch.no_grad():
-        prefill_forward(model, batch)
-    biaser.record = False
-    skew = biaser.layer_skew(ep_size)
-    biaser.recorded = []
-    return skew
-
-
-def calibrate_bias(
-    model, batch: PrefillBatch, biaser: VisionRouterBias, target: float, ep_size: int, iters: int = 8
-) -> tuple[float, float]:
-    """Bias whose mean-over-layers max/mean rank load at `ep_size` is closest to `target`.
-
-    Doubles the bias from 0.25 until the target is passed (at most 64), then bisects `iters` times: about
-    `iters + 10` forwards in all.
-    """
-
-    def mean_skew(b: float) -> float:
-        s = measure_skew(model, batch, biaser, b, ep_size)
-        return sum(s) / len(s)
-
-    best = (0.0, mean_skew(0.0))
-    if best[1] >= target:
-        return best
-    lo, hi = 0.0, 0.25
-    while True:
-        value = mean_skew(hi)
-        if abs(value - target) < abs(best[1] - target):
-            best = (hi, value)
-        if value >= target or hi >= 64.0:
-            break
-        lo, hi = hi, hi * 2
-    if value < target:
-        return best  # unreachable: the largest bias tried
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        value = mean_skew(mid)
-        if abs(value - target) < abs(best[1] - target):
-            best = (mid, value)
-        if value < target:
-            lo = mid
-        else:
-            hi = mid
-    return best
 
 
 # ---- the benchmark -------------------------------------------------------------------------------
@@ -596,13 +403,7 @@ __all__ = [
     "MODEL_VARIANTS",
     "QWEN3_VL_30B_A3B",
     "ModelBenchSettings",
-    "PrefillBatch",
-    "VisionRouterBias",
     "build_model",
-    "calibrate_bias",
-    "image_text_batch",
     "model_config",
-    "prefill_forward",
     "run_model_bench",
-    "trace_batch",
 ]
