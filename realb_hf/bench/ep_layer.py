@@ -8,7 +8,9 @@ One MoE layer at Qwen3-VL-30B-A3B text dims (hidden 2048, moe_intermediate 768, 
 fp8, in each token movement: transformers' stock layer, ReaLB with policy off, ReaLB fp8 with the weight
 conversion on a side stream, the same converting inline, without fp8 dispatch, and with persistent fp8 copies (no
 conversion); plus the conversion alone and a bf16 all-to-all of the dispatch's size; the dynamic policy (decided
-from the routing, on the device where the device executor runs); and the oracle bound (stock on routing with the
+from the routing, on the device where the device executor runs), with persistent copies, converting on the fly,
+and converting on the fly with the conversion counted by its cost model (`RealbConfig.conversion_cost`); and the
+oracle bound (stock on routing with the
 same pairs spread evenly over the ranks). CUDA events; the slowest rank's median of isolated calls, and the time
 per call of calls queued back to back (how a layer runs inside a model). `--profile N` also profiles N calls of
 every variant on every rank (`realb_hf.bench.profiling`: GPU compute / communication / idle time, top kernels and
@@ -39,9 +41,11 @@ import torch.distributed as dist
 from .. import RealbConfig, get_runtime, get_telemetry
 from ..ep import configure_ep, gather_report, init_distributed, save_for_expert_parallel
 from ..experts import Prefetch
+from ..policy import DEFAULT_CONVERSION_COST
 from .profiling import profile_calls
 
 MODES = ("all_reduce", "all_to_all")
+CONVERSION_COUNTED = f"ReaLB policy realb, on_the_fly, conversion counted ({DEFAULT_CONVERSION_COST:g})"
 
 
 def log(msg: str) -> None:
@@ -253,6 +257,9 @@ def run_timing(args, device: torch.device) -> dict:
         dynamic = dict(policy="realb", granularity="rank", batch_threshold=2048, rank_precisions=None)
         settings.append(("ReaLB policy realb, persistent copies", dynamic, dict(side_stream=True)))
         settings.append(("ReaLB policy realb, on_the_fly", dict(weight_cache="on_the_fly"), dict(side_stream=True)))
+        # the cost model counting each lowered expert's conversion: a rank whose conversion outweighs its saving
+        # stays bf16, so this row should never be slower than "nothing lowered"
+        settings.append((CONVERSION_COUNTED, dict(conversion_cost=DEFAULT_CONVERSION_COST), dict(side_stream=True)))
         results = {}
         for name, _, fn in variants:
             results[name] = timer(fn, args.iters, args.warmup)
@@ -305,19 +312,21 @@ def run_timing(args, device: torch.device) -> dict:
 def print_timing(timing: dict) -> None:
     if timing.get("device") != "cuda":
         log("(CPU: there is no side stream, both fp8 rows convert inline, and the timings are noise: a smoke test)")
+    width = max(len(row["variant"]) for row in timing["rows"])
     log(
-        f"\n{'mode':<11} {'variant':<48} {'slowest rank ms':>15} {'back to back':>12} {'rank0 ms':>9}  precision per rank"
+        f"\n{'mode':<11} {'variant':<{width}} {'slowest rank ms':>15} {'back to back':>12} {'rank0 ms':>9}  "
+        "precision per rank"
     )
     for row in timing["rows"]:
         precision = row.get("precision_per_rank", "")
         log(
-            f"{row['mode']:<11} {row['variant']:<48} {row['ms']:>15.3f} {row['back_to_back_ms']:>12.3f} "
+            f"{row['mode']:<11} {row['variant']:<{width}} {row['ms']:>15.3f} {row['back_to_back_ms']:>12.3f} "
             f"{row['rank_ms']:>9.3f}  {precision}"
         )
     profiled = [row for row in timing["rows"] if row.get("profile_per_rank")]
     if profiled:
         log(
-            f"\nprofile (ms per call): {'mode':<11} {'variant':<48} rank {'wall':>7} {'compute':>8} {'comm':>7} {'idle':>7}  host sections"
+            f"\nprofile (ms per call): {'mode':<11} {'variant':<{width}} rank {'wall':>7} {'compute':>8} {'comm':>7} {'idle':>7}  host sections"
         )
         for row in profiled:
             for rank, p in enumerate(row["profile_per_rank"]):
@@ -327,7 +336,7 @@ def print_timing(timing: dict) -> None:
                 ]
                 sections = " ".join(f"{k.removeprefix('realb::')}={v:.3f}" for k, v in p["sections_host_ms"].items())
                 log(
-                    f"{'':<23}{row['mode']:<11} {row['variant']:<48} {rank:>4} {p['wall_ms']:>7.3f} "
+                    f"{'':<23}{row['mode']:<11} {row['variant']:<{width}} {rank:>4} {p['wall_ms']:>7.3f} "
                     f"{gpu[0]:>8} {gpu[1]:>7} {gpu[2]:>7}  {sections}"
                 )
     for mode in MODES:
