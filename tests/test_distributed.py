@@ -33,6 +33,7 @@ EP_PREFILL_VARIANTS = (
     "realb policy off",
     "realb nothing lowered (bf16 pipeline)",
     "realb rank, on_the_fly",
+    "realb rank, on_the_fly, conversion counted",
     "realb rank, persistent",
     "fp8 everywhere (all_low, persistent)",
 )
@@ -130,13 +131,19 @@ def test_end_to_end_prefill_benchmark_runs_under_real_ep(tmp_path):
     assert nothing["layers_lowered_per_forward"] == 0 and nothing["lowered_token_fraction"] == 0.0
     persistent = report["variants"]["realb rank, persistent"]
     assert persistent["speedup_vs_nothing_lowered"] == pytest.approx(nothing["ms"] / persistent["ms"])
-    # a fixed bias (no calibration) still reports the skew it gives; the variants run in the order asked
-    args += ["--router-bias", "0.5", "--variants", "realb rank, persistent", "realb policy off"]
+    # with the conversion counted, a tiny layer's few pairs never pay for converting a rank's experts
+    assert report["variants"]["realb rank, on_the_fly"]["layers_lowered_per_forward"] > 0
+    assert report["variants"]["realb rank, on_the_fly, conversion counted"]["layers_lowered_per_forward"] == 0
+    # a fixed bias (no calibration) still reports the skew it gives; the variants run in the order asked, and the
+    # conversion cost one sets does not leak into the next
+    order = ["realb rank, on_the_fly, conversion counted", "realb rank, on_the_fly", "realb policy off"]
+    args += ["--router-bias", "0.5", "--variants", *order]
     proc = torchrun(2, "realb_hf.bench.ep_prefill", *args, timeout=240)
     assert proc.returncode == 0, _tail(proc)
     report = json.loads(out.read_text())
     assert report["router_bias"] == 0.5 and report["mean_max_over_mean"] >= 1.0
-    assert list(report["variants"]) == ["stock bf16 EP", "realb rank, persistent", "realb policy off"]
+    assert list(report["variants"]) == ["stock bf16 EP", *order]
+    assert report["variants"]["realb rank, on_the_fly"]["layers_lowered_per_forward"] > 0
     assert all(v["back_to_back_ms"] > 0 for v in report["variants"].values())
 
 

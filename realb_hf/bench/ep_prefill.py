@@ -14,7 +14,8 @@ the mean over layers of the max/mean EP rank load reaches `--skew`), applied ide
 Timed: one prefill forward (`use_cache=False`, logits of the last position), CUDA events, median of `--repeats`,
 the slowest rank; prefill tokens/s = batch tokens / that time. Variants, same run, same batch: stock transformers
 bf16 EP; ReaLB policy off; ReaLB's bf16 pipeline lowering nothing (the reference of the precision lever's own
-gain); ReaLB (rank granularity) with on_the_fly and persistent weights; fp8 everywhere
+gain); ReaLB (rank granularity) with on_the_fly weights (with and without the conversion counted by the cost
+model) and persistent weights; fp8 everywhere
 (ReaLB all_low, persistent). Rank 0 prints a table and writes JSON.
 """
 
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..policy import DEFAULT_CONVERSION_COST
 from .compiled import NOTHING_LOWERED, ratio
 
 NOTHING_LOWERED_VARIANT = "realb nothing lowered (bf16 pipeline)"
@@ -42,6 +44,10 @@ REALB_VARIANTS = {
     "realb policy off": dict(policy="off"),
     NOTHING_LOWERED_VARIANT: dict(NOTHING_LOWERED, weight_cache="on_the_fly"),
     "realb rank, on_the_fly": dict(policy="realb", weight_cache="on_the_fly"),
+    # the cost model counting each lowered expert's conversion (RealbConfig.conversion_cost)
+    "realb rank, on_the_fly, conversion counted": dict(
+        policy="realb", weight_cache="on_the_fly", conversion_cost=DEFAULT_CONVERSION_COST
+    ),
     "realb rank, persistent": dict(policy="realb", weight_cache="persistent"),
     "fp8 everywhere (all_low, persistent)": dict(policy="all_low", weight_cache="persistent"),
 }
@@ -149,9 +155,10 @@ def run(args) -> dict:
     biaser = VisionRouterBias(realb, hot, bias)
     biaser.codes = batch.codes
     runtime = get_runtime(realb)
-    imbalance = runtime.config.imbalance_threshold  # the nothing-lowered variant changes it; the others use this
+    # what a variant does not set is the model's own (the nothing-lowered variant changes the imbalance threshold)
+    base = {k: getattr(runtime.config, k) for k in ("imbalance_threshold", "conversion_cost")}
     for name in args.variants:
-        runtime.reconfigure(**{"imbalance_threshold": imbalance, **REALB_VARIANTS[name]})
+        runtime.reconfigure(**{**base, **REALB_VARIANTS[name]})
         for module in realb.modules():
             if hasattr(module, "realb_free_cache"):
                 module.realb_free_cache()
