@@ -10,11 +10,10 @@ conversion on a side stream, the same converting inline, without fp8 dispatch, a
 conversion); plus the conversion alone and a bf16 all-to-all of the dispatch's size; the dynamic policy (decided
 from the routing, on the device where the device executor runs), with persistent copies, converting on the fly,
 and converting on the fly with the conversion counted by its cost model (`RealbConfig.conversion_cost`); and the
-oracle bound (stock on routing with the
-same pairs spread evenly over the ranks). CUDA events; the slowest rank's median of isolated calls, and the time
-per call of calls queued back to back (how a layer runs inside a model). `--profile N` also profiles N calls of
-every variant on every rank (`realb_hf.bench.profiling`: GPU compute / communication / idle time, top kernels and
-host ops, the host time of ReaLB's labelled stages).
+oracle bound (stock on routing with the same pairs spread evenly over the ranks). CUDA events; the slowest rank's
+median of isolated calls, and the time per call of calls queued back to back (how a layer runs inside a model).
+`--profile N` also profiles N calls of every variant on every rank (`realb_hf.bench.profiling`: GPU compute /
+communication / idle time, top kernels and host ops, the host time of ReaLB's labelled stages).
 
 Rank 0 prints a table and writes everything (with the gathered ReaLB report of every rank) as JSON to --out. On
 CPU only `--tiny` runs (a smoke test: no side stream, and the timings are noise). The equality of real EP with one
