@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import re
 
 import pytest
 import torch
@@ -293,6 +294,52 @@ def test_cli_model_tiny(tmp_path):
     lever = variants["realb_rank_otf"]["speedup_vs_nothing_lowered"]
     assert lever == pytest.approx(variants["realb_nothing_lowered"]["ms"] / variants["realb_rank_otf"]["ms"])
     assert "| compiled | realb_rank_otf [compiled] |" in (tmp_path / "model-tiny.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--layers", "0"], "layers must be >= 1, got 0"),
+        (["--requests", "0"], "requests must be >= 1, got 0"),
+        (["--repeats", "0"], "repeats must be >= 1, got 0"),
+        (["--warmup", "-1"], "warmup must be >= 0, got -1"),
+        (["--vision-share", "2"], r"vision_share must lie in \[0, 1\], got 2.0"),
+        (["--skew", "0.5"], "max/mean rank load is >= 1 by definition, got skew 0.5"),
+        (["--ep", "1"], "needs ep >= 2 .* give ep >= 2 or a fixed router bias"),
+        (["--hot-experts", "0"], "hot_experts must be >= 1, got 0"),
+        (["--hot-offset", "-3"], "hot_offset must be >= 0, got -3"),
+        (["--hot-offset", "15", "--hot-experts", "4"], r"ids of the model's 16 experts, in \[0, 16\): \[16, 17, 18\] are not"),
+    ],
+)
+def test_model_cli_names_bad_inputs(tmp_path, capsys, flags, message):
+    """Refused before anything is timed (a 0-layer model used to hang, a negative offset to wrap silently)."""
+    from realb_hf.bench.__main__ import main
+
+    argv = ["model", "--preset", "tiny", "--layers", "1", "--requests", "1", "--request-tokens", "64", "--device", "cpu"]
+    assert main([*argv, "--no-progress", "--out", str(tmp_path), *flags]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "module, flags, message",
+    [
+        ("hot_rank", ["--tokens", "0", "8"], r"--tokens must all be at least 1, got \[0, 8\]"),
+        ("hot_rank", ["--repeats", "0"], "--repeats must be at least 1, got 0"),
+        ("generation", ["--ep", "3"], "--ep 3 must divide the model's 128 experts per layer"),
+        ("generation", ["--layers", "0"], "--layers must be at least 1, got 0"),
+        ("generation", ["--new-tokens", "1"], "--new-tokens must be at least 2"),
+        ("decode_overhead", ["--tokens", "0"], r"--tokens must all be at least 1, got \[0\]"),
+    ],
+)
+def test_bench_scripts_name_bad_flags(capsys, module, flags, message):
+    """Each benchmark script refuses a bad flag before building anything, naming it and what is allowed."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"realb_hf.bench.{module}").main(flags)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
 def _compiled_pairs(rows: dict, eager_stock: str, compiled_stock: str) -> None:

@@ -319,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.new_tokens < 2:
         parser.error(f"--new-tokens must be at least 2 (a decode step after the first token), got {args.new_tokens}")
+    experts = model_config(args.preset, args.layers).text_config.num_experts
+    if experts % args.ep:
+        parser.error(f"--ep {args.ep} must divide the model's {experts} experts per layer")
     variants = list(dict.fromkeys(["stock", *args.variants]))  # every ratio is against stock
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = run(

@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if min(args.tokens) < 1:
+        parser.error(f"--tokens must all be at least 1, got {args.tokens}")
     try:
         compile_settings = settings_from_args(args)
     except ValueError as err:

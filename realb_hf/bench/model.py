@@ -181,6 +181,21 @@ class ModelBenchSettings:
         unknown = [v for v in self.variants if v not in MODEL_VARIANTS]
         if unknown:
             raise ValueError(f"unknown model variant(s) {unknown}; choose from {list(MODEL_VARIANTS)}")
+        at_least = {"requests": 1, "request_tokens": 1, "ep": 1, "repeats": 1, "warmup": 0, "hot_offset": 0}
+        at_least |= {k: 1 for k in ("layers", "hot_experts") if getattr(self, k) is not None}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if not 0.0 <= self.vision_share <= 1.0:
+            raise ValueError(f"vision_share must lie in [0, 1], got {self.vision_share}")
+        if self.skew is not None and self.router_bias is None and self.trace is None:
+            if self.skew < 1.0:
+                raise ValueError(f"max/mean rank load is >= 1 by definition, got skew {self.skew}")
+            if self.ep < 2:
+                raise ValueError(
+                    "the router bias is calibrated to a max/mean rank load, which needs ep >= 2 (with one rank it is "
+                    "always 1); give ep >= 2 or a fixed router bias"
+                )
         if "stock_bf16" not in self.variants:
             self.variants = ("stock_bf16", *self.variants)
         order = {name: i for i, name in enumerate(MODEL_VARIANTS)}

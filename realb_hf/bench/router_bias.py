@@ -29,6 +29,12 @@ class VisionRouterBias:
                 f"VisionRouterBias supports {self.ROUTER_CLASSES} routers only; use --trace to replay recorded routing"
             )
         self.num_experts = self.routers[0].num_experts
+        outside = [e for e in hot_experts if not 0 <= e < self.num_experts]
+        if outside or not hot_experts:
+            raise ValueError(
+                f"hot experts must be ids of the model's {self.num_experts} experts, in [0, {self.num_experts}): "
+                + (f"{outside} are not" if outside else "none was given")
+            )
         self.hot = torch.zeros(self.num_experts, dtype=torch.bool)
         self.hot[hot_experts] = True
         self.hot_experts = list(hot_experts)
