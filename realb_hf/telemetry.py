@@ -294,11 +294,19 @@ class Telemetry:
                     decision = decide(stats, params)
                 self._append(make_record(forward, layer, stats, decision, params, source))
 
+    def _window(self) -> int | None:
+        """`max_records`, checked where it is used (it is a field anyone may set)."""
+        n = self.max_records
+        if n is not None and (type(n) is not int or n < 0):
+            raise ValueError(f"Telemetry.max_records must be None (keep every record) or a whole number >= 0, got {n!r}")
+        return n
+
     def _trim(self) -> None:
         """Drop the oldest records and shipped calls beyond `max_records` (before building their records)."""
-        if self.max_records is None:
+        window = self._window()
+        if window is None:
             return
-        excess = len(self._records) + sum(len(b.entries) for b in self._shipped) - self.max_records
+        excess = len(self._records) + sum(len(b.entries) for b in self._shipped) - window
         if excess <= 0:
             return
         drop = min(excess, len(self._records))
@@ -319,7 +327,7 @@ class Telemetry:
         ring = self._records
         if ring.maxlen != self.max_records:  # made before max_records was set: keep the newest that fit
             before = len(ring)
-            ring = self._records = deque(ring, maxlen=self.max_records)
+            ring = self._records = deque(ring, maxlen=self._window())
             self.dropped += before - len(ring)
         if ring.maxlen is not None and len(ring) == ring.maxlen:
             self.dropped += 1  # the append below pushes the oldest record out

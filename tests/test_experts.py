@@ -365,6 +365,27 @@ def test_telemetry_window_keeps_the_newest_records_and_counts_the_dropped():
     assert len(telemetry.records) == 10 and telemetry.dropped == 500 + 200_000 - 9
 
 
+@pytest.mark.parametrize("bad", [-1, 2.5, "10", True])
+def test_a_bad_telemetry_window_is_named_and_loses_nothing(bad):
+    """`max_records` is a plain field: a bad value is refused where the window is used (reading the records, or
+    the next add), naming the field and what it takes; the records stay, and a good value serves them again."""
+    from realb_hf.policy import PolicyParams, RoutingStats, decide
+    from realb_hf.telemetry import make_record
+
+    params = PolicyParams(policy="off")
+    stats = RoutingStats((1, 1), (0, 0), 1)
+    telemetry = model_telemetry(max_records=5)
+    for _ in range(3):
+        telemetry.add(make_record(0, "layer", stats, decide(stats, params), params, "none"))
+    telemetry.max_records = bad
+    with pytest.raises(ValueError, match=r"Telemetry.max_records must be None \(keep every record\) or a whole number >= 0"):
+        telemetry.add(make_record(0, "layer", stats, decide(stats, params), params, "none"))
+    telemetry.max_records = None
+    assert len(telemetry.records) == 3 and telemetry.dropped == 0
+    with pytest.raises(ValueError, match="max_records"):
+        model_telemetry(max_records=bad).add(make_record(0, "layer", stats, decide(stats, params), params, "none"))
+
+
 def test_summary_of_no_records_reports_no_speedup():
     summary = model_telemetry().summary()
     assert summary["records"] == 0
