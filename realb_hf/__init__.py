@@ -11,10 +11,11 @@ demote_harmless_import_warnings()  # before anything below imports torchao (thro
 from .apply import apply_realb, apply_realb_to_experts, get_runtime, get_telemetry
 from .config import RealbConfig
 from .experts import RealbExperts
+from .layer_record import LayerRecord
 from .policy import Decision, PolicyParams, RoutingStats, decide
 from .quantizer import SUPPORTED_FAMILIES, RealbHfQuantizer
 from .registration import register
-from .telemetry import LayerRecord, Telemetry
+from .telemetry import Telemetry
 
 __version__ = "0.1.0"
 

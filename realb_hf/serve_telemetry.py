@@ -25,7 +25,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .extras import require
-from .telemetry import LayerRecord, Telemetry
+from .layer_record import LayerRecord
+from .telemetry import Telemetry
 
 logger = logging.getLogger("realb_hf.serve")
 

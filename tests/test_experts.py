@@ -349,8 +349,8 @@ def test_telemetry_without_a_counting_function_refuses_deferred_routing():
 
 def test_telemetry_window_keeps_the_newest_records_and_counts_the_dropped():
     """A full window (a ring) drops its oldest record per add; shrinking `max_records` keeps the newest."""
+    from realb_hf.layer_record import make_record
     from realb_hf.policy import PolicyParams, RoutingStats, decide
-    from realb_hf.telemetry import make_record
 
     params = PolicyParams(policy="off")
     stats = RoutingStats((1, 1), (0, 0), 1)
@@ -369,8 +369,8 @@ def test_telemetry_window_keeps_the_newest_records_and_counts_the_dropped():
 def test_a_bad_telemetry_window_is_named_and_loses_nothing(bad):
     """`max_records` is a plain field: a bad value is refused where the window is used (reading the records, or
     the next add), naming the field and what it takes; the records stay, and a good value serves them again."""
+    from realb_hf.layer_record import make_record
     from realb_hf.policy import PolicyParams, RoutingStats, decide
-    from realb_hf.telemetry import make_record
 
     params = PolicyParams(policy="off")
     stats = RoutingStats((1, 1), (0, 0), 1)

@@ -30,7 +30,8 @@ import realb_hf.accuracy  # noqa: E402
 from integrations.lmms_eval import require_lmms_eval  # noqa: E402
 from integrations.lmms_eval._args import REALB_FIELDS, realb_config_from_args, split_realb_args  # noqa: E402
 from integrations.lmms_eval.report import Aggregate, EvalReport  # noqa: E402
-from realb_hf.telemetry import LayerRecord, Telemetry  # noqa: E402
+from realb_hf.layer_record import LayerRecord  # noqa: E402
+from realb_hf.telemetry import Telemetry  # noqa: E402
 
 try:
     import lmms_eval  # noqa: F401  (the package itself is light; the model and CLI import the rest)

@@ -42,9 +42,9 @@ import torch
 from ..config import RealbConfig
 from ..experts import RealbExperts
 from ..experts.weights import convert
+from ..layer_record import make_record
 from ..policy import Decision, PolicyParams, decide, expert_ranges
 from ..runtime import RealbRuntime
-from ..telemetry import make_record
 from .compiled import (
     EAGER,
     CompileSettings,
