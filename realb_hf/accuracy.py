@@ -384,10 +384,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batching: give at least one of " + ", ".join(BATCHINGS) + " (none only with --premise)")
     if args.bootstrap < 1:
         parser.error(f"--bootstrap must be >= 1 resample, got {args.bootstrap}")
+    for name, low in (("n", 1), ("batch_size", 1), ("batch_threshold", 0)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     try:
         ep_sizes = ep_sizes_of(args.ep_size)
     except ValueError as err:
         parser.error(f"--ep-size: {err}")
+    from transformers import AutoConfig
+
+    experts = model_facts(AutoConfig.from_pretrained(model_dir))["num_experts"]
+    if experts and [ep for ep in ep_sizes if experts % ep]:
+        parser.error(f"--ep-size {' '.join(map(str, ep_sizes))}: each must divide the model's {experts} experts")
     try:
         device = parse_device(args.device)
     except ValueError as err:
