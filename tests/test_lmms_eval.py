@@ -434,6 +434,12 @@ def test_task_data_from_another_task_module(tmp_path):
 
     with pytest.raises(ValueError, match="choices for the demo's kinds .* not 'hue'"):
         utils.doc_to_choice({"kind": "hue"})
+    # no question asked is refused, not written as an empty task (it used to report "wrote ... (-3 questions)")
+    with pytest.raises(ValueError, match="n must be >= 1 question, got 0"):
+        make_data.build(tmp_path / "empty", n=0)
+    with pytest.raises(SystemExit) as exit_info:
+        make_data.main(["--n", "-3", "--out", str(tmp_path / "empty")])
+    assert exit_info.value.code == 2 and not (tmp_path / "empty").exists()
 
 
 def _accuracy_row(name, realb, image, text):

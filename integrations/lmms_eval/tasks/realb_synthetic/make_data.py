@@ -41,6 +41,8 @@ def build(out: str | Path | None = None, n: int = 300, seed: int = 0, tasks: str
     """
     import datasets
 
+    if n < 1:
+        raise ValueError(f"n must be >= 1 question, got {n}")
     examples = _task_module(tasks).heldout_set(n, seed=seed)
     features = datasets.Features(
         {
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="held-out set (0)")
     parser.add_argument("--tasks", default=None, help="task module: a .py path or a module name such as demo.sensitive.tasks (default: demo/tasks.py)")
     args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error(f"--n must be >= 1 question, got {args.n}")
     folder = build(args.out, args.n, args.seed, args.tasks)
     print(f"wrote {folder / DATA_FILE} ({args.n} questions); use it with --include_path {folder}")
     return 0
