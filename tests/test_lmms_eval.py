@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -450,6 +451,26 @@ def _results_file(folder: Path, stamp: str, model_args: str, exact: float, batch
     summary = {"batch_size": batch_size, "overall": {"requests": 16, "prefill": {}, "seconds": 1.0}}
     results = {"results": {"realb_synthetic": {"exact_match,none": exact}}, "config": {"model_args": model_args}}
     (folder / f"{stamp}_results.json").write_text(json.dumps({**results, "realb": {"summary": summary}}))
+
+
+def test_compare_names_paths_that_hold_no_runs(tmp_path, capsys):
+    """A missing path, a folder without results and a file that is not a results JSON are refused by name (they
+    used to end in a traceback, or in an empty table for the folder)."""
+    from integrations.lmms_eval import compare
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.json").write_text("[1, 2]")
+    (tmp_path / "notes.txt").write_text("hello")
+    cases = {
+        tmp_path / "missing": "missing: no such file or folder",
+        tmp_path / "empty": r"empty: no lmms-eval results \(\*_results.json\) in this folder",
+        tmp_path / "notes.json": r"notes.json: not an lmms-eval results JSON \(no 'results' table\)",
+        tmp_path / "notes.txt": r"notes.txt: not an lmms-eval results JSON \(Expecting value",
+    }
+    for path, message in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            compare.main([str(path)])
+        assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err), path
 
 
 def test_compare_puts_the_accuracy_tools_rows_beside_the_runs(tmp_path, capsys):

@@ -99,12 +99,23 @@ def _scores(results: dict[str, Any]) -> dict[str, float]:
 
 
 def collect(paths: list[str | Path]) -> list[dict[str, Any]]:
+    """One row per results file; ValueError names a path that is missing, empty of runs, or not a results file."""
     files: list[Path] = []
     for p in map(Path, paths):
-        files += sorted(p.rglob("*_results.json")) if p.is_dir() else [p]
+        if not p.exists():
+            raise ValueError(f"{p}: no such file or folder")
+        found = sorted(p.rglob("*_results.json")) if p.is_dir() else [p]
+        if not found:
+            raise ValueError(f"{p}: no lmms-eval results (*_results.json) in this folder")
+        files += found
     rows = []
     for path in sorted(files, key=lambda f: f.name):
-        results = json.loads(path.read_text())
+        try:
+            results = json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"{path}: not an lmms-eval results JSON ({err})") from None
+        if not isinstance(results, dict) or "results" not in results:
+            raise ValueError(f"{path}: not an lmms-eval results JSON (no 'results' table)")
         config = results.get("config", {})
         summary = _summary(path, results)
         prefill = (summary or {}).get("overall", {}).get("prefill", {})
@@ -162,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         "--accuracy", metavar="REPORT.json", help="a `python -m realb_hf.accuracy` JSON: its matching rows beside"
     )
     args = parser.parse_args(argv)
-    rows = collect(args.paths)
+    try:
+        rows = collect(args.paths)
+    except ValueError as err:
+        parser.error(str(err))
     if args.accuracy:
         try:
             report = json.loads(Path(args.accuracy).read_text())
