@@ -391,11 +391,6 @@ def main(argv: list[str] | None = None) -> int:
         ep_sizes = ep_sizes_of(args.ep_size)
     except ValueError as err:
         parser.error(f"--ep-size: {err}")
-    from transformers import AutoConfig
-
-    experts = model_facts(AutoConfig.from_pretrained(model_dir))["num_experts"]
-    if experts and [ep for ep in ep_sizes if experts % ep]:
-        parser.error(f"--ep-size {' '.join(map(str, ep_sizes))}: each must divide the model's {experts} experts")
     try:
         device = parse_device(args.device)
     except ValueError as err:
@@ -404,6 +399,14 @@ def main(argv: list[str] | None = None) -> int:
         tasks = load_tasks(args.tasks)  # fail before loading the model
     except (ImportError, OSError) as err:
         parser.error(f"--tasks: {err}" if args.tasks else f"no task generator: {err}; pass --tasks PATH/TO/tasks.py")
+    from transformers import AutoConfig
+
+    try:
+        experts = model_facts(AutoConfig.from_pretrained(model_dir))["num_experts"]
+    except (OSError, ValueError, AttributeError) as err:
+        parser.error(f"--model {model_dir}: its config.json is not a model's ({str(err).splitlines()[0]})")
+    if experts and [ep for ep in ep_sizes if experts % ep]:
+        parser.error(f"--ep-size {' '.join(map(str, ep_sizes))}: each must divide the model's {experts} experts")
 
     report = run(
         model_dir,

@@ -60,3 +60,8 @@ def test_bad_arguments_are_named(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             accuracy.main(flags)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, flags
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        accuracy.main(["--model", str(tmp_path / "not_a_model")])
+    assert exit_info.value.code == 2 and "its config.json is not a model's" in capsys.readouterr().err
