@@ -51,12 +51,18 @@ def test_gpu_devices_and_what_runs_natively_there(fake_h200):
     assert "auto = fp8 on cuda" in default_configs(device="cuda")[2].name
 
 
-def test_cli_refuses_bad_devices_and_ep_sizes(no_gpu, capsys):
+def test_cli_refuses_bad_devices_sizes_and_counts(no_gpu, capsys):
     for argv, message in (
         (["--device", "tpu"], "--device 'tpu': choose one of cpu, cuda, cuda:N or auto"),
         (["--device", "cuda"], "--device 'cuda': no CUDA GPU is visible here"),
         (["--ep-size", "0"], "--ep-size: ep_size must be one or more positive integers"),
         (["--ep-size", "4", "4"], "--ep-size: ep_size [4, 4] repeats a size"),
+        # refused before the model loads (a batch size of 0 used to end in "range() arg 3 must not be zero", an EP
+        # size that does not divide the experts in a traceback after loading)
+        (["--ep-size", "2", "3"], "--ep-size 2 3: each must divide the model's 8 experts"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--n", "0"], "--n must be >= 1, got 0"),
+        (["--batch-threshold", "-1"], "--batch-threshold must be >= 0, got -1"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             accuracy.main(argv)

@@ -312,7 +312,7 @@ def test_cli_model_tiny(tmp_path):
     ],
 )
 def test_model_cli_names_bad_inputs(tmp_path, capsys, flags, message):
-    """Refused before anything is timed (a 0-layer model used to hang, a negative offset to wrap silently)."""
+    """Refused before anything is timed (a 0-layer model ran on past 120 s, a negative offset wrapped silently)."""
     from realb_hf.bench.__main__ import main
 
     argv = ["model", "--preset", "tiny", "--layers", "1", "--requests", "1", "--request-tokens", "64", "--device", "cpu"]

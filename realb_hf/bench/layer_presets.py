@@ -24,30 +24,23 @@ class LayerPreset:
 
     def config(self):
         if self.family == "qwen3_vl_moe":
-            from transformers import Qwen3VLMoeTextConfig
+            from transformers import Qwen3VLMoeTextConfig as config_class
 
-            config = Qwen3VLMoeTextConfig(
-                hidden_size=self.hidden,
-                moe_intermediate_size=self.intermediate,
-                num_experts=self.num_experts,
-                num_experts_per_tok=self.top_k,
-                hidden_act="silu",
-                experts_implementation="grouped_mm",  # transformers' default inside a model
-            )
+            experts_field = "num_experts"
         elif self.family == "deepseek_v2":
-            from transformers import DeepseekV2Config
+            from transformers import DeepseekV2Config as config_class
 
-            config = DeepseekV2Config(
-                hidden_size=self.hidden,
-                moe_intermediate_size=self.intermediate,
-                n_routed_experts=self.num_experts,
-                num_experts_per_tok=self.top_k,
-                hidden_act="silu",
-                experts_implementation="grouped_mm",
-            )
+            experts_field = "n_routed_experts"
         else:
             raise ValueError(f"unknown family {self.family!r}")
-        return config
+        return config_class(
+            hidden_size=self.hidden,
+            moe_intermediate_size=self.intermediate,
+            num_experts_per_tok=self.top_k,
+            hidden_act="silu",
+            experts_implementation="grouped_mm",  # transformers' default inside a model
+            **{experts_field: self.num_experts},
+        )
 
     def experts_class(self) -> type:
         if self.family == "qwen3_vl_moe":
