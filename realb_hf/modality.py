@@ -2,12 +2,13 @@
 
 MoE blocks flatten (batch, seq, hidden) to (batch * seq, hidden), so a mask flattened the same way lines up
 with the rows the experts see. Decoder layers of most VLMs pass nothing modality-related down to the MoE
-block, hence a forward pre-hook on the model reads `mm_token_type_ids` (else DeepSeek-VL2's `images_seq_mask`,
+block, hence the model's forward, wrapped (`TrackedForward`), reads `mm_token_type_ids` (else DeepSeek-VL2's `images_seq_mask`,
 else compares `input_ids` with the image/video placeholder ids) and every experts module reads the result.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 
@@ -83,7 +84,7 @@ class ModalityTracker:
 
     image_token_id: int | None = None
     video_token_id: int | None = None
-    _hooks: list = field(default_factory=list, repr=False)
+    _wrapped: list = field(default_factory=list, repr=False, compare=False)  # (model, its forward wrapper) while attached
 
     def _state(self) -> tuple[torch.Tensor | None, str]:
         return _THREAD.state.get(id(self), _UNKNOWN)
@@ -151,31 +152,47 @@ class ModalityTracker:
         """Capture at every forward of `model` (generate's decode steps included) and clear afterwards, also when
         the forward raises; `on_forward` / `on_end` run at the same points."""
         self.detach()
-        hooks = ForwardHooks(self, on_forward, on_end)
-        self._hooks = [
-            model.register_forward_pre_hook(hooks.pre, with_kwargs=True),
-            model.register_forward_hook(hooks.post, with_kwargs=True, always_call=True),
-        ]
+        original = model.forward
+        # a partial over a method of the tracking object, as accelerate wraps forwards: torch.export reads the code
+        # of `model.forward` (a partial's `func`), and generate its signature (`__wrapped__`)
+        tracked = TrackedForward(self, original, on_forward, on_end)
+        wrapper = functools.update_wrapper(functools.partial(TrackedForward.__call__, tracked), original)
+        model.forward = wrapper
+        self._wrapped = [(model, wrapper)]
 
     def detach(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        """Give the model its own forward back. A wrapper set on top of ours since (another library's) would lose
+        ours and still call it: that is refused, naming the wrapper to remove first."""
+        for model, wrapper in self._wrapped:
+            current = model.__dict__.get("forward")
+            if current is not wrapper:
+                raise RuntimeError(
+                    f"{type(model).__name__}.forward was wrapped again after ReaLB's modality tracking ({current!r});"
+                    " remove that wrapper first, then detach ReaLB's"
+                )
+            del model.forward
+        self._wrapped = []
 
 
-class ForwardHooks:
-    """The model hooks `ModalityTracker.attach` registers. An object, not closures: `copy.deepcopy(model)` copies it
-    with the model, so a copied model's forwards reach the copy's tracker and runtime, not the original's."""
+class TrackedForward:
+    """A model's forward while a tracker is attached: capture, forward, clear (also when the forward raises).
 
-    def __init__(self, tracker: ModalityTracker, on_forward=None, on_end=None):
-        self.tracker, self.on_forward, self.on_end = tracker, on_forward, on_end
+    A wrapped forward rather than module hooks: torch.compile of `model.__call__` (generate's compiled decode step)
+    skips nn.Module's call machinery, so hooks become frames of their own around the forward, each with its guards
+    and its graph; the wrapper is traced with the forward into one frame and one graph. An object, not a closure:
+    `copy.deepcopy(model)` copies it with the model (rebinding the forward), so a copied model's forwards reach the
+    copy's tracker and runtime, not the original's."""
 
-    def pre(self, module, args, kwargs) -> None:
-        self.tracker.capture(args, kwargs)
-        if self.on_forward is not None:
+    def __init__(self, tracker: ModalityTracker, forward, on_forward=None, on_end=None):
+        self.tracker, self.forward, self.on_forward, self.on_end = tracker, forward, on_forward, on_end
+
+    def __call__(self, *args, **kwargs):
+        if self.on_forward is not None:  # first: a compiled forward's host operator then leads its graph
             self.on_forward()
-
-    def post(self, module, args, kwargs, output) -> None:
-        self.tracker.clear()
-        if self.on_end is not None:
-            self.on_end()
+        self.tracker.capture(args, kwargs)
+        try:
+            return self.forward(*args, **kwargs)
+        finally:
+            self.tracker.clear()
+            if self.on_end is not None:
+                self.on_end()

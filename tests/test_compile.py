@@ -7,6 +7,8 @@ CUDA: the same with the real kernels, capture and replay of a device-path layer,
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from layer_fixtures import build_experts, realb_copy
@@ -155,6 +157,42 @@ def test_transformers_generate_compile_checks(name):
         )  # fmt: skip
     assert torch.equal(shorter.sequences, eager[:, : prompt.shape[1] + 2])
     assert get_telemetry(model).forwards == forwards + 2  # compiled decode steps count as forwards
+
+
+def test_generate_compiles_the_decode_step_as_one_frame_like_stock():
+    """transformers compiles `model.__call__`, whose nn.Module call machinery dynamo skips, so model hooks would
+    each be a frame (and under reduce-overhead a CUDA graph) of their own around the forward. ReaLB wraps the
+    forward instead: a converted model's decode step is one frame with one graph, as stock's is."""
+    from torch._dynamo.utils import counters
+
+    family = TINY_FAMILIES["qwen3_vl_moe"]
+    prompt = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    for name in ("stock", "realb"):
+        model = family.build(dtype=torch.float32).eval()
+        if name == "realb":
+            apply_realb(model, RealbConfig())
+        torch._dynamo.reset()
+        counters.clear()
+        model.generate(
+            prompt, do_sample=False, max_new_tokens=3, min_new_tokens=3, cache_implementation="static",
+            compile_config=_compile_config(),
+        )  # fmt: skip
+        seen[name] = (counters["frames"]["total"], counters["stats"]["unique_graphs"])
+    assert seen["realb"] == seen["stock"] == (1, 1)
+
+
+def test_detaching_gives_the_model_its_forward_back_and_refuses_over_a_later_wrapper():
+    model = _mixtral()
+    tracker = get_runtime(model).modality
+    assert "forward" in vars(model)  # ReaLB's wrapper, on the instance
+    tracker.detach()
+    assert "forward" not in vars(model)
+    runtime = get_runtime(model)
+    tracker.attach(model, runtime.begin_forward, runtime.end_forward)
+    model.forward = functools.partial(model.forward)  # another library wraps on top (as accelerate's hooks do)
+    with pytest.raises(RuntimeError, match="wrapped again after ReaLB's modality tracking"):
+        tracker.detach()
 
 
 @pytest.mark.parametrize("name", sorted(TINY_FAMILIES))
