@@ -330,6 +330,10 @@ def test_model_cli_names_bad_inputs(tmp_path, capsys, flags, message):
         ("generation", ["--layers", "0"], "--layers must be at least 1, got 0"),
         ("generation", ["--new-tokens", "1"], "--new-tokens must be at least 2"),
         ("decode_overhead", ["--tokens", "0"], r"--tokens must all be at least 1, got \[0\]"),
+        ("rank_profile", ["--tokens", "0"], "--tokens must be at least 1, got 0"),
+        ("rank_profile", ["--profiled-calls", "0"], "--profiled-calls must be at least 1, got 0"),
+        ("rank_profile", ["--ep", "3"], "--ep must be >= 2 and divide the preset's 128 experts, got 3"),
+        ("rank_profile", ["--ranks", "0", "4"], r"--ranks must lie in 0..3 \(EP size 4\), got \[4\]"),
     ],
 )
 def test_bench_scripts_name_bad_flags(capsys, module, flags, message):
@@ -604,3 +608,32 @@ def test_generate_bench_decomposes_decode_steps_on_cpu(tmp_path, capsys):
     stop = generation.StopAfter(4)
     assert stop(torch.zeros(2, 3, dtype=torch.long), None).tolist() == [False, False]
     assert stop(torch.zeros(2, 4, dtype=torch.long), None).tolist() == [True, True]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_rank_profile_refuses_cuda_graphs_without_cuda(capsys):
+    from realb_hf.bench.rank_profile import main
+
+    with pytest.raises(SystemExit):
+        main(["--preset", "tiny", "--tokens", "64", "--modes", "reduce-overhead"])
+    assert "mode reduce-overhead records CUDA graphs: it needs a CUDA device" in capsys.readouterr().err
+
+
+def test_rank_profile_measures_every_rank_variant_and_mode_on_cpu(tmp_path, capsys):
+    """Each (rank, variant, mode) gets a row with its rank's pairs, its times and, compiled, dynamo's counts."""
+    from realb_hf.bench.rank_profile import main
+
+    out = tmp_path / "ranks.json"
+    argv = ["--preset", "tiny", "--tokens", "256", "--skew", "1.3", "--ranks", "0", "2", "--repeats", "2"]
+    argv += ["--profiled-calls", "1", "--variants", "stock_bf16", "realb_rank_persistent", "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    keys = [(r["rank"], r["variant"], r["mode"]) for r in rows]
+    assert keys == [(k, v, m) for k in (0, 2) for v in ("stock_bf16", "realb_rank_persistent") for m in ("eager", "default")]
+    for row in rows:
+        assert row["pairs"] == result["rank_pairs"][row["rank"]]
+        assert row["event_ms"] > 0 and row["synced_wall_ms"] >= row["issue_ms"] > 0
+        assert ("graph_breaks" in row) == (row["mode"] == "default")
+    assert result["rank_pairs"][0] > result["rank_pairs"][2]  # rank 0 is the hot one
+    assert "| bound by |" in capsys.readouterr().out and result["command"].endswith(" ".join(argv))
