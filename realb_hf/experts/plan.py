@@ -33,6 +33,7 @@ from ..policy import (
     needs_routing,
 )
 from ..telemetry import DeferredRouting, LayerCounts
+from ..tracing import exporting
 from . import device_path
 
 STOCK, DEVICE, HOST, RECEIVED = "stock", "device", "host", "received"
@@ -140,7 +141,7 @@ def plan_layer(
     # torch.export with a dynamic token count: one program must serve batches on both sides of the batch threshold,
     # so the device decision takes the threshold as a tensor op instead of a branch on the size
     exporting_sizes = (
-        torch.compiler.is_exporting() and isinstance(num_tokens, torch.SymInt) and decides_on_device(params)
+        exporting() and isinstance(num_tokens, torch.SymInt) and decides_on_device(params)
     )
     if host_stats is None and not exporting_sizes and not needs_routing(params, num_tokens):
         hit = config_decision(cache if cache is not None else [], params, placement)
@@ -170,7 +171,7 @@ def plan_layer(
         counts = LayerCounts(device_counts, None, num_tokens, params, source)
         return LayerPlan(DEVICE, params.high, params.low, flags[placement.local], None, None, None, counts)
     if host_stats is None:
-        if torch.compiler.is_exporting():
+        if exporting():
             raise RuntimeError(_host_decision_in_export(module, params, supported))
         host_stats = routing_stats(top_k_index, codes, placement.num_global)
     decision = decide(host_stats, params)
