@@ -2,8 +2,9 @@
 
 MoE blocks flatten (batch, seq, hidden) to (batch * seq, hidden), so a mask flattened the same way lines up
 with the rows the experts see. Decoder layers of most VLMs pass nothing modality-related down to the MoE
-block, hence the model's forward, wrapped (`TrackedForward`), reads `mm_token_type_ids` (else DeepSeek-VL2's `images_seq_mask`,
-else compares `input_ids` with the image/video placeholder ids) and every experts module reads the result.
+block, hence the model's forward, wrapped (`TrackedForward`), reads `mm_token_type_ids` (else DeepSeek-VL2's
+`images_seq_mask`, else compares `input_ids` with the image/video placeholder ids) and every experts module reads
+the result.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class ModalityTracker:
 
     image_token_id: int | None = None
     video_token_id: int | None = None
-    _wrapped: list = field(default_factory=list, repr=False, compare=False)  # (model, its forward wrapper) while attached
+    _wrapped: list = field(default_factory=list, repr=False, compare=False)  # (model, forward wrapper) if attached
 
     def _state(self) -> tuple[torch.Tensor | None, str]:
         return _THREAD.state.get(id(self), _UNKNOWN)

@@ -167,7 +167,8 @@ class RealbRuntime:
         return found if found is not None else settings.params(device)
 
     def begin_forward(self) -> None:
-        """At the start of a model forward (from its wrapped forward): the forward decides every layer with today's settings."""
+        """At the start of a model forward (called by its wrapped forward): the forward decides every layer with
+        today's settings."""
         _THREAD.in_flight[id(self)] = self.settings
         if torch.compiler.is_compiling():
             telemetry_ops.next_forward(self.handle)

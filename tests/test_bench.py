@@ -630,7 +630,8 @@ def test_rank_profile_measures_every_rank_variant_and_mode_on_cpu(tmp_path, caps
     result = json.loads(out.read_text())
     rows = result["rows"]
     keys = [(r["rank"], r["variant"], r["mode"]) for r in rows]
-    assert keys == [(k, v, m) for k in (0, 2) for v in ("stock_bf16", "realb_rank_persistent") for m in ("eager", "default")]
+    variants, modes = ("stock_bf16", "realb_rank_persistent"), ("eager", "default")
+    assert keys == [(k, v, m) for k in (0, 2) for v in variants for m in modes]
     for row in rows:
         assert row["pairs"] == result["rank_pairs"][row["rank"]]
         assert row["event_ms"] > 0 and row["synced_wall_ms"] >= row["issue_ms"] > 0

@@ -140,9 +140,7 @@ def plan_layer(
     num_tokens = top_k_index.shape[0]
     # torch.export with a dynamic token count: one program must serve batches on both sides of the batch threshold,
     # so the device decision takes the threshold as a tensor op instead of a branch on the size
-    exporting_sizes = (
-        exporting() and isinstance(num_tokens, torch.SymInt) and decides_on_device(params)
-    )
+    exporting_sizes = exporting() and isinstance(num_tokens, torch.SymInt) and decides_on_device(params)
     if host_stats is None and not exporting_sizes and not needs_routing(params, num_tokens):
         hit = config_decision(cache if cache is not None else [], params, placement)
         if not record and hit.stock is not None:
