@@ -128,7 +128,7 @@ def _compile_config() -> CompileConfig:
     return config
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_vl_moe"])
+@pytest.mark.parametrize("name", sorted(TINY_FAMILIES))
 def test_transformers_generate_compile_checks(name):
     """The checks of transformers' `test_generate_compile_model_forward_fullgraph`,
     `test_generate_compilation_all_outputs` and `test_static_cache_no_recompile_with_smaller_length` on a converted
