@@ -85,7 +85,7 @@ class ModalityTracker:
 
     image_token_id: int | None = None
     video_token_id: int | None = None
-    _wrapped: list = field(default_factory=list, repr=False, compare=False)  # (model, forward wrapper) if attached
+    _attached: tuple | None = field(default=None, repr=False, compare=False)  # (model, its forward wrapper)
 
     def _state(self) -> tuple[torch.Tensor | None, str]:
         return _THREAD.state.get(id(self), _UNKNOWN)
@@ -159,20 +159,22 @@ class ModalityTracker:
         tracked = TrackedForward(self, original, on_forward, on_end)
         wrapper = functools.update_wrapper(functools.partial(TrackedForward.__call__, tracked), original)
         model.forward = wrapper
-        self._wrapped = [(model, wrapper)]
+        self._attached = (model, wrapper)
 
     def detach(self) -> None:
         """Give the model its own forward back. A wrapper set on top of ours since (another library's) would lose
         ours and still call it: that is refused, naming the wrapper to remove first."""
-        for model, wrapper in self._wrapped:
-            current = model.__dict__.get("forward")
-            if current is not wrapper:
-                raise RuntimeError(
-                    f"{type(model).__name__}.forward was wrapped again after ReaLB's modality tracking ({current!r});"
-                    " remove that wrapper first, then detach ReaLB's"
-                )
-            del model.forward
-        self._wrapped = []
+        if self._attached is None:
+            return
+        model, wrapper = self._attached
+        current = model.__dict__.get("forward")
+        if current is not wrapper:
+            raise RuntimeError(
+                f"{type(model).__name__}.forward was wrapped again after ReaLB's modality tracking ({current!r});"
+                " remove that wrapper first, then detach ReaLB's"
+            )
+        del model.forward
+        self._attached = None
 
 
 class TrackedForward:

@@ -4,7 +4,8 @@
 torch.compile's included (its table of tracing-state functions answers True for all of them; later torch reads the
 flag behind it instead). Code that branches on it would then take its export path under torch.compile: ReaLB's
 host decision would raise the export error where compiled code breaks the graph. So the flag is read directly
-where torch has it: dynamo reads a module global's value while tracing and guards on it, in every version.
+where torch has it: dynamo reads a module global's value while tracing and guards on it (checked on torch 2.13;
+not yet run on 2.11).
 """
 
 from __future__ import annotations

@@ -619,6 +619,20 @@ def test_rank_profile_refuses_cuda_graphs_without_cuda(capsys):
     assert "mode reduce-overhead records CUDA graphs: it needs a CUDA device" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(variants=("stock_bf16", "oracle_bf16")), r"--variants must be among .*, got \['oracle_bf16'\]"),
+        (dict(modes=("eager", "fast")), r"--modes must be among .*, got \['fast'\]"),
+    ],
+)
+def test_rank_profile_run_names_a_bad_variant_or_mode(kwargs, message):
+    from realb_hf.bench.rank_profile import run
+
+    with pytest.raises(ValueError, match=message):
+        run(preset="tiny", tokens=64, skew=1.3, device=torch.device("cpu"), **kwargs)
+
+
 def test_rank_profile_measures_every_rank_variant_and_mode_on_cpu(tmp_path, capsys):
     """Each (rank, variant, mode) gets a row with its rank's pairs, its times and, compiled, dynamo's counts."""
     from realb_hf.bench.rank_profile import main

@@ -38,6 +38,7 @@ from .workload import WorkloadSpec, workload_for_skew
 
 PROFILED_VARIANTS = ("stock_bf16", "realb_nothing_lowered", "realb_rank_otf", "realb_rank_persistent", "all_low")
 MODES = ("eager", "default", "reduce-overhead")
+DEFAULT_VARIANTS = ("stock_bf16", "realb_nothing_lowered", "realb_rank_persistent")
 
 
 def _allocations(device: torch.device) -> int:
@@ -79,7 +80,7 @@ def run(
     ep_size: int = 4,
     skew: float = 1.6,
     ranks: Sequence[int] = (0, 1),
-    variants: Sequence[str] = ("stock_bf16", "realb_nothing_lowered", "realb_rank_persistent"),
+    variants: Sequence[str] = DEFAULT_VARIANTS,
     modes: Sequence[str] = ("eager", "default"),
     warmup: int = 5,
     repeats: int = 30,
@@ -93,6 +94,8 @@ def run(
         raise ValueError(f"--ep must be >= 2 and divide the preset's {spec.num_experts} experts, got {ep_size}")
     if bad := [r for r in ranks if not 0 <= r < ep_size]:
         raise ValueError(f"--ranks must lie in 0..{ep_size - 1} (EP size {ep_size}), got {bad}")
+    if bad := [v for v in variants if v not in PROFILED_VARIANTS]:
+        raise ValueError(f"--variants must be among {PROFILED_VARIANTS}, got {bad}")
     if bad := [m for m in modes if m not in MODES]:
         raise ValueError(f"--modes must be among {MODES}, got {bad}")
     if "reduce-overhead" in modes and device.type != "cuda":
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ep", type=int, default=4)
     parser.add_argument("--skew", type=float, default=1.6, help="max/mean rank load (rank 0 the hot one)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--variants", nargs="+", choices=PROFILED_VARIANTS, default=list(PROFILED_VARIANTS[::3]))
+    parser.add_argument("--variants", nargs="+", choices=PROFILED_VARIANTS, default=list(DEFAULT_VARIANTS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["eager", "default"])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--profiled-calls", type=int, default=5)
