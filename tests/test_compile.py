@@ -8,6 +8,7 @@ CUDA: the same with the real kernels, capture and replay of a device-path layer,
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
@@ -290,6 +291,41 @@ def test_compiled_layer_on_cuda(name):
     """Inductor, the real kernels: equal to eager, no graph break, no recompile across routings."""
     config = dict(DEVICE_CONFIGS[name])
     _compiled_layer_checks("cuda", config, fullgraph=True, backend="inductor")
+
+
+@cuda
+@pytest.mark.parametrize("weight_cache", ["persistent", "on_the_fly"])
+def test_inductor_launches_the_row_and_combine_kernels_itself(weight_cache):
+    """With their traceable forms turned on (experimental), the row and combine operators' Triton kernels are
+    launched by inductor's generated code, with no call into those operators' Python, and the layer equals eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    from realb_hf.kernels.library import TRACEABLE, use_traceable
+
+    previous = use_traceable(frozenset(TRACEABLE))
+    try:
+        _check_traceable_layer(weight_cache, run_and_get_code)
+    finally:
+        use_traceable(previous)
+
+
+def _check_traceable_layer(weight_cache: str, run_and_get_code) -> None:
+    layer = _layer("cuda", **dict(DEVICE_CONFIGS["realb-rank"], weight_cache=weight_cache))
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        inputs = _skewed(512, 16, 64, "cuda", 0)
+        want = layer(*inputs)
+        got, code = run_and_get_code(compiled, *inputs)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=4e-2)
+    source = "\n".join(code)
+    launched = {"_split_rows_kernel", "_swiglu_kernel", "_combine_kernel"}
+    if weight_cache == "on_the_fly":
+        launched.add("_rows_kernel")  # the weights' conversion
+    assert {k for k in launched if re.search(rf"(?<!\w){k}", source)} == launched
+    opaque = [f"realb_kernels.{name}.default" for name in ("gather_quant_rows", "gather_split_rows", "swiglu_rows",
+                                                            "weighted_combine")]
+    assert not [name for name in opaque if name in source]
+    assert layer.realb_runtime.telemetry.records[-1].lowered_experts
 
 
 @cuda

@@ -6,6 +6,10 @@ CPU runs the reference kernels; the CUDA cases run the Triton kernels on inputs 
 written (padding rows hold whatever memory held, so only metadata is compared where an operator leaves some).
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -13,6 +17,7 @@ import realb_hf.kernels.exchange  # noqa: F401  (registers realb_kernels::exchan
 from realb_hf.kernels import counts, rows, sort
 from realb_hf.kernels.combine import weighted_combine_reference
 from realb_hf.kernels.counts import DecisionRule
+from realb_hf.kernels.library import TRACEABLE, traceable_names, use_traceable
 from realb_hf.modality import TEXT
 from realb_hf.policy import PolicyParams
 
@@ -205,3 +210,40 @@ def test_the_device_path_replays_in_a_cuda_graph():
         torch.cuda.synchronize()
         for got, want in zip(real_rows(captured), real_rows(step(*fresh)), strict=True):
             assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not TRACEABLE, reason="needs Triton: operators have a traceable form only where it is installed")
+def test_the_traceable_kernels_setting_names_operators_with_a_traceable_form():
+    assert traceable_names("") == frozenset()
+    assert traceable_names("all") == frozenset(TRACEABLE)
+    assert traceable_names(" weighted_combine ,swiglu_rows") == {"weighted_combine", "swiglu_rows"}
+    with pytest.raises(ValueError, match=r"REALB_TRACEABLE_KERNELS='sort_rows,weighted_combine' names "
+                                         r"\['sort_rows'\].*allowed: 'all' or a comma-separated list of \["):
+        traceable_names("sort_rows,weighted_combine")
+    with pytest.raises(ValueError, match=r"\['counts'\] have no traceable form"):
+        use_traceable(frozenset({"counts"}))
+
+
+def test_a_bad_traceable_kernels_setting_fails_at_import():
+    env = dict(os.environ, REALB_TRACEABLE_KERNELS="not_an_operator")
+    done = subprocess.run([sys.executable, "-c", "import realb_hf"], env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "REALB_TRACEABLE_KERNELS='not_an_operator' names ['not_an_operator']" in done.stderr
+
+
+@cuda
+def test_compiled_code_calls_the_opaque_operators_unless_told():
+    """By default compiled code calls the registered operators; with `use_traceable` it launches the kernels."""
+    from torch._inductor.utils import run_and_get_code
+
+    h = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    want = rows.swiglu_rows(h, quantize=True)
+    for names, opaque in ((frozenset(), True), (frozenset({"swiglu_rows"}), False)):
+        torch.compiler.reset()
+        previous = use_traceable(names)
+        try:
+            got, code = run_and_get_code(torch.compile(lambda h: rows.swiglu_rows(h, quantize=True)), h)
+        finally:
+            use_traceable(previous)
+        assert ("realb_kernels.swiglu_rows.default" in "\n".join(code)) == opaque
+        assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])

@@ -24,6 +24,8 @@ try:
 except ImportError:
     triton = None
     tl = None
+else:
+    from torch.library import wrap_triton
 
 
 def weighted_combine_reference(
@@ -79,7 +81,8 @@ def _combine_fake(y, pos, weights, y_low):
     return y.new_empty((pos.shape[0], y.shape[-1]), dtype=torch.promote_types(y.dtype, weights.dtype))
 
 
-def _combine_cuda(y, pos, weights, y_low):
+def _combine_cuda(y, pos, weights, y_low, kernel=None):
+    """`kernel`: the launcher (`wrap_triton` of `_combine_kernel` when traced)."""
     split = y.shape[0] if y_low is not None else torch.iinfo(torch.int64).max
     low = y_low if y_low is not None else y
     num_tokens, top_k = pos.shape
@@ -89,12 +92,18 @@ def _combine_cuda(y, pos, weights, y_low):
     if num_tokens:
         block = min(1024, triton.next_power_of_2(hidden))
         grid = (num_tokens, triton.cdiv(hidden, block))
-        _combine_kernel[grid](
+        (kernel or _combine_kernel)[grid](
             y, low, pos.contiguous(), weights.contiguous(), out,
             hidden, split, y.stride(0), low.stride(0), out.stride(0),
             TOP_K=top_k, BLOCK=block, PRODUCT_DTYPE=_TL_DTYPES[product], num_warps=4,
         )
     return out
+
+
+def _combine_traceable(
+    y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, y_low: torch.Tensor | None
+) -> torch.Tensor:
+    return _combine_cuda(y, pos, weights, y_low, wrap_triton(_combine_kernel))
 
 
 _COMBINE = define_op(
@@ -103,6 +112,7 @@ _COMBINE = define_op(
     reference=weighted_combine_reference,
     fake=_combine_fake,
     cuda=_combine_cuda if triton is not None else None,
+    traceable=_combine_traceable if triton is not None else None,
 )
 
 

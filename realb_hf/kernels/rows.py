@@ -32,6 +32,8 @@ try:
 except ImportError:  # CPU-only installs: callers use the torch references
     triton = None
     tl = None
+else:
+    from torch.library import wrap_triton
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -119,7 +121,7 @@ if triton is not None:
     @triton.jit
     def _row_count(rows, count_ptr, HAS_COUNT: tl.constexpr):
         """Rows to process: all `rows`, or the device-side count (so a count of 0 costs one load per program)."""
-        n = rows.to(tl.int64)
+        n = tl.cast(rows, tl.int64)  # tl.cast, not .to: an int argument may arrive as a Python int (inductor)
         if HAS_COUNT:
             n = tl.minimum(tl.load(count_ptr).to(tl.int64), n)
         return n
@@ -175,7 +177,7 @@ if triton is not None:
     ):
         # `_rows_kernel` for two groups in one launch: sorted rows [0, n_a) to `a`, [n_a, n_a + n_b) to `b`.
         n_a = tl.load(totals_ptr).to(tl.int64)
-        n = tl.minimum(n_a + tl.load(totals_ptr + 1).to(tl.int64), rows.to(tl.int64))
+        n = tl.minimum(n_a + tl.load(totals_ptr + 1).to(tl.int64), tl.cast(rows, tl.int64))
         cols = tl.arange(0, BLOCK)
         mask = cols < K
         for row in range(tl.program_id(0).to(tl.int64), n, tl.num_programs(0).to(tl.int64)):
@@ -256,7 +258,8 @@ def _gather_fake(src, index, start, count, expert_flags, quantize):
     return _row_outputs(src, rows, src.shape[-1], quantize)
 
 
-def _gather_cuda(src, index, start, count, expert_flags, quantize):
+def _gather_cuda(src, index, start, count, expert_flags, quantize, kernel=None):
+    """`kernel`: the launcher (`wrap_triton` of `_rows_kernel` when traced); the same for the other `_cuda`s."""
     k = src.shape[-1]
     flat = src.reshape(-1, k)
     if flat.stride(-1) != 1:
@@ -265,9 +268,9 @@ def _gather_cuda(src, index, start, count, expert_flags, quantize):
     out, scale = _row_outputs(src, rows, k, quantize)
     if rows:
         block, warps = _launch_meta(k)
-        dummy = out  # pointer arguments of disabled features are never read
+        dummy = flat  # pointer arguments of disabled features: never read or written
         group_rows = src.shape[-2] if expert_flags is not None else 1
-        _rows_kernel[_grid(rows, src.device)](
+        (kernel or _rows_kernel)[_grid(rows, src.device)](
             flat,
             index if index is not None else dummy,
             start if start is not None else dummy,
@@ -281,6 +284,17 @@ def _gather_cuda(src, index, start, count, expert_flags, quantize):
     return out, scale
 
 
+def _gather_traceable(
+    src: torch.Tensor,
+    index: torch.Tensor | None,
+    start: torch.Tensor | None,
+    count: torch.Tensor | None,
+    expert_flags: torch.Tensor | None,
+    quantize: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gather_cuda(src, index, start, count, expert_flags, quantize, wrap_triton(_rows_kernel))
+
+
 _GATHER = define_op(
     "gather_quant_rows",
     "(Tensor src, Tensor? index, Tensor? start, Tensor? count, Tensor? expert_flags, bool quantize)"
@@ -288,6 +302,7 @@ _GATHER = define_op(
     reference=_gather_reference,
     fake=_gather_fake,
     cuda=_gather_cuda if triton is not None else None,
+    traceable=_gather_traceable if triton is not None else None,
 )
 
 
@@ -328,7 +343,7 @@ def _split_fake(src, index, totals, quantize_a, quantize_b):
     return (*_row_outputs(src, rows, k, quantize_a), *_row_outputs(src, rows, k, quantize_b))
 
 
-def _split_cuda(src, index, totals, quantize_a, quantize_b):
+def _split_cuda(src, index, totals, quantize_a, quantize_b, kernel=None):
     k = src.shape[-1]
     if src.stride(-1) != 1:
         src = src.contiguous()
@@ -336,12 +351,18 @@ def _split_cuda(src, index, totals, quantize_a, quantize_b):
     (a, a_scale), (b, b_scale) = _row_outputs(src, rows, k, quantize_a), _row_outputs(src, rows, k, quantize_b)
     if rows:
         block, warps = _launch_meta(k)
-        _split_rows_kernel[_grid(rows, src.device)](
-            src, index, totals, a, a_scale if quantize_a else a, b, b_scale if quantize_b else b,
+        (kernel or _split_rows_kernel)[_grid(rows, src.device)](
+            src, index, totals, a, a_scale if quantize_a else src, b, b_scale if quantize_b else src,
             rows, k, src.stride(0), a.stride(0), b.stride(0),
             QUANT_A=quantize_a, QUANT_B=quantize_b, BLOCK=block, num_warps=warps,
         )
     return a, a_scale, b, b_scale
+
+
+def _split_traceable(
+    src: torch.Tensor, index: torch.Tensor, totals: torch.Tensor, quantize_a: bool, quantize_b: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _split_cuda(src, index, totals, quantize_a, quantize_b, wrap_triton(_split_rows_kernel))
 
 
 _SPLIT = define_op(
@@ -350,6 +371,7 @@ _SPLIT = define_op(
     reference=_split_reference,
     fake=_split_fake,
     cuda=_split_cuda if triton is not None else None,
+    traceable=_split_traceable if triton is not None else None,
 )
 
 
@@ -379,7 +401,7 @@ def _swiglu_fake(h, count, quantize):
     return _row_outputs(h, h.shape[0], h.shape[1] // 2, quantize)
 
 
-def _swiglu_cuda(h, count, quantize):
+def _swiglu_cuda(h, count, quantize, kernel=None):
     rows, two_i = h.shape
     inter = two_i // 2
     if h.stride(-1) != 1:
@@ -387,12 +409,16 @@ def _swiglu_cuda(h, count, quantize):
     out, scale = _row_outputs(h, rows, inter, quantize)
     if rows:
         block, warps = _launch_meta(inter)
-        _swiglu_kernel[_grid(rows, h.device)](
-            h, count if count is not None else out, out, scale if quantize else out,
+        (kernel or _swiglu_kernel)[_grid(rows, h.device)](
+            h, count if count is not None else h, out, scale if quantize else h,
             rows, inter, h.stride(0), out.stride(0),
             HAS_COUNT=count is not None, QUANT=quantize, BLOCK=block, num_warps=warps,
         )
     return out, scale
+
+
+def _swiglu_traceable(h: torch.Tensor, count: torch.Tensor | None, quantize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _swiglu_cuda(h, count, quantize, wrap_triton(_swiglu_kernel))
 
 
 _SWIGLU = define_op(
@@ -401,6 +427,7 @@ _SWIGLU = define_op(
     reference=_swiglu_reference,
     fake=_swiglu_fake,
     cuda=_swiglu_cuda if triton is not None else None,
+    traceable=_swiglu_traceable if triton is not None else None,
 )
 
 
