@@ -247,3 +247,27 @@ def test_compiled_code_calls_the_opaque_operators_unless_told():
             use_traceable(previous)
         assert ("realb_kernels.swiglu_rows.default" in "\n".join(code)) == opaque
         assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.skipif(not TRACEABLE, reason="needs Triton: operators have a traceable form only where it is installed")
+def test_traceable_forms_apply_on_cuda_only():
+    """Turned on, they leave compiled CPU code on the operators (the references), with eager's results."""
+    rule = PolicyParams(ep_size=2, granularity="expert", modality_threshold=0.5).device_rule()
+    gen = torch.Generator().manual_seed(2)
+    top_k_index = torch.randint(0, 9, (300, 2), generator=gen)
+    modality = (torch.rand(300, generator=gen) < 0.8).to(torch.int8)
+    hidden, weights = torch.randn(300, 32, generator=gen).bfloat16(), torch.randn(8, 12, 32, generator=gen).bfloat16()
+    args = (top_k_index, modality, hidden, weights, torch.zeros(8, dtype=torch.bool), rule)
+    torch.compiler.reset()
+    previous = use_traceable(frozenset(TRACEABLE))
+    try:
+        explained = torch._dynamo.explain(layer_bookkeeping)(*args)
+        compiled = torch.compile(layer_bookkeeping, fullgraph=True, backend="aot_eager")(*args)
+    finally:
+        use_traceable(previous)
+        torch.compiler.reset()
+    targets = {str(getattr(n.target, "_name", n.target)) for g in explained.graphs for n in g.graph.nodes}
+    assert "realb_kernels::swiglu_rows" in targets and not any(t.endswith("_traceable") for t in targets)
+    for got, want in zip(compiled, layer_bookkeeping(*args), strict=True):
+        assert torch.equal(got.view(torch.uint8) if got.dtype == rows.FP8_DTYPE else got,
+                           want.view(torch.uint8) if want.dtype == rows.FP8_DTYPE else want)
