@@ -302,20 +302,15 @@ def test_inductor_launches_the_row_and_combine_kernels_itself(weight_cache):
 
     from realb_hf.kernels.library import TRACEABLE, use_traceable
 
+    layer = _layer("cuda", **dict(DEVICE_CONFIGS["realb-rank"], weight_cache=weight_cache))
     previous = use_traceable(frozenset(TRACEABLE))
     try:
-        _check_traceable_layer(weight_cache, run_and_get_code)
+        with torch.no_grad():
+            inputs = _skewed(512, 16, 64, "cuda", 0)
+            want = layer(*inputs)
+            got, code = run_and_get_code(torch.compile(layer, fullgraph=True), *inputs)
     finally:
         use_traceable(previous)
-
-
-def _check_traceable_layer(weight_cache: str, run_and_get_code) -> None:
-    layer = _layer("cuda", **dict(DEVICE_CONFIGS["realb-rank"], weight_cache=weight_cache))
-    compiled = torch.compile(layer, fullgraph=True)
-    with torch.no_grad():
-        inputs = _skewed(512, 16, 64, "cuda", 0)
-        want = layer(*inputs)
-        got, code = run_and_get_code(compiled, *inputs)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=4e-2)
     source = "\n".join(code)
     launched = {"_split_rows_kernel", "_swiglu_kernel", "_combine_kernel"}

@@ -220,7 +220,7 @@ def test_the_traceable_kernels_setting_names_operators_with_a_traceable_form():
     with pytest.raises(ValueError, match=r"REALB_TRACEABLE_KERNELS='sort_rows,weighted_combine' names "
                                          r"\['sort_rows'\].*allowed: 'all' or a comma-separated list of \["):
         traceable_names("sort_rows,weighted_combine")
-    with pytest.raises(ValueError, match=r"\['counts'\] have no traceable form"):
+    with pytest.raises(ValueError, match=r"use_traceable got \['counts'\], which have no traceable form"):
         use_traceable(frozenset({"counts"}))
 
 

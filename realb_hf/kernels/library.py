@@ -45,12 +45,7 @@ def traceable_names(value: str | None = None) -> frozenset[str]:
     names = frozenset(n.strip() for n in value.split(",") if n.strip())
     if names == {"all"}:
         return frozenset(TRACEABLE)
-    unknown = sorted(names - set(TRACEABLE))
-    if unknown:
-        raise ValueError(
-            f"{TRACEABLE_ENV}={','.join(sorted(names))!r} names {unknown}, which have no traceable form; allowed: "
-            f"'all' or a comma-separated list of {TRACEABLE}"
-        )
+    _check_traceable(names, f"{TRACEABLE_ENV}={','.join(sorted(names))!r} names")
     return names
 
 
@@ -58,11 +53,17 @@ def use_traceable(names: frozenset[str]) -> frozenset[str]:
     """Compile the operators `names` (from `traceable_names`) in their traceable form in code traced from now on;
     returns the previous set."""
     global _traced
-    unknown = sorted(set(names) - set(TRACEABLE))
-    if unknown:
-        raise ValueError(f"{unknown} have no traceable form; allowed: {TRACEABLE}")
+    _check_traceable(names, "use_traceable got")
     previous, _traced = _traced, frozenset(names)
     return previous
+
+
+def _check_traceable(names: frozenset[str], what: str) -> None:
+    unknown = sorted(set(names) - set(TRACEABLE))
+    if unknown:
+        raise ValueError(
+            f"{what} {unknown}, which have no traceable form; allowed: 'all' or a comma-separated list of {TRACEABLE}"
+        )
 
 
 class KernelOp:
