@@ -58,5 +58,7 @@ def apply_realb_to_experts(module: torch.nn.Module, config: RealbConfig | None =
         raise ValueError("this experts module already runs ReaLB")
     config = config or RealbConfig()
     config.post_init()
-    convert_experts_module(module, name, config, RealbRuntime(config=config))
+    runtime = RealbRuntime(config=config)
+    convert_experts_module(module, name, config, runtime)
+    runtime.attach_log(module)
     return module

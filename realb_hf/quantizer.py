@@ -127,6 +127,8 @@ class RealbHfQuantizer(HfQuantizer):
         install_expert_parallel(model, self.runtime)
         # Per-expert ModuleList experts: weights move into one stacked tensor pair per layer (no second copy kept).
         stack_modulelist_experts(model)
+        for module in realb_modules(model):
+            self.runtime.attach_log(module)
         return model
 
     def get_state_dict_and_metadata(self, model):

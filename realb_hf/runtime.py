@@ -22,6 +22,7 @@ from .kernels.counts import routing_counts_many
 from .modality import TEXT, ModalityTracker, placeholder_ids
 from .policy import PolicyParams, expert_ranges
 from .telemetry import Telemetry
+from .telemetry_log import DeviceLog, attach_log
 
 
 def model_telemetry(**kwargs: Any) -> Telemetry:
@@ -70,12 +71,14 @@ def check_layer(name: str, shape: LayerShape, config: RealbConfig) -> None:
 
 class Settings:
     """One config and its policy parameters per device. Never changed once made: `reconfigure` makes a new one, so
-    a forward holding this one decides every layer with it."""
+    a forward holding this one decides every layer with it. `serial` names it in the device log (equal configs of
+    one runtime share a serial)."""
 
-    __slots__ = ("config", "_params")
+    __slots__ = ("config", "serial", "_params")
 
-    def __init__(self, config: RealbConfig):
+    def __init__(self, config: RealbConfig, serial: int = 0):
         self.config = config
+        self.serial = serial
         self._params: dict[torch.device, PolicyParams] = {}
 
     def params(self, device: torch.device) -> PolicyParams:
@@ -109,6 +112,7 @@ class _PerThread(threading.local):
 
 
 _THREAD = _PerThread()
+MAX_SERIALS = 1024  # distinct configs a runtime can still name in the device log (the oldest are forgotten)
 
 
 @dataclass(eq=False)
@@ -129,10 +133,15 @@ class RealbRuntime:
     layers: dict[str, LayerShape] = field(default_factory=dict)  # every converted experts layer
     _settings: Settings | None = field(default=None, repr=False)
     _settings_of: RealbConfig | None = field(default=None, repr=False)  # the config object `_settings` copies
+    _serials: dict[str, int] = field(default_factory=dict, repr=False)  # config as JSON -> its serial
+    _by_serial: dict[int, Settings] = field(default_factory=dict, repr=False)  # serial -> its first Settings
     handle: int = field(init=False, repr=False, compare=False)  # how compiled code names this runtime
 
     def __post_init__(self) -> None:
         self.handle = telemetry_ops.register(self)
+        if self.telemetry.device_log is None:
+            self.telemetry.device_log = DeviceLog(self.logged_params)
+        self._refresh()  # in eager code: a first forward traced by dynamo would copy the config while tracing
 
     def __setstate__(self, state: dict) -> None:  # a copy (deepcopy, pickle) gets its own handle
         self.__dict__.update(state)
@@ -151,14 +160,33 @@ class RealbRuntime:
         settings = _THREAD.in_flight.get(key) or _THREAD.overrides.get(key)
         if settings is not None:
             return settings
-        if self._settings_of is not self.config:  # first use, or a config object swapped in by hand
+        if self._settings_of is not self.config:  # a config object swapped in by hand
             self._refresh()
         return self._settings
 
+    @torch.compiler.disable  # dynamo cannot trace the copy; compiled code reaches it only after a swapped config
     def _refresh(self) -> None:
         """New settings from a copy of the config: forwards in flight keep the settings they took."""
-        self._settings = Settings(copy.deepcopy(self.config))
+        self._settings = self._new_settings(copy.deepcopy(self.config))
         self._settings_of = self.config
+
+    def _new_settings(self, config: RealbConfig) -> Settings:
+        """Settings for `config` (a copy nobody changes), with the serial of an equal config if one is known."""
+        key = config.to_json_string(use_diff=False)
+        serial = self._serials.get(key)
+        if serial is not None:
+            return Settings(config, serial)
+        if len(self._serials) >= MAX_SERIALS:
+            del self._by_serial[self._serials.pop(next(iter(self._serials)))]
+        serial = next(reversed(self._by_serial), 0) + 1  # serials grow in insertion order
+        settings = self._by_serial[serial] = Settings(config, serial)
+        self._serials[key] = serial
+        return settings
+
+    def logged_params(self, serial: int, device: torch.device) -> PolicyParams | None:
+        """The policy parameters of settings `serial` on `device` (device log records); None once forgotten."""
+        settings = self._by_serial.get(serial)
+        return settings.params(device) if settings is not None else None
 
     def params(self, device: torch.device) -> PolicyParams:
         """Policy parameters for `device` from `settings` (every layer call asks: kept to two lookups)."""
@@ -170,13 +198,24 @@ class RealbRuntime:
         """At the start of a model forward (called by its wrapped forward): the forward decides every layer with
         today's settings."""
         _THREAD.in_flight[id(self)] = self.settings
+        if not self.telemetry.enabled:
+            return  # telemetry off counts nothing: a compiled forward then runs no host operator to split its graph
         if torch.compiler.is_compiling():
             telemetry_ops.next_forward(self.handle)
         else:
             self.telemetry.next_forward()
 
+    def in_forward(self) -> bool:
+        """Whether this thread is inside a forward of the model (between `begin_forward` and `end_forward`)."""
+        return id(self) in _THREAD.in_flight
+
     def end_forward(self) -> None:
         _THREAD.in_flight.pop(id(self), None)
+
+    def attach_log(self, module: torch.nn.Module) -> None:
+        """Give a converted experts module its device log, once its weights are where they run."""
+        attach_log(module, self.layers[module.realb_name].num_experts)
+        self.telemetry.device_log.add(module.realb_name, module)
 
     def add_layer(self, name: str, shape: LayerShape) -> None:
         """Register a converted experts layer, after checking the config against it."""
@@ -197,7 +236,7 @@ class RealbRuntime:
         overrides = _THREAD.overrides
         previous = overrides.get(id(self))
         candidate = self._checked(changes, base=previous.config if previous is not None else None)
-        overrides[id(self)] = Settings(candidate)
+        overrides[id(self)] = self._new_settings(candidate)
         try:
             yield candidate
         finally:

@@ -15,6 +15,7 @@ import torch
 
 from .layer_record import LayerRecord, make_record
 from .policy import Decision, PolicyParams, RoutingStats, decide
+from .telemetry_log import DeviceLog, LogSnapshot, to_host
 
 
 class DeferredRouting(NamedTuple):
@@ -51,19 +52,6 @@ MAX_PENDING = 4096
 MAX_PENDING_BYTES = 64 << 20  # routing kept alive for deferred counting (decode-sized batches)
 
 
-def _to_host(counts: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """`counts` as one flat int32 host tensor; from CUDA an asynchronous copy into pinned memory, with the event
-    that marks it done."""
-    flat = counts.reshape(-1).to(torch.int32)
-    if flat.device.type != "cuda":
-        return flat, None
-    host = torch.empty(flat.shape, dtype=torch.int32, pin_memory=True)
-    host.copy_(flat, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(flat.device))
-    return host, event
-
-
 @dataclass
 class _Shipped:
     """Layer calls whose counts are on their way to the host (one flat int32 copy per group of calls): the records
@@ -72,6 +60,10 @@ class _Shipped:
 
     entries: list[tuple]  # (forward, layer, num_tokens, decision, params, source, chunk, offset, experts)
     chunks: list[tuple[torch.Tensor, Any]]  # per group: (host counts, CUDA event marking the copy done, or None)
+
+    @property
+    def held(self) -> list[tuple]:
+        return self.entries
 
 
 def _locked(method):
@@ -87,7 +79,7 @@ def _locked(method):
 
 @dataclass
 class Telemetry:
-    """Records of one model; `enabled=False` keeps decisions running but stores nothing.
+    """Records of one model; `enabled=False` keeps decisions running but stores and counts nothing.
 
     Layers whose decision did not need the routing counts on the host hand in their counts as a device tensor
     (decided on the device) or, when nothing needed them at all (policy off/static/all_low, or a batch under the
@@ -98,6 +90,7 @@ class Telemetry:
 
     enabled: bool = True
     count_routing: CountRouting | None = field(default=None, repr=False)  # needed for `DeferredRouting` counts
+    device_log: DeviceLog | None = field(default=None, repr=False)  # what compiled forwards wrote (telemetry_log)
     max_records: int | None = 100_000  # oldest records are dropped beyond this (long-running servers)
     forwards: int = 0
     dropped: int = 0
@@ -108,7 +101,9 @@ class Telemetry:
     _records: deque[LayerRecord] = field(default_factory=deque, repr=False)  # a ring of at most max_records
     _pending: list[tuple] = field(default_factory=list, repr=False)
     _pending_bytes: int = field(default=0, repr=False)
-    _shipped: list[_Shipped] = field(default_factory=list, repr=False)
+    _shipped: deque[_Shipped | LogSnapshot] = field(default_factory=deque, repr=False)
+    _shipped_most: int = field(default=0, repr=False)  # calls `_shipped` holds at most (exact but for snapshots)
+    _uncounted: deque[LogSnapshot] = field(default_factory=deque, repr=False)  # snapshots not yet counted
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __getstate__(self) -> dict:  # copies and pickles get a lock of their own
@@ -129,7 +124,27 @@ class Telemetry:
 
     @_locked
     def next_forward(self) -> None:
+        self._take_log()
         self.forwards += 1
+
+    def _take_log(self) -> None:
+        """Queue what compiled forwards wrote into the device log since it was last taken (no sync)."""
+        snapshot = self.device_log.take(self.forwards) if self.device_log is not None else None
+        if snapshot is not None:
+            self._ship()  # calls handed in earlier stay ahead of it
+            self._shipped.append(snapshot)
+            self._uncounted.append(snapshot)
+            self._shipped_most += snapshot.at_most
+            self._trim()
+
+    def _count_snapshots(self, wait: bool) -> None:
+        """Count the device log snapshots not counted yet, oldest first (their order matters): all of them if
+        `wait`, else those whose copies are done. Each is counted once, so this costs O(1) per forward."""
+        while self._uncounted and (wait or self._uncounted[0].done):
+            snapshot = self._uncounted.popleft()
+            before = snapshot.at_most
+            snapshot.count()
+            self._shipped_most -= before - snapshot.at_most
 
     @_locked
     def add(self, record: LayerRecord) -> None:
@@ -213,18 +228,26 @@ class Telemetry:
                 counts = self._count([r.top_k_index for r in held], [r.modality for r in held], experts)
             else:
                 counts = torch.stack(held)
-            chunks.append(_to_host(counts))
+            chunks.append(to_host(counts))
             for j, i in enumerate(members):
                 forward, layer, _, num_tokens, decision, params, source = pending[i]
                 entries[i] = (forward, layer, num_tokens, decision, params, source, chunk, 2 * experts * j, experts)
         self._shipped.append(_Shipped(entries, chunks))
+        self._shipped_most += len(entries)
         self._trim()
 
     def _flush(self) -> None:
         """Build the records of every call handed in so far (waits for their counts: one host sync)."""
+        self._take_log()
         self._ship()
-        shipped, self._shipped = self._shipped, []
+        self._count_snapshots(wait=True)
+        shipped, self._shipped, self._shipped_most = self._shipped, deque(), 0
         for batch in shipped:
+            if type(batch) is LogSnapshot:
+                for call in batch.calls:
+                    self._append(make_record(*call))
+                self.dropped += batch.unknown
+                continue
             values = []
             for host, event in batch.chunks:
                 if event is not None:
@@ -246,25 +269,29 @@ class Telemetry:
         return n
 
     def _trim(self) -> None:
-        """Drop the oldest records and shipped calls beyond `max_records` (before building their records)."""
+        """Drop the oldest records and shipped calls beyond `max_records` (before building their records). Device
+        log snapshots count once their copies are done (never waiting): until then they are kept."""
         window = self._window()
-        if window is None:
+        if window is None or len(self._records) + self._shipped_most <= window:
             return
-        excess = len(self._records) + sum(len(b.entries) for b in self._shipped) - window
-        if excess <= 0:
-            return
-        drop = min(excess, len(self._records))
+        self._count_snapshots(wait=False)
+        in_flight = sum(s.at_most for s in self._uncounted)  # a few snapshots: copies still on their way
+        excess = len(self._records) + self._shipped_most - in_flight - window
+        drop = max(0, min(excess, len(self._records)))
         for _ in range(drop):
             self._records.popleft()
         self.dropped += drop
         excess -= drop
-        while excess > 0:
+        while excess > 0 and self._shipped:
             oldest = self._shipped[0]
-            drop = min(excess, len(oldest.entries))
-            del oldest.entries[:drop]
-            if not oldest.entries:
-                self._shipped.pop(0)
+            if type(oldest) is LogSnapshot and not oldest.counted:
+                break
+            drop = min(excess, len(oldest.held))
+            del oldest.held[:drop]
+            if not oldest.held:
+                self._shipped.popleft()
             self.dropped += drop
+            self._shipped_most -= drop
             excess -= drop
 
     def _append(self, record: LayerRecord) -> None:
@@ -282,12 +309,16 @@ class Telemetry:
         for hook in list(self.reset_hooks):
             hook(self)
         with self._lock:
+            self._take_log()
+            self._count_snapshots(wait=True)  # the log's generations move past the calls dropped here
             self._clear()
 
     def _clear(self) -> None:
         self._records.clear()
         self._pending.clear()
         self._shipped.clear()
+        self._shipped_most = 0
+        self._uncounted.clear()
         self._pending_bytes = 0
         self.forwards = 0
         self.dropped = 0

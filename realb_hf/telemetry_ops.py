@@ -1,9 +1,11 @@
-"""Telemetry's hand-offs as registered operators, for code that torch.compile traces.
+"""Telemetry's hand-offs from code that torch.compile or torch.export traces.
 
-Dynamo cannot trace a lock, and a graph break in every MoE layer would cost what compiling saves. So while
-compiling, a model's forward count and each layer call's counts go to telemetry through two opaque operators of
-the `realb_telemetry` namespace. Their Python runs each time the compiled graph runs, with real tensors, and calls
-the same `Telemetry` methods eager code calls, so compiled and eager forwards leave the same records.
+Dynamo cannot trace a lock, and a graph break in every MoE layer would cost what compiling saves. So a compiled
+layer call writes its counts into its module's device log (`telemetry_log`: tensor ops inside the graph), and the
+forward count goes through one opaque operator of the `realb_telemetry` namespace per forward, whose Python runs
+each time the compiled graph runs and takes the previous forward's log. Exported programs, and layers without a
+log, hand each call's counts over through a second operator instead. Either way compiled and eager forwards leave
+the same records.
 
 Invariants:
 - the operators mutate `TALLY` (a CPU scalar counting hand-offs), so no graph pass drops them as dead code;
@@ -20,7 +22,11 @@ from typing import Any
 
 import torch
 
+from .kernels.counts import routing_counts_reference
+from .modality import TEXT
 from .telemetry import DeferredRouting, LayerCounts, RoutingStats
+from .telemetry_log import KIND_CONFIG, KIND_COUNTS, write_log
+from .tracing import exporting
 
 NAMESPACE = "realb_telemetry"
 _LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
@@ -90,12 +96,24 @@ def next_forward(handle: int) -> None:
     _NEXT_FORWARD(TALLY, handle)
 
 
-def receive(handle: int, layer: str, counts: LayerCounts, top_k_index: torch.Tensor) -> None:
-    """`Telemetry.receive` from code being compiled. Counts decided on the host (the host path) are plain numbers,
-    which a graph cannot carry: they go in eagerly, at the cost of a graph break on that path only."""
-    held = counts.counts
+def receive(
+    runtime: Any, layer: str, counts: LayerCounts, top_k_index: torch.Tensor, log: torch.Tensor | None
+) -> None:
+    """`Telemetry.receive` from code being compiled, for layer `layer` of `runtime` with device log `log` (None: it
+    has none, or no model forward is in flight to take it, so a second call would overwrite it first). Counts
+    decided on the host (the host path) are plain numbers, which a graph cannot carry: they go in eagerly, at the
+    cost of a graph break on that path only."""
+    handle, held = runtime.handle, counts.counts
+    if not runtime.telemetry.enabled:  # read while tracing: dynamo guards on it
+        return
     if type(held) is RoutingStats:
         _receive_now(handle, layer, counts)
+    elif log is not None and not exporting():
+        if type(held) is DeferredRouting:
+            held = routing_counts_reference(held.top_k_index, held.modality, held.num_experts, TEXT)
+        kind = KIND_COUNTS if counts.decision is None else KIND_CONFIG
+        write_log(log, held, counts.num_tokens, runtime.settings.serial, counts.source, kind)
+        runtime.telemetry.device_log.mark_written()  # a Python side effect: dynamo replays it after the graph
     elif type(held) is DeferredRouting:
         _RECEIVE(TALLY, None, held.top_k_index, held.modality, handle, layer, held.num_experts, counts.source)
     else:

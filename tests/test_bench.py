@@ -3,6 +3,7 @@
 import contextlib
 import json
 import re
+import statistics
 
 import pytest
 import torch
@@ -330,6 +331,8 @@ def test_model_cli_names_bad_inputs(tmp_path, capsys, flags, message):
         ("generation", ["--layers", "0"], "--layers must be at least 1, got 0"),
         ("generation", ["--new-tokens", "1"], "--new-tokens must be at least 2"),
         ("decode_overhead", ["--tokens", "0"], r"--tokens must all be at least 1, got \[0\]"),
+        ("compiled_overhead", ["--calls", "0"], "--calls must be at least 1, got 0"),
+        ("compiled_overhead", ["--compile-backend", "eager", "--mode", "reduce-overhead"], "is an inductor mode"),
         ("rank_profile", ["--tokens", "0"], "--tokens must be at least 1, got 0"),
         ("rank_profile", ["--profiled-calls", "0"], "--profiled-calls must be at least 1, got 0"),
         ("rank_profile", ["--ep", "3"], "--ep must be >= 2 and divide the preset's 128 experts, got 3"),
@@ -564,6 +567,27 @@ def test_profile_calls_reads_the_sections_of_a_real_run(tmp_path):
     assert isinstance(section("decide"), contextlib.nullcontext)  # no profiler running: no label, no cost
     assert set(s["sections_host_ms"]) == {"realb::decide"}
     assert any(name == "aten::mm" for name, _ in s["top_host_ops_self_ms"])
+
+
+def test_compiled_overhead_bench_times_every_variant_and_counts_records_on_cpu(tmp_path, capsys):
+    """Compiled forwards of stock and ReaLB (telemetry off and on), timed in alternating blocks: ratios against stock,
+    and the telemetry-on model recorded every compiled forward's layers (the device log), the off one nothing."""
+    from realb_hf.bench import compiled_overhead
+
+    out = tmp_path / "overhead.json"
+    argv = ["--layers", "1", "--requests", "2", "--blocks", "2", "--calls", "3", "--compile-backend", "aot_eager"]
+    assert compiled_overhead.main([*argv, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["results"]}
+    assert set(rows) == set(compiled_overhead.VARIANTS)
+    stock = rows["stock"]
+    for r in rows.values():
+        assert len(r["samples_ms"]) == 2 and r["ms"] == pytest.approx(statistics.median(r["samples_ms"]))
+        assert r["vs_stock"] == pytest.approx(stock["ms"] / r["ms"])
+    forwards = 6 + 2 * 3  # warm-up calls, then two blocks of three
+    assert rows["realb default config, telemetry on"]["records"] == forwards  # one MoE layer
+    assert rows["realb default config, telemetry off"]["records"] == 0 and stock["records"] is None
+    assert "| realb default config, telemetry on |" in capsys.readouterr().out
 
 
 def test_generate_bench_decomposes_decode_steps_on_cpu(tmp_path, capsys):

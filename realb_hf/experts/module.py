@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import telemetry_ops
+from .. import telemetry_log, telemetry_ops
 from ..kernels import counts as count_kernels
 from ..modality import TEXT
 from ..policy import RoutingStats
@@ -154,8 +154,9 @@ class RealbExperts(torch.nn.Module):
         telemetry = runtime.telemetry
         plan = self.realb_plan(hidden_states, top_k_index, record=telemetry.enabled)
         if plan.telemetry is not None:
-            if torch.compiler.is_compiling():  # dynamo cannot trace telemetry's lock: an operator hands it over
-                telemetry_ops.receive(runtime.handle, self.realb_name, plan.telemetry, top_k_index)
+            if torch.compiler.is_compiling():  # dynamo cannot trace telemetry's lock: the device log takes it
+                log = getattr(self, telemetry_log.BUFFER, None) if runtime.in_forward() else None
+                telemetry_ops.receive(runtime, self.realb_name, plan.telemetry, top_k_index, log)
             else:
                 telemetry.receive(self.realb_name, plan.telemetry)
         return self.realb_run(plan, hidden_states, top_k_index, top_k_weights)

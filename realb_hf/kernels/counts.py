@@ -216,9 +216,11 @@ def _lowered_experts_of_hot_ranks(
     return torch.zeros_like(lower).scatter(1, order, lower)
 
 
-def _counts_reference(
+def routing_counts_reference(
     top_k_index: torch.Tensor, modality: torch.Tensor | None, num_experts: int, text_code: int
 ) -> torch.Tensor:
+    """`routing_counts` in torch ops (int64): what the operator runs off CUDA, and what compiled code that only
+    records the counts traces, so that inductor fuses it instead of calling the operator."""
     ids = top_k_index.reshape(-1)
     top_k = top_k_index.shape[-1]
     bins = torch.where(ids < num_experts, ids, num_experts)  # sentinels land in a spare bin
@@ -237,7 +239,7 @@ def _counts_fake(top_k_index, modality, num_experts, text_code):
 _COUNTS = define_op(
     "routing_counts",
     "(Tensor top_k_index, Tensor? modality, int num_experts, int text_code) -> Tensor",
-    reference=_counts_reference,
+    reference=routing_counts_reference,
     fake=_counts_fake,
     cuda=(lambda index, modality, experts, text: counts_triton(index, modality, experts, text)[0]) if triton else None,
 )
@@ -323,7 +325,7 @@ def lowered_flags(counts: torch.Tensor, rule: DecisionRule) -> torch.Tensor:
 
 
 def _counts_and_flags_reference(top_k_index, modality, num_experts, text_code, *rule):
-    counts = _counts_reference(top_k_index, modality, num_experts, text_code)
+    counts = routing_counts_reference(top_k_index, modality, num_experts, text_code)
     return counts, lowered_flags_reference(counts, DecisionRule(*rule))
 
 
