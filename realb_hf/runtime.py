@@ -82,24 +82,31 @@ class Settings:
         self._params: dict[torch.device, PolicyParams] = {}
 
     def params(self, device: torch.device) -> PolicyParams:
-        """Policy parameters with "auto" resolved for the device the experts run on (cached per device)."""
+        """Policy parameters with "auto" resolved for the device the experts run on (cached per device). Traced code
+        builds them afresh: dynamo folds them into constants, and a cache lookup would add guards on the cache, and
+        a recompile once the first compiled call filled it."""
+        if torch.compiler.is_compiling():
+            return self._make(device)
         params = self._params.get(device)  # torch.device hashes by type and index
         if params is None:
-            c = self.config
-            params = self._params[device] = PolicyParams(
-                policy=c.policy,
-                high=c.high_precision,
-                low=resolve_low_precision(c.low_precision, device),
-                granularity=c.granularity,
-                ep_size=c.ep_size,
-                modality_threshold=c.modality_threshold,
-                batch_threshold=c.batch_threshold,
-                imbalance_threshold=c.imbalance_threshold,
-                low_cost_ratio=c.low_cost_ratio,
-                rank_precisions=tuple((c.rank_precisions or {}).items()),
-                conversion_cost=c.conversion_cost if c.weight_cache == "on_the_fly" else 0.0,  # copies: made once
-            )
+            params = self._params[device] = self._make(device)
         return params
+
+    def _make(self, device: torch.device) -> PolicyParams:
+        c = self.config
+        return PolicyParams(
+            policy=c.policy,
+            high=c.high_precision,
+            low=resolve_low_precision(c.low_precision, device),
+            granularity=c.granularity,
+            ep_size=c.ep_size,
+            modality_threshold=c.modality_threshold,
+            batch_threshold=c.batch_threshold,
+            imbalance_threshold=c.imbalance_threshold,
+            low_cost_ratio=c.low_cost_ratio,
+            rank_precisions=tuple((c.rank_precisions or {}).items()),
+            conversion_cost=c.conversion_cost if c.weight_cache == "on_the_fly" else 0.0,  # copies: made once
+        )
 
 
 class _PerThread(threading.local):
@@ -191,7 +198,7 @@ class RealbRuntime:
     def params(self, device: torch.device) -> PolicyParams:
         """Policy parameters for `device` from `settings` (every layer call asks: kept to two lookups)."""
         settings = self.settings
-        found = settings._params.get(device)
+        found = None if torch.compiler.is_compiling() else settings._params.get(device)
         return found if found is not None else settings.params(device)
 
     def begin_forward(self) -> None:

@@ -271,6 +271,23 @@ def test_exporting_is_true_under_torch_export_only():
     assert seen == [False, False, True]
 
 
+@pytest.mark.parametrize("name", sorted(DEVICE_CONFIGS))
+def test_a_model_compiled_before_any_eager_forward_compiles_once(name):
+    """The first compiled call fills no cache that a guard reads: settings, policy parameters, config decisions and
+    constant flags are made afresh while tracing, so the calls after it never recompile."""
+    model = _mixtral(**DEVICE_CONFIGS[name]).to(torch.bfloat16)
+    for module in realb_modules(model):
+        module.realb_device_path = "always"
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(3, model.config.vocab_size, (2, 8), generator=gen) for _ in range(3)]
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        compiled(batches[0])
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for ids in batches[1:]:
+                compiled(ids)
+
+
 def test_compiled_model_forward_records_like_eager():
     model = _mixtral("realb", ep_size=4, batch_threshold=4).to(torch.bfloat16)
     for module in realb_modules(model):
@@ -416,7 +433,8 @@ def test_export_serves_batches_on_both_sides_of_the_batch_threshold():
     vocab = model.config.vocab_size
     with torch.no_grad():
         ids = torch.randint(3, vocab, (2, 8))
-        exported = torch.export.export(model, (), {"input_ids": ids, "use_cache": False}, dynamic_shapes=_TOKENS_DYNAMIC)
+        inputs = {"input_ids": ids, "use_cache": False}
+        exported = torch.export.export(model, (), inputs, dynamic_shapes=_TOKENS_DYNAMIC)
         telemetry = get_telemetry(model)
         for shape, lowers in (((3, 40), True), ((2, 10), False)):
             ids = torch.randint(3, vocab, shape)

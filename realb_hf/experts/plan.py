@@ -76,7 +76,10 @@ _ON_DEVICE: dict[tuple, torch.Tensor] = {}
 
 def on_device(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small constant tensor (per-expert codes or flags) on `device`, cached: decisions repeat across batches,
-    and building it from host memory every call would stall the stream."""
+    and building it from host memory every call would stall the stream. Traced code makes it a constant of the
+    graph instead (no cache to guard on, nothing copied from the host when the graph runs)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
     key = (values, dtype, str(device))
     tensor = _ON_DEVICE.get(key)
     if tensor is None:
@@ -97,15 +100,18 @@ class ConfigDecision(NamedTuple):
 
 def config_decision(cache: list, params: PolicyParams, placement: Placement) -> ConfigDecision:
     """`decide_without_routing` for `placement`, cached in `cache` (a one-slot list the caller owns) while the same
-    params object is in use: the runtime keeps it until reconfigured, so a decode step costs two identity checks."""
-    hit = cache[0] if cache else None
+    params object is in use: the runtime keeps it until reconfigured, so a decode step costs two identity checks.
+    Traced code skips the cache: dynamo folds the decision into constants anyway, and reading the cache would add
+    guards on it, and a recompile once the first compiled call filled it."""
+    hit = None if torch.compiler.is_compiling() else (cache[0] if cache else None)
     if hit is None or hit.params is not params or hit.placement is not placement:
         decision = decide_without_routing(params, placement.num_global)
         precisions = decision.expert_precision[placement.local]
         all_high = precisions.count(params.high) == len(precisions)
         stock = LayerPlan(STOCK, params.high, None, None, precisions, decision, None, None) if all_high else None
         hit = ConfigDecision(params, placement, decision, precisions, stock)
-        cache[:] = [hit]
+        if not torch.compiler.is_compiling():
+            cache[:] = [hit]
     return hit
 
 
