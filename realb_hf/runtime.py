@@ -69,6 +69,13 @@ def check_layer(name: str, shape: LayerShape, config: RealbConfig) -> None:
             )
 
 
+@torch._dynamo.assume_constant_result  # traced code gets the answer as a constant, asked outside the trace
+def resolved_low_precision(name: str, device: str) -> str:
+    """`resolve_low_precision`: "auto" asks the device's capability and installed packages, which dynamo cannot
+    trace on every torch version (torch 2.11 refuses `importlib.util.find_spec` under `fullgraph=True`)."""
+    return resolve_low_precision(name, device)
+
+
 class Settings:
     """One config and its policy parameters per device. Never changed once made: `reconfigure` makes a new one, so
     a forward holding this one decides every layer with it. `serial` names it in the device log (equal configs of
@@ -97,7 +104,7 @@ class Settings:
         return PolicyParams(
             policy=c.policy,
             high=c.high_precision,
-            low=resolve_low_precision(c.low_precision, device),
+            low=resolved_low_precision(c.low_precision, str(device)),
             granularity=c.granularity,
             ep_size=c.ep_size,
             modality_threshold=c.modality_threshold,

@@ -288,6 +288,32 @@ def test_a_model_compiled_before_any_eager_forward_compiles_once(name):
                 compiled(ids)
 
 
+def test_the_low_precision_is_resolved_outside_the_trace(monkeypatch):
+    """"auto" asks the device's capability and installed packages; traced code gets the answer as a constant, so a
+    query dynamo cannot trace (`importlib.util.find_spec` on torch 2.11) does not break a fullgraph compile."""
+    import importlib.util
+
+    from realb_hf import runtime
+
+    asked = []
+
+    def resolve(name, device):
+        asked.append(name)
+        return "fp8" if importlib.util.find_spec("torch") is not None else "nvfp4"
+
+    monkeypatch.setattr(runtime, "resolve_low_precision", resolve)
+    model = _mixtral("realb", ep_size=4, batch_threshold=4).to(torch.bfloat16)
+    for module in realb_modules(model):
+        module.realb_device_path = "always"
+    ids = torch.randint(3, model.config.vocab_size, (2, 8))
+    with torch.no_grad():
+        want = model(ids).logits
+        asked.clear()
+        got = torch.compile(model, fullgraph=True, backend="eager")(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert asked and set(asked) == {"auto"}
+
+
 def test_compiled_model_forward_records_like_eager():
     model = _mixtral("realb", ep_size=4, batch_threshold=4).to(torch.bfloat16)
     for module in realb_modules(model):
