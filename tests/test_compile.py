@@ -123,6 +123,14 @@ def _mixtral(policy: str = "off", **config) -> torch.nn.Module:
     return apply_realb(model, RealbConfig(policy=policy, **config))
 
 
+def _device_path_mixtral(policy: str = "off", **config) -> torch.nn.Module:
+    """`_mixtral` in bf16 with every layer on the device path (the CPU runs its reference ops)."""
+    model = _mixtral(policy, **config).to(torch.bfloat16)
+    for module in realb_modules(model):
+        module.realb_device_path = "always"
+    return model
+
+
 def _compile_config() -> CompileConfig:
     config = CompileConfig()
     config._compile_all_devices = True  # transformers compiles only on accelerators unless told
@@ -223,9 +231,7 @@ _TOKENS_DYNAMIC = {
 def test_export_static_and_dynamic_shapes(policy, dynamic):
     """policy="off", and the dynamic policy on the device path (its decision is device tensor ops)."""
     config = dict(ep_size=4, batch_threshold=4) if policy == "realb" else {}
-    model = _mixtral(policy, **config).to(torch.bfloat16)
-    for module in realb_modules(model):
-        module.realb_device_path = "always"
+    model = _device_path_mixtral(policy, **config)
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (2, 8))
     shapes = _TOKENS_DYNAMIC if dynamic else None
@@ -275,9 +281,7 @@ def test_exporting_is_true_under_torch_export_only():
 def test_a_model_compiled_before_any_eager_forward_compiles_once(name):
     """The first compiled call fills no cache that a guard reads: settings, policy parameters, config decisions and
     constant flags are made afresh while tracing, so the calls after it never recompile."""
-    model = _mixtral(**DEVICE_CONFIGS[name]).to(torch.bfloat16)
-    for module in realb_modules(model):
-        module.realb_device_path = "always"
+    model = _device_path_mixtral(**DEVICE_CONFIGS[name])
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(3, model.config.vocab_size, (2, 8), generator=gen) for _ in range(3)]
     compiled = torch.compile(model, fullgraph=True, backend="eager")
@@ -302,9 +306,7 @@ def test_the_low_precision_is_resolved_outside_the_trace(monkeypatch):
         return "fp8" if importlib.util.find_spec("torch") is not None else "nvfp4"
 
     monkeypatch.setattr(runtime, "resolve_low_precision", resolve)
-    model = _mixtral("realb", ep_size=4, batch_threshold=4).to(torch.bfloat16)
-    for module in realb_modules(model):
-        module.realb_device_path = "always"
+    model = _device_path_mixtral("realb", ep_size=4, batch_threshold=4)
     ids = torch.randint(3, model.config.vocab_size, (2, 8))
     with torch.no_grad():
         want = model(ids).logits
@@ -315,9 +317,7 @@ def test_the_low_precision_is_resolved_outside_the_trace(monkeypatch):
 
 
 def test_compiled_model_forward_records_like_eager():
-    model = _mixtral("realb", ep_size=4, batch_threshold=4).to(torch.bfloat16)
-    for module in realb_modules(model):
-        module.realb_device_path = "always"
+    model = _device_path_mixtral("realb", ep_size=4, batch_threshold=4)
     ids = torch.randint(3, model.config.vocab_size, (2, 8))
     with torch.no_grad():
         want = model(ids).logits
@@ -453,9 +453,7 @@ def test_compiled_model_prefill_and_decode_on_cuda():
 def test_export_serves_batches_on_both_sides_of_the_batch_threshold():
     """One exported program, dynamic token count: the threshold is a device op, so a batch above it lowers and a
     batch below it does not, each equal to eager."""
-    model = _mixtral("realb", ep_size=4, batch_threshold=64, modality_threshold=0.0).to(torch.bfloat16)
-    for module in realb_modules(model):
-        module.realb_device_path = "always"
+    model = _device_path_mixtral("realb", ep_size=4, batch_threshold=64, modality_threshold=0.0)
     vocab = model.config.vocab_size
     with torch.no_grad():
         ids = torch.randint(3, vocab, (2, 8))
